@@ -1,0 +1,116 @@
+"""Configuration of the Wan2.2-S2V DiT, and its detection from a checkpoint's tensors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+
+from ..errors import CheckpointError
+
+# Attention heads are not visible in tensor shapes (q/k/v are dim x dim); every released Wan
+# model uses 128 channels per head, so that is the fallback when no config.json is present.
+HEAD_DIM = 128
+# Which blocks are followed by an audio injector is not visible in the tensors either.
+WAN22_S2V_14B_INJECT_LAYERS = (0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39)
+
+
+@dataclass(frozen=True)
+class S2VConfig:
+    """Hyper-parameters of `WanS2VTransformer` (defaults: the released 14B model)."""
+
+    dim: int = 5120
+    ffn_dim: int = 13824
+    num_heads: int = 40
+    num_layers: int = 40
+    in_dim: int = 16
+    out_dim: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    freq_dim: int = 256
+    text_dim: int = 4096
+    text_len: int = 512
+    audio_dim: int = 1024
+    num_audio_layers: int = 25
+    num_audio_token: int = 4
+    audio_inject_layers: tuple[int, ...] = WAN22_S2V_14B_INJECT_LAYERS
+    cond_dim: int = 16
+    motion_frames: int = 73
+    framepack_buckets: tuple[int, int, int] = (1, 2, 16)
+    eps: float = 1e-6
+    # Temporal RoPE index of the reference frame in Wan2.2-S2V.
+    ref_rope_index: int = 30
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def motion_latent_frames(self) -> int:
+        return (self.motion_frames + 3) // 4
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "S2VConfig":
+        data = json.loads(text)
+        names = {f.name for f in dataclasses.fields(cls)}
+        data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names}
+        return cls(**data)
+
+
+def config_from_shapes(
+    shapes: dict[str, tuple[int, ...]], label: str, hints: dict | None = None
+) -> S2VConfig:
+    """Reads the configuration off the tensor shapes of a Wan2.2-S2V checkpoint.
+
+    `hints` (an official `config.json`, or the config stored in a file's metadata) supplies
+    what shapes cannot tell: the head count and the audio-injection layers.
+    """
+    hints = hints or {}
+    required = ("patch_embedding.weight", "casual_audio_encoder.weights", "blocks.0.ffn.0.weight")
+    missing = [k for k in required if k not in shapes]
+    if missing:
+        raise CheckpointError(
+            f"{label}: this is not a Wan2.2-S2V / LiveAvatar diffusion model (no {missing[0]!r}). "
+            "Pick the Wan2.2-S2V-14B checkpoint (official shards or ComfyUI's wan2.2_s2v_14B_*.safetensors)."
+        )
+    dim, in_dim, *patch = shapes["patch_embedding.weight"]
+    num_layers = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k)))
+    num_injectors = len({m.group(1) for k in shapes if (m := re.match(r"audio_injector\.injector\.(\d+)\.", k))})
+    conv1_local = shapes["casual_audio_encoder.encoder.conv1_local.conv.weight"]
+    num_heads = int(hints.get("num_heads", dim // HEAD_DIM))
+    inject = hints.get("audio_inject_layers")
+    if inject is None:
+        if (num_layers, num_injectors) != (40, len(WAN22_S2V_14B_INJECT_LAYERS)):
+            raise CheckpointError(
+                f"{label}: {num_layers} blocks with {num_injectors} audio injectors is not the released 14B "
+                "layout, and the file does not say after which blocks the injectors sit. Put the model's "
+                "config.json next to the file."
+            )
+        inject = WAN22_S2V_14B_INJECT_LAYERS
+    if len(inject) != num_injectors:
+        raise CheckpointError(
+            f"{label}: the config lists {len(inject)} audio-injection layers but the file holds "
+            f"{num_injectors} injectors. The config.json belongs to another model."
+        )
+    return S2VConfig(
+        dim=dim,
+        ffn_dim=shapes["blocks.0.ffn.0.weight"][0],
+        num_heads=num_heads,
+        num_layers=num_layers,
+        in_dim=in_dim,
+        out_dim=shapes["head.head.weight"][0] // (patch[0] * patch[1] * patch[2]),
+        patch_size=tuple(patch),
+        freq_dim=shapes["time_embedding.0.weight"][1],
+        text_dim=shapes["text_embedding.0.weight"][1],
+        text_len=int(hints.get("text_len", 512)),
+        audio_dim=conv1_local[1],
+        num_audio_layers=shapes["casual_audio_encoder.weights"][1],
+        num_audio_token=conv1_local[0] // (dim // 4),
+        audio_inject_layers=tuple(int(i) for i in inject),
+        cond_dim=shapes["cond_encoder.weight"][1] if "cond_encoder.weight" in shapes else 0,
+        motion_frames=int(hints.get("motion_frames", 73)),
+        eps=float(hints.get("eps", 1e-6)),
+    )

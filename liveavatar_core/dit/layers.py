@@ -1,0 +1,90 @@
+"""Norms and attention layers of the Wan DiT (parameter names follow the official checkpoint)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .rope import apply_rope
+
+
+class RMSNorm(nn.Module):
+    """RMS norm computed in float32, scaled in the input's dtype (as the official model does)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in float32 and returned in the input's dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False):
+        super().__init__(dim, eps=eps, elementwise_affine=elementwise_affine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Full attention over [B, L, heads, head_dim] tensors; returns [B, Lq, heads * head_dim]."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2).flatten(2)
+
+
+class QKVProjection(nn.Module):
+    """The q/k/v/o linears with RMS qk-norm shared by self-, cross- and audio attention."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float = 1e-6):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps=eps)
+        self.norm_k = RMSNorm(dim, eps=eps)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, -1))
+
+    def project_q(self, x: torch.Tensor) -> torch.Tensor:
+        return self._heads(self.norm_q(self.q(x.to(self.q.weight.dtype))))
+
+    def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.to(self.k.weight.dtype)
+        return self._heads(self.norm_k(self.k(x))), self._heads(self.v(x))
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o(x.to(self.o.weight.dtype))
+
+
+class SelfAttention(QKVProjection):
+    """Self-attention with 3-D RoPE; `extra_kv` prepends keys/values cached from earlier tokens."""
+
+    def forward(self, x, rope, extra_kv=None):
+        q = apply_rope(self.project_q(x), rope)
+        k, v = self.project_kv(x)
+        k = apply_rope(k, rope)
+        if extra_kv is not None:
+            k = torch.cat([extra_kv[0], k], dim=1)
+            v = torch.cat([extra_kv[1], v], dim=1)
+        return self.output(attention(q, k.to(q.dtype), v.to(q.dtype)))
+
+
+class CrossAttention(QKVProjection):
+    """Attention from video tokens to a context (text tokens, or one frame's audio tokens)."""
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        q = self.project_q(x)
+        k, v = self.project_kv(context)
+        return self.output(attention(q, k, v))

@@ -1,0 +1,63 @@
+"""Loading the S2V DiT from the official shards or ComfyUI's single files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..tensor_files import TensorFile, open_tensor_file
+from ..weights import build_empty, load_weights
+from .config import S2VConfig, config_from_shapes
+from .model import WanS2VTransformer
+
+# ComfyUI's repackaged files may keep the prefix of a full ComfyUI model state dict.
+DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+CONFIG_METADATA_KEY = "liveavatar_dit_config"
+
+
+def _config_hints(path: Path, tensors: TensorFile) -> dict:
+    """What shapes cannot tell (heads, injection layers), from wherever the release keeps it:
+    an official `config.json` beside the weights, or a config stored in the file's metadata."""
+    metadata = tensors.metadata()
+    if CONFIG_METADATA_KEY in metadata:
+        return json.loads(metadata[CONFIG_METADATA_KEY])
+    folder = path if path.is_dir() else path.parent
+    config_file = folder / "config.json"
+    if config_file.exists():
+        return json.loads(config_file.read_text())
+    return {}
+
+
+def open_dit_file(path: str | Path) -> tuple[TensorFile, S2VConfig]:
+    path = Path(path)
+    tensors = open_tensor_file(path).without_prefix(DIT_PREFIXES)
+    config = config_from_shapes(tensors.shapes(), tensors.label, _config_hints(path, tensors))
+    return tensors, config
+
+
+def load_dit(
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16
+) -> WanS2VTransformer:
+    """Builds the DiT described by the checkpoint at `path` and loads it strictly."""
+    tensors, config = open_dit_file(path)
+    model = build_empty(lambda: WanS2VTransformer(config))
+    load_weights(
+        model,
+        tensors,
+        what="Wan2.2-S2V diffusion model",
+        device=device,
+        dtype=dtype,
+        fix="Use the Wan2.2-S2V-14B checkpoint (official shards or ComfyUI's wan2.2_s2v_14B_*.safetensors).",
+    )
+    return model.eval().requires_grad_(False)
+
+
+def save_dit(model: WanS2VTransformer, path: str | Path, prefix: str = "") -> None:
+    """Writes one safetensors file in the official names (optionally under a ComfyUI prefix),
+    with the configuration in its metadata so it loads without a config.json."""
+    from safetensors.torch import save_file
+
+    state = {prefix + k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={CONFIG_METADATA_KEY: model.config.to_json()})

@@ -1,0 +1,212 @@
+"""Lazy access to the tensors of a checkpoint, whatever its file layout.
+
+Supported layouts: one `.safetensors` file, a sharded set described by a
+`*.safetensors.index.json`, a folder holding either, and `.pth`/`.pt`/`.bin` pickles read
+with `torch.load(weights_only=True)` (never arbitrary code). Tensors are read one at a time,
+so a caller can move each into its final dtype/device before the next is touched: peak host
+RAM stays near one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import CheckpointError
+
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+class TensorFile:
+    """Read-only mapping from tensor names to lazily loaded tensors.
+
+    `label` names the file(s) in every error message. Views made by `renamed` share the
+    underlying files and never copy tensors.
+    """
+
+    def __init__(self, label: str, locations: dict[str, tuple[str, str]], pickles: dict[str, dict]):
+        self.label = label
+        # name -> (file path, key inside that file)
+        self._locations = locations
+        self._pickles = pickles
+        self._handles: dict[str, object] = {}
+
+    # -- mapping protocol -------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self._locations)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._locations
+
+    def __len__(self) -> int:
+        return len(self._locations)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._locations)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        path, key = self._locations[name]
+        if path in self._pickles:
+            return tuple(self._pickles[path][key].shape)
+        return tuple(self._handle(path).get_slice(key).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.get(name).dtype if self._locations[name][0] in self._pickles else _st_dtype(
+            self._handle(self._locations[name][0]).get_slice(self._locations[name][1]).get_dtype()
+        )
+
+    def get(self, name: str) -> torch.Tensor:
+        path, key = self._locations[name]
+        if path in self._pickles:
+            return self._pickles[path][key]
+        try:
+            return self._handle(path).get_tensor(key)
+        except SafetensorError as err:  # damaged data after a valid header
+            raise CheckpointError(_damaged(path, err)) from err
+
+    def metadata(self) -> dict[str, str]:
+        """The `__metadata__` strings of the first safetensors file (empty for pickles)."""
+        for path, _ in self._locations.values():
+            if path in self._pickles:
+                return {}
+            return dict(self._handle(path).metadata() or {})
+        return {}
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: self.shape(name) for name in self._locations}
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        return {name: self.get(name) for name in self._locations}
+
+    # -- views ------------------------------------------------------------------------------
+    def renamed(self, rename: Callable[[str], str | None]) -> "TensorFile":
+        """A view whose names are `rename(name)`; names mapped to None are left out."""
+        locations = {}
+        for name, location in self._locations.items():
+            new = rename(name)
+            if new is None:
+                continue
+            if new in locations:
+                raise CheckpointError(
+                    f"{self.label}: two tensors map to the same name {new!r}; the file mixes two "
+                    "layouts of the same network. Use a file from one release only."
+                )
+            locations[new] = location
+        view = TensorFile(self.label, locations, self._pickles)
+        view._handles = self._handles
+        return view
+
+    def without_prefix(self, prefixes: Iterable[str]) -> "TensorFile":
+        """Strips the first matching prefix from every name that has one."""
+        prefixes = tuple(prefixes)
+
+        def strip(name: str) -> str:
+            for prefix in prefixes:
+                if name.startswith(prefix):
+                    return name[len(prefix):]
+            return name
+
+        return self.renamed(strip)
+
+    def _handle(self, path: str):
+        if path not in self._handles:
+            self._handles[path] = _open_safetensors(path)
+        return self._handles[path]
+
+
+def open_tensor_file(path: str | os.PathLike) -> TensorFile:
+    """Opens a checkpoint for lazy reading; raises CheckpointError naming the file on failure."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder. Check the path or put the model file there.")
+    if path.is_dir():
+        return _open_folder(path)
+    name = path.name
+    if name.endswith(".index.json"):
+        return _open_sharded(path)
+    if name.endswith(".safetensors"):
+        handle = _open_safetensors(str(path))
+        view = TensorFile(str(path), {k: (str(path), k) for k in handle.keys()}, {})
+        view._handles[str(path)] = handle
+        return view
+    if name.endswith(PICKLE_SUFFIXES):
+        return _open_pickle(path)
+    raise CheckpointError(
+        f"{path}: unknown checkpoint format. Give a .safetensors file, a .safetensors.index.json of "
+        "shards, a folder holding them, or a .pth file."
+    )
+
+
+def _open_folder(folder: Path) -> TensorFile:
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if len(indexes) == 1:
+        return _open_sharded(indexes[0])
+    singles = sorted(folder.glob("*.safetensors"))
+    if not indexes and len(singles) == 1:
+        return open_tensor_file(singles[0])
+    raise CheckpointError(
+        f"{folder}: expected one .safetensors file or one .safetensors.index.json in this folder, "
+        f"found {len(singles)} .safetensors and {len(indexes)} index files. Point at the file itself."
+    )
+
+
+def _open_sharded(index_path: Path) -> TensorFile:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(
+            f"{index_path}: not a valid safetensors index ({err}). Download the index file again."
+        ) from err
+    folder = index_path.parent
+    missing = sorted({f for f in weight_map.values() if not (folder / f).exists()})
+    if missing:
+        raise CheckpointError(
+            f"{index_path}: {len(missing)} shard file(s) listed in the index are missing, e.g. "
+            f"{missing[:3]}. Download every shard into {folder}."
+        )
+    locations = {key: (str(folder / shard), key) for key, shard in weight_map.items()}
+    return TensorFile(str(index_path), locations, {})
+
+
+def _open_safetensors(path: str):
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(_damaged(path, err)) from err
+
+
+def _open_pickle(path: Path) -> TensorFile:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises many types for damaged or unsafe pickles
+        raise CheckpointError(
+            f"{path}: could not be read as a weights-only PyTorch checkpoint ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}). The file is damaged or holds code; "
+            "download it again, or use the .safetensors release."
+        ) from err
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: holds no plain tensor dictionary. Use the model's weights file.")
+    return TensorFile(str(path), {k: (str(path), k) for k in state}, {str(path): state})
+
+
+def _damaged(path: str, err: Exception) -> str:
+    return (
+        f"{path}: the safetensors file is damaged or incomplete ({err}). "
+        "It was probably cut off while downloading: download it again."
+    )
+
+
+def _st_dtype(name: str) -> torch.dtype:
+    table = {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+        "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    }
+    return table[name]

