@@ -45,10 +45,10 @@ class S2VBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x, modulation, segments, rope, context, extra_kv=None):
+    def forward(self, x, modulation, segments, rope, context, kv=None):
         """x [B, L, C] float32 residual stream; modulation [B, S, 6, C] float32."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float().unsqueeze(1) + modulation).unbind(2)
-        y = self.self_attn(modulate(self.norm1(x).float(), shift1, scale1, segments), rope, extra_kv)
+        y = self.self_attn(modulate(self.norm1(x).float(), shift1, scale1, segments), rope, kv)
         x = x + gate(y, gate1, segments)
         x = x + self.cross_attn(self.norm3(x), context).float()
         ffn_in = modulate(self.norm2(x).float(), shift2, scale2, segments)

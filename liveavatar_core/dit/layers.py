@@ -35,9 +35,10 @@ class LayerNorm32(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Full attention over [B, L, heads, head_dim] tensors; returns [B, Lq, heads * head_dim]."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention over [B, L, heads, head_dim] tensors; returns [B, Lq, heads * head_dim].
+    `mask` [Lq, Lk] (True = may attend) is only used by reference computations in tests."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2).flatten(2)
 
 
@@ -69,16 +70,21 @@ class QKVProjection(nn.Module):
 
 
 class SelfAttention(QKVProjection):
-    """Self-attention with 3-D RoPE; `extra_kv` prepends keys/values cached from earlier tokens."""
+    """Self-attention with 3-D RoPE.
 
-    def forward(self, x, rope, extra_kv=None):
+    `kv(raw_keys, roped_keys, values)` lets a caller swap in the keys/values to attend to
+    (streaming caches); it returns (keys, values) or (keys, values, mask).
+    """
+
+    def forward(self, x, rope, kv=None):
         q = apply_rope(self.project_q(x), rope)
-        k, v = self.project_kv(x)
-        k = apply_rope(k, rope)
-        if extra_kv is not None:
-            k = torch.cat([extra_kv[0], k], dim=1)
-            v = torch.cat([extra_kv[1], v], dim=1)
-        return self.output(attention(q, k.to(q.dtype), v.to(q.dtype)))
+        raw_k, v = self.project_kv(x)
+        k = apply_rope(raw_k, rope)
+        mask = None
+        if kv is not None:
+            k, v, *rest = kv(raw_k, k, v)
+            mask = rest[0] if rest else None
+        return self.output(attention(q, k.to(q.dtype), v.to(q.dtype), mask))
 
 
 class CrossAttention(QKVProjection):

@@ -132,13 +132,14 @@ class WanS2VTransformer(nn.Module):
         """Runs every block (and the audio injectors after theirs) on the token sequence.
 
         `audio` = (global, local) tokens with one row per latent frame of the first
-        `video_tokens` tokens; `kv_hook(layer_index)` may return cached keys/values to prepend.
+        `video_tokens` tokens, or None (no injection: the sink pass); `kv_hook(layer_index)`
+        returns that layer's key/value callable (see `SelfAttention`) or None.
         """
-        audio_global, audio_local = audio
         for index, block in enumerate(self.blocks):
-            extra = kv_hook(index) if kv_hook is not None else None
-            x = block(x, modulation, segments, rope, context, extra)
-            if index in self.injector_after:
+            kv = kv_hook(index) if kv_hook is not None else None
+            x = block(x, modulation, segments, rope, context, kv)
+            if audio is not None and index in self.injector_after:
+                audio_global, audio_local = audio
                 residual = self.audio_injector(
                     self.injector_after[index], x[:, :video_tokens], audio_local, audio_global
                 )
@@ -162,12 +163,14 @@ class WanS2VTransformer(nn.Module):
         motion: torch.Tensor,
         audio: torch.Tensor,
         cond: torch.Tensor | None = None,
+        kv_hook=None,
     ) -> torch.Tensor:
         """One Wan2.2-S2V denoising call, as the official `WanModel_S2V.forward`.
 
         latents [B, 16, F, H, W]; timestep [B] (or [1]); context: text embeddings; ref
         [B, 16, 1, H, W]; motion [B, 16, T_m, H, W] (19 latents of 73 frames); audio
         [B, 25, audio_dim, 4F]. Returns the predicted flow [B, 16, F, H, W] in float32.
+        `kv_hook`: see `run_blocks`.
         """
         batch, _, frames, height, width = latents.shape
         device = latents.device
@@ -183,7 +186,7 @@ class WanS2VTransformer(nn.Module):
         segments = [video.shape[1], sink.shape[1]]
 
         x = self.run_blocks(
-            x, modulation, segments, rope, self.embed_text(context), self.embed_audio(audio), video.shape[1]
+            x, modulation, segments, rope, self.embed_text(context), self.embed_audio(audio), video.shape[1], kv_hook
         )
         out = self.head(x[:, : video.shape[1]], head_emb[:batch, None], [video.shape[1]])
         return self.unpatchify(out.float(), frames, height, width)

@@ -1,0 +1,65 @@
+"""Key/value caches of causal block generation.
+
+- `BlockKVCache`: per layer, the RoPE-rotated keys and values of the latest frames (a ring
+  buffer holding one clip's worth of latent frames). LiveAvatar keeps one such cache per
+  denoising step, filled at that step's noise level; we do the same for any step count.
+- `SinkCache`: per layer, the keys (not yet rotated) and values of the reference and motion
+  tokens, computed once by a prefill pass at timestep 0 and shared by every step. The keys
+  are rotated at each use because the reference frame's position rolls with generation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..dit.rope import apply_rope
+
+
+class BlockKVCache:
+    def __init__(self, num_layers: int, frames: int, tokens_per_frame: int):
+        self.frames = frames
+        self.tokens_per_frame = tokens_per_frame
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.filled_frames = 0  # how many ring slots hold data
+
+    def token_slots(self, first_frame: int, frames: int, device) -> torch.Tensor:
+        """Ring indices of the tokens of frames [first_frame, first_frame + frames)."""
+        slots = (torch.arange(first_frame, first_frame + frames) % self.frames) * self.tokens_per_frame
+        tokens = slots[:, None] + torch.arange(self.tokens_per_frame)[None]
+        return tokens.flatten().to(device)
+
+    def write_and_read(self, layer: int, first_frame: int, frames: int, keys: torch.Tensor, values: torch.Tensor):
+        """Stores a block's keys/values and returns every cached frame's (block included)."""
+        if self.keys[layer] is None:
+            shape = (keys.shape[0], self.frames * self.tokens_per_frame, *keys.shape[2:])
+            self.keys[layer] = keys.new_zeros(shape)
+            self.values[layer] = values.new_zeros(shape)
+        slots = self.token_slots(first_frame, frames, keys.device)
+        self.keys[layer].index_copy_(1, slots, keys.to(self.keys[layer].dtype))
+        self.values[layer].index_copy_(1, slots, values.to(self.values[layer].dtype))
+        filled = min(self.frames, max(self.filled_frames, (first_frame + frames)))
+        used = filled * self.tokens_per_frame
+        return self.keys[layer][:, :used], self.values[layer][:, :used]
+
+    def advance(self, first_frame: int, frames: int) -> None:
+        """Marks a block as written (after all layers ran), so later blocks see it."""
+        self.filled_frames = min(self.frames, max(self.filled_frames, first_frame + frames))
+
+
+class SinkCache:
+    def __init__(self, num_layers: int):
+        self.raw_keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.positions: torch.Tensor | None = None  # [tokens, 3] at the prefill (ref at its base index)
+        self.ref_tokens = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.positions is not None
+
+    def store(self, layer: int, raw_keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.raw_keys[layer], self.values[layer] = raw_keys, values
+
+    def rotated(self, layer: int, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        return apply_rope(self.raw_keys[layer], rope), self.values[layer]

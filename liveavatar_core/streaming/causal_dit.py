@@ -1,0 +1,99 @@
+"""LiveAvatar's causal use of the S2V DiT: a sink prefill, then one block of latent frames
+at a time attending to itself, to earlier blocks (KV cache) and to the sink.
+
+Positions roll with generation: a block starting at latent frame `n` gets temporal RoPE
+indices n, n+1, ...; the reference frame sits `sink_distance` frames ahead of the block
+(never before its base index 30); motion tokens keep their fixed negative indices.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..dit.model import VIDEO, WanS2VTransformer
+from ..dit.rope import rope_cos_sin
+from .caches import BlockKVCache, SinkCache
+
+
+class CausalDiT:
+    def __init__(self, model: WanS2VTransformer):
+        self.model = model
+        self.config = model.config
+
+    def tokens_per_frame(self, height: int, width: int) -> int:
+        _, ph, pw = self.config.patch_size
+        return (height // ph) * (width // pw)
+
+    @torch.no_grad()
+    def prefill_sink(self, sink: SinkCache, ref: torch.Tensor, motion: torch.Tensor, context: torch.Tensor) -> None:
+        """Runs the reference + motion tokens through every block at timestep 0 (attending
+        only to themselves, no audio) and keeps each layer's keys and values.
+
+        `context`: text embeddings already projected by `model.embed_text`.
+        """
+        model = self.model
+        tokens, positions = model.embed_sink(ref, motion)
+        rope = rope_cos_sin(positions, self.config.head_dim, tokens.device)
+        _, modulation = model.embed_time(torch.zeros(1, device=tokens.device))
+        modulation = modulation[:, None].expand(tokens.shape[0], -1, -1, -1)
+
+        def capture(layer):
+            def kv(raw_k, k, v):
+                sink.store(layer, raw_k, v)
+                return k, v
+
+            return kv
+
+        model.run_blocks(tokens.float(), modulation, [tokens.shape[1]], rope, context, None, 0, capture)
+        sink.positions = positions
+        sink.ref_tokens = self.tokens_per_frame(*ref.shape[-2:])
+
+    def sink_rope(self, sink: SinkCache, first_frame: int, sink_distance: int, device):
+        """RoPE of the sink for a block starting at `first_frame`: the reference frame moves to
+        max(base, first_frame + sink_distance); motion tokens stay where they are."""
+        positions = sink.positions.clone()
+        base = self.config.ref_rope_index
+        positions[: sink.ref_tokens, 0] = max(base, first_frame + sink_distance)
+        return rope_cos_sin(positions, self.config.head_dim, device)
+
+    @torch.no_grad()
+    def denoise_block(
+        self,
+        latents: torch.Tensor,
+        timestep: float,
+        first_frame: int,
+        context: torch.Tensor,
+        audio: torch.Tensor,
+        cache: BlockKVCache,
+        sink: SinkCache,
+        sink_distance: int,
+        cond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Velocity for one block of noisy latents [B, 16, f, H, W] at `timestep`.
+
+        `audio`: this block's wav2vec2 features [B, 25, audio_dim, 4f] (encoded per block, as
+        LiveAvatar does). Writes the block's keys/values into `cache` at its frames.
+        """
+        model = self.model
+        batch, _, frames, height, width = latents.shape
+        device = latents.device
+        video = model.embed_video(latents, cond) + model.trainable_cond_mask.weight[VIDEO]
+        rope = rope_cos_sin(model.video_positions(frames, height, width, first_frame), self.config.head_dim, device)
+        sink_rope = self.sink_rope(sink, first_frame, sink_distance, device)
+        head_emb, modulation = model.embed_time(torch.full((batch,), float(timestep), device=device))
+
+        def cached(layer):
+            def kv(raw_k, k, v):
+                keys, values = cache.write_and_read(layer, first_frame, frames, k, v)
+                sink_k, sink_v = sink.rotated(layer, sink_rope)
+                return torch.cat([keys, sink_k.to(keys.dtype)], dim=1), torch.cat([values, sink_v.to(values.dtype)], dim=1)
+
+            return kv
+
+        tokens = video.shape[1]
+        x = model.run_blocks(
+            video.float(), modulation[:, None], [tokens], rope, context, model.embed_audio(audio), tokens, cached
+        )
+        cache.advance(first_frame, frames)
+        out = model.head(x, head_emb[:, None], [tokens])
+        return model.unpatchify(out.float(), frames, height, width)

@@ -1,0 +1,162 @@
+"""Causal block sampler: LiveAvatar's clip-by-clip, block-by-block few-step generation.
+
+A clip of `infer_frames` video frames is `infer_frames // 4` latent frames, split into blocks
+of 3 (the last one shorter when 3 does not divide). Each block is denoised in `sample_steps`
+flow-matching steps; at step s it attends to the step-s keys/values of the blocks before it
+(one ring-buffer cache per step, one clip long) and to the sink. `guide_scale` > 0 adds a
+second branch (negative prompt, silenced audio) with caches and sink of its own.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InputError
+from .caches import BlockKVCache, SinkCache
+from .causal_dit import CausalDiT
+from .solvers import SOLVERS, FlowSolver, flow_sigmas
+
+BLOCK_FRAMES = 3  # latent frames per block
+# The sink's lead over the current block is drawn from this range at every DiT call, as in
+# LiveAvatar's training; ours comes from the run's seed, so a seed gives one video.
+SINK_DISTANCE = (4, 30)
+
+
+class GenerationCancelled(Exception):
+    """The stop check asked to end the run; everything finished before it is kept."""
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    sample_steps: int = 4
+    infer_frames: int = 48
+    sample_solver: str = "euler"
+    guide_scale: float = 0.0
+    seed: int = 0
+    shift: float = 3.0
+    sink_distance: tuple[int, int] = SINK_DISTANCE
+
+    def validate(self) -> None:
+        if self.infer_frames <= 0 or self.infer_frames % 4:
+            raise InputError(f"infer_frames must be a positive multiple of 4 (e.g. 48 or 32), got {self.infer_frames}.")
+        if not 1 <= self.sample_steps <= 50:
+            raise InputError(f"sample_steps must be between 1 and 50 (the distilled model uses 3-5), got {self.sample_steps}.")
+        if self.sample_solver not in SOLVERS:
+            raise InputError(f"sample_solver must be one of {', '.join(SOLVERS)}, got {self.sample_solver!r}.")
+        if self.guide_scale < 0:
+            raise InputError(f"sample_guide_scale must be >= 0 (0 turns guidance off), got {self.guide_scale}.")
+
+    @property
+    def latent_frames(self) -> int:
+        return self.infer_frames // 4
+
+    def blocks(self) -> list[tuple[int, int]]:
+        """(first latent frame within the clip, frame count) of each block."""
+        n = self.latent_frames
+        return [(start, min(BLOCK_FRAMES, n - start)) for start in range(0, n, BLOCK_FRAMES)]
+
+
+@dataclass(frozen=True)
+class Progress:
+    clip: int
+    block: int
+    num_blocks: int
+    step: int
+    num_steps: int
+
+
+class _Branch:
+    """One guidance branch: its text, its sink and its per-step caches."""
+
+    def __init__(self, context: torch.Tensor, num_layers: int, steps: int, frames: int, tokens_per_frame: int, silent: bool):
+        self.context = context
+        self.silent = silent
+        self.sink = SinkCache(num_layers)
+        self.caches = [BlockKVCache(num_layers, frames, tokens_per_frame) for _ in range(steps)]
+
+
+class CausalSampler:
+    def __init__(self, dit: CausalDiT, settings: SamplerSettings, device: torch.device | str = "cpu"):
+        settings.validate()
+        self.dit = dit
+        self.settings = settings
+        self.device = torch.device(device)
+        self.sigmas = flow_sigmas(settings.sample_steps, settings.shift)
+        self._rng = random.Random(settings.seed)
+        self._branches: list[_Branch] = []
+        self._latent_hw: tuple[int, int] | None = None
+
+    def start(self, ref: torch.Tensor, motion: torch.Tensor, context: torch.Tensor, negative_context: torch.Tensor | None = None):
+        """Prefills the sink(s). ref [1, 16, 1, h, w]; motion [1, 16, 19, h, w] latents;
+        contexts: text embeddings [L, 4096] (the negative one used only with guidance)."""
+        s = self.settings
+        model = self.dit.model
+        height, width = ref.shape[-2:]
+        self._latent_hw = (height, width)
+        tokens = self.dit.tokens_per_frame(height, width)
+        contexts = [(context, False)]
+        if s.guide_scale > 0:
+            if negative_context is None:
+                raise InputError("sample_guide_scale > 0 needs a negative prompt embedding (or set it to 0).")
+            contexts.append((negative_context, True))
+        self._branches = []
+        for text, silent in contexts:
+            embedded = model.embed_text([text.to(self.device)])
+            self._branches.append(_Branch(embedded, model.config.num_layers, s.sample_steps, s.latent_frames, tokens, silent))
+        self.replace_sink(ref, motion)
+
+    def replace_sink(self, ref: torch.Tensor, motion: torch.Tensor) -> None:
+        """(Re)fills every branch's sink, e.g. with the first generated frame after clip 0."""
+        for branch in self._branches:
+            self.dit.prefill_sink(branch.sink, ref.to(self.device), motion.to(self.device), branch.context)
+
+    def clip_noise(self, clip: int) -> torch.Tensor:
+        height, width = self._latent_hw
+        generator = torch.Generator().manual_seed(self.settings.seed + clip)
+        shape = (1, self.dit.config.in_dim, self.settings.latent_frames, height, width)
+        return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+    def generate_clip(
+        self,
+        clip: int,
+        audio: torch.Tensor,
+        progress: Callable[[Progress], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> torch.Iterator:
+        """Yields (first latent frame within the clip, clean block latents [1, 16, f, h, w])
+        for clip number `clip`; `audio` [1, 25, audio_dim, infer_frames] are its features."""
+        s = self.settings
+        noise = self.clip_noise(clip).to(self.device)
+        blocks = s.blocks()
+        for block_index, (start, frames) in enumerate(blocks):
+            if should_stop is not None and should_stop():
+                raise GenerationCancelled(f"stopped before clip {clip + 1}, block {block_index + 1}")
+            first_frame = clip * s.latent_frames + start
+            block_audio = audio[..., start * 4 : (start + frames) * 4].to(self.device)
+            x = noise[:, :, start : start + frames]
+            solver = FlowSolver(self.sigmas, s.sample_solver)
+            for step in range(s.sample_steps):
+                velocity = self._velocity(x, solver.timestep(step), step, first_frame, block_audio)
+                x = solver.step(step, x, velocity)
+                if progress is not None:
+                    progress(Progress(clip, block_index, len(blocks), step, s.sample_steps))
+            yield start, x
+
+    def _velocity(self, x, timestep, step, first_frame, audio):
+        distance = self._rng.randint(*self.settings.sink_distance)
+        outputs = []
+        for branch in self._branches:
+            branch_audio = torch.zeros_like(audio) if branch.silent else audio
+            outputs.append(
+                self.dit.denoise_block(
+                    x, timestep, first_frame, branch.context, branch_audio, branch.caches[step], branch.sink, distance
+                )
+            )
+        if len(outputs) == 1:
+            return outputs[0]
+        cond, uncond = outputs
+        return uncond + self.settings.guide_scale * (cond - uncond)
