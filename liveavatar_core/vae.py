@@ -1,0 +1,253 @@
+"""The Wan2.1 video VAE: loading, normalised encode/decode, and chunk-by-chunk streaming decode.
+
+The network is diffusers' `AutoencoderKLWan`. This module adds what LiveAvatar needs around it:
+loading any release of the weights strictly, the official per-channel latent normalisation, and a
+decoder that keeps its causal-convolution caches between chunks so a long video can be decoded
+as it is generated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+from .errors import InputError
+from .tensor_files import open_tensor_file
+from .vae_keys import LATENT_CHANNELS, RIGHT_FILE, vae_shape, vae_tensors_in_diffusers_names
+from .weights import build_empty, load_weights
+
+TEMPORAL_STRIDE = 4
+SPATIAL_STRIDE = 8
+
+
+def latent_frame_count(video_frames: int) -> int:
+    """Latent frames of a video of `video_frames` = 1 + 4k frames (the first frame stands alone)."""
+    return 1 + (video_frames - 1) // TEMPORAL_STRIDE
+
+
+def video_frame_count(latent_frames: int) -> int:
+    """Video frames decoded from `latent_frames` latent frames."""
+    return 1 + TEMPORAL_STRIDE * (latent_frames - 1) if latent_frames > 0 else 0
+
+
+class WanVAE:
+    r"""
+    The Wan2.1 VAE (16 latent channels, stride 4x8x8) with the official latent normalisation.
+
+    Latents given out and taken in are normalised per channel as the official Wan code does:
+    `(mu - mean) * (1 / std)`, with the mean/std of the model's config (the official values).
+
+    Args:
+        model (`AutoencoderKLWan`): the loaded network, in eval mode.
+    """
+
+    def __init__(self, model: AutoencoderKLWan):
+        self.model = model
+        self.latents_mean = torch.tensor(model.config.latents_mean, dtype=torch.float32)
+        self.latents_std = torch.tensor(model.config.latents_std, dtype=torch.float32)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # -- normalisation ----------------------------------------------------------------------
+    def normalize_latents(self, mu: torch.Tensor) -> torch.Tensor:
+        """Raw VAE means [B, 16, T, h, w] -> the latents the diffusion model works in (float32)."""
+        mean, inv_std = self._stats(mu.device)
+        return (mu.float() - mean) * inv_std
+
+    def denormalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Inverse of `normalize_latents` (float32)."""
+        mean, inv_std = self._stats(latents.device)
+        # Divides by 1/std, as the official code does, so round trips match it bit for bit.
+        return latents.float() / inv_std + mean
+
+    def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, LATENT_CHANNELS, 1, 1, 1)
+        mean = self.latents_mean.to(device).view(shape)
+        inv_std = (1.0 / self.latents_std).to(device).view(shape)
+        return mean, inv_std
+
+    # -- encode / decode --------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """
+        Encodes a video into normalised latents (the mean of the posterior; nothing is sampled).
+
+        Args:
+            video (`torch.Tensor`): [B, 3, T, H, W] in [-1, 1], with T = 1 + 4k frames and H, W
+                multiples of 8.
+
+        Returns:
+            `torch.Tensor`: float32 latents [B, 16, 1 + k, H / 8, W / 8] on the VAE's device.
+        """
+        _check_video(video)
+        posterior = self.model.encode(video.to(self.device, self.dtype)).latent_dist
+        return self.normalize_latents(posterior.mode())
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """
+        Decodes normalised latents into a video, all at once.
+
+        Args:
+            latents (`torch.Tensor`): [B, 16, t, h, w] normalised latents.
+
+        Returns:
+            `torch.Tensor`: float32 video [B, 3, 1 + 4 (t - 1), 8 h, 8 w] clamped to [-1, 1].
+        """
+        _check_latents(latents)
+        z = self.denormalize_latents(latents).to(self.device, self.dtype)
+        return self.model.decode(z).sample.float().clamp_(-1.0, 1.0)
+
+    def streaming_decoder(self) -> "StreamingDecoder":
+        """A decoder that takes the latents of one video chunk by chunk (see `StreamingDecoder`)."""
+        return StreamingDecoder(self)
+
+
+class StreamingDecoder:
+    r"""
+    Decodes one latent video chunk by chunk, keeping the causal-convolution caches in between.
+
+    The Wan decoder is causal in time and decodes one latent frame at a time, feeding each
+    causal convolution the last frames it saw. This object owns those caches, so chunks decode
+    exactly as the whole video would: the concatenated outputs of `decode_next` equal
+    `WanVAE.decode` of the concatenated latents. The first latent frame gives 1 video frame,
+    every later one 4. The caches belong to this object, not to the model, so whole-video
+    encodes and decodes may run between chunks.
+
+    Args:
+        vae (`WanVAE`): the VAE whose decoder to run.
+    """
+
+    def __init__(self, vae: WanVAE):
+        self._vae = vae
+        decoder = vae.model.decoder
+        self._cache: list | None = [None] * sum(isinstance(m, WanCausalConv3d) for m in decoder.modules())
+        self._latent_frames = 0
+        self._chunk_shape: tuple[int, ...] | None = None
+
+    @property
+    def latent_frames_decoded(self) -> int:
+        return self._latent_frames
+
+    @property
+    def frames_decoded(self) -> int:
+        return video_frame_count(self._latent_frames)
+
+    @torch.no_grad()
+    def decode_next(self, latents: torch.Tensor) -> torch.Tensor:
+        """
+        Decodes the next chunk of latent frames.
+
+        Args:
+            latents (`torch.Tensor`): [B, 16, t, h, w] normalised latents that follow the ones
+                already given; B, h and w must stay the same for the whole video.
+
+        Returns:
+            `torch.Tensor`: float32 video frames [B, 3, n, 8 h, 8 w] in [-1, 1], with n = 1 + 4 (t - 1)
+            for the first chunk and 4 t afterwards.
+        """
+        if self._cache is None:
+            raise RuntimeError("This StreamingDecoder is closed; start a new one with vae.streaming_decoder().")
+        _check_latents(latents, allow_empty=True)
+        batch, _, frames, height, width = latents.shape
+        if self._chunk_shape is None:
+            self._chunk_shape = (batch, height, width)
+        elif self._chunk_shape != (batch, height, width):
+            raise InputError(
+                f"Latent chunk of batch {batch} and size {height}x{width} does not continue the video being "
+                f"decoded (batch {self._chunk_shape[0]}, size {self._chunk_shape[1]}x{self._chunk_shape[2]}). "
+                "Start a new streaming decoder for each video."
+            )
+        vae = self._vae
+        if frames == 0:
+            return torch.zeros((batch, 3, 0, height * SPATIAL_STRIDE, width * SPATIAL_STRIDE), device=vae.device)
+        model = vae.model
+        z = vae.denormalize_latents(latents).to(vae.device, vae.dtype)
+        # A 1x1x1 convolution: frames are independent, so it may run on each chunk alone.
+        x = model.post_quant_conv(z)
+        outputs = []
+        for i in range(frames):
+            # Same per-frame call as AutoencoderKLWan._decode, with our cache instead of the model's.
+            outputs.append(
+                model.decoder(
+                    x[:, :, i : i + 1],
+                    feat_cache=self._cache,
+                    feat_idx=[0],
+                    first_chunk=self._latent_frames == 0,
+                )
+            )
+            self._latent_frames += 1
+        return torch.cat(outputs, dim=2).float().clamp_(-1.0, 1.0)
+
+    def close(self) -> None:
+        """Frees the caches (a few frames of every decoder layer's activations)."""
+        self._cache = None
+
+    def __enter__(self) -> "StreamingDecoder":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def load_vae(
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> WanVAE:
+    """
+    Loads the Wan2.1 VAE from any of its releases, strictly.
+
+    Accepts the official `Wan2.1_VAE.pth`, ComfyUI's `vae/wan_2.1_vae.safetensors`, a whole-model
+    file with the VAE under `vae.` or `first_stage_model.`, and diffusers' `AutoencoderKLWan` files.
+
+    Args:
+        path: the weights file (or a folder holding one `.safetensors`).
+        device: where the weights go.
+        dtype: the weights' dtype (float32 reproduces the official code's default).
+
+    Raises:
+        CheckpointError: the file is damaged, incomplete, or holds another network (the message
+            names the file, what it looks like, and the file to pick instead).
+    """
+    tensors = vae_tensors_in_diffusers_names(open_tensor_file(path))
+    shape = vae_shape(tensors)
+    model = build_empty(lambda: AutoencoderKLWan(base_dim=shape.base_dim, z_dim=shape.z_dim))
+    load_weights(model, tensors, what="Wan2.1 VAE", device=device, dtype=dtype, fix=RIGHT_FILE)
+    return WanVAE(model.eval().requires_grad_(False))
+
+
+def _check_video(video: torch.Tensor) -> None:
+    if video.ndim != 5 or video.shape[1] != 3:
+        raise InputError(
+            f"The VAE takes a video as [batch, 3, frames, height, width]; got shape {tuple(video.shape)}."
+        )
+    if not video.is_floating_point():
+        raise InputError(f"The VAE takes a float video in [-1, 1]; got dtype {video.dtype}.")
+    frames, height, width = video.shape[2:]
+    if frames < 1 or (frames - 1) % TEMPORAL_STRIDE:
+        usable = latent_frame_count(frames) if frames >= 1 else 0
+        raise InputError(
+            f"The VAE encodes 1 + 4k frames (1, 5, 9, ..., 81); got {frames}. Trim the video to "
+            f"{video_frame_count(usable)} frames or pad it to {video_frame_count(usable + 1)}."
+        )
+    if height % SPATIAL_STRIDE or width % SPATIAL_STRIDE:
+        raise InputError(
+            f"The VAE needs a height and width that are multiples of {SPATIAL_STRIDE}; got {height}x{width}. "
+            "Resize or crop the video."
+        )
+
+
+def _check_latents(latents: torch.Tensor, allow_empty: bool = False) -> None:
+    if latents.ndim != 5 or latents.shape[1] != LATENT_CHANNELS or (latents.shape[2] == 0 and not allow_empty):
+        raise InputError(
+            f"The VAE decodes latents shaped [batch, {LATENT_CHANNELS}, frames >= 1, height, width]; "
+            f"got shape {tuple(latents.shape)}."
+        )
