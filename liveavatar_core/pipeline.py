@@ -1,0 +1,178 @@
+"""The streaming LiveAvatar pipeline: reference image + audio features + text embeddings in,
+decoded frames out, clip by clip, with flat memory.
+
+Flow per run:
+1. The reference image is resized/cropped to the output size and VAE-encoded twice: as the
+   reference latent (5 copies encoded, the first latent dropped, as the official code does)
+   and as the motion context (73 copies -> 19 latents).
+2. The sampler prefills its sink and generates clip after clip, block after block.
+3. Each finished block is decoded at once by the streaming VAE decoder (causal caches kept
+   between blocks) and handed to the caller; nothing per clip is kept afterwards.
+4. After clip 0, the sink rolls once (official online-decode behaviour): the first generated
+   latent frame becomes the reference and the last 73 frames (reference copies + clip 0)
+   become the motion context. Later clips see earlier ones through the KV caches.
+
+The causal VAE turns the first latent into one frame and every later latent into four, so the
+video starts 3 frames into clip 0 (official: clip 0 yields 45 frames, later clips 48). The
+audio that belongs to those 3 frames is skipped (`VIDEO_START_OFFSET`), keeping lips in sync.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .dit import WanS2VTransformer
+from .errors import InputError
+from .streaming import CausalDiT, CausalSampler, Progress, SamplerSettings
+from .vae import WanVAE
+
+FPS = 25
+VIDEO_START_OFFSET = 3  # video frames of clip 0 the causal VAE does not produce
+MOTION_FRAMES = 73
+REF_ENCODE_COPIES = 5
+# Width*height the official CLI accepts; any multiple of 16 works for the networks.
+OFFICIAL_SIZES = (
+    "720*1280", "1280*720", "480*832", "832*480", "704*1280", "1280*704",
+    "1024*704", "704*1024", "720*400", "704*384", "688*368", "384*256",
+)
+
+
+@dataclass(frozen=True)
+class FrameChunk:
+    """Decoded frames [N, H, W, 3] float32 in 0..1 (ComfyUI's IMAGE layout) of one block."""
+
+    clip: int
+    block: int
+    frames: torch.Tensor
+
+
+def parse_size(size: str | tuple[int, int]) -> tuple[int, int]:
+    """'688*368' or (688, 368) -> (width, height), checked for the networks' 16-pixel grid."""
+    if isinstance(size, str):
+        try:
+            width, height = (int(v) for v in size.lower().replace("x", "*").split("*"))
+        except ValueError as err:
+            raise InputError(f"size must look like '688*368' (width*height), got {size!r}.") from err
+    else:
+        width, height = size
+    if width <= 0 or height <= 0 or width % 16 or height % 16:
+        raise InputError(
+            f"size {width}*{height} is not a multiple of 16 in both directions; pick one of the "
+            f"official sizes ({', '.join(OFFICIAL_SIZES)}) or round to multiples of 16."
+        )
+    return width, height
+
+
+def fit_reference(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """[H, W, 3] (or [1, H, W, 3]) image in 0..1 -> [1, 3, 1, height, width] in -1..1.
+
+    Scales so the image covers the target size, then crops the centre (no stretching)."""
+    if image.dim() == 4:
+        image = image[0]
+    if image.dim() != 3 or image.shape[-1] not in (3, 4) or image.numel() == 0:
+        raise InputError(f"reference image must be [H, W, 3] in 0..1, got shape {tuple(image.shape)}.")
+    pixels = image[..., :3].permute(2, 0, 1)[None].float()
+    scale = max(width / pixels.shape[-1], height / pixels.shape[-2])
+    new_w, new_h = max(width, round(pixels.shape[-1] * scale)), max(height, round(pixels.shape[-2] * scale))
+    pixels = F.interpolate(pixels, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    pixels = pixels[..., top : top + height, left : left + width].clamp(0, 1)
+    return (pixels * 2 - 1).unsqueeze(2)
+
+
+def clips_for_frames(audio_frames: int, infer_frames: int) -> int:
+    """How many clips cover `audio_frames` video frames of audio."""
+    return max(1, math.ceil(audio_frames / infer_frames))
+
+
+def output_frame_count(num_clip: int, infer_frames: int) -> int:
+    return num_clip * infer_frames - VIDEO_START_OFFSET
+
+
+class StreamingPipeline:
+    def __init__(self, dit: WanS2VTransformer, vae: WanVAE, device: torch.device | str = "cpu"):
+        self.dit = dit
+        self.vae = vae
+        self.device = torch.device(device)
+
+    def _encode_reference(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ref = self.vae.encode(pixels.repeat(1, 1, REF_ENCODE_COPIES, 1, 1).to(self.vae.device))[:, :, 1:]
+        motion = self.vae.encode(pixels.repeat(1, 1, MOTION_FRAMES, 1, 1).to(self.vae.device))
+        return ref, motion
+
+    def stream(
+        self,
+        image: torch.Tensor,
+        audio_features: torch.Tensor,
+        context: torch.Tensor,
+        size: str | tuple[int, int],
+        settings: SamplerSettings,
+        num_clip: int | None = None,
+        negative_context: torch.Tensor | None = None,
+        progress: Callable[[Progress], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        trim_to_audio: bool = True,
+    ) -> Iterator[FrameChunk]:
+        """Yields decoded frames block by block.
+
+        audio_features: [1, 25, audio_dim, frames] (one feature window per video frame at 25
+        fps); num_clip: None = as many clips as the audio needs; clips past the end of the
+        audio get silence. With `trim_to_audio`, the video stops where the audio stops.
+        Raises GenerationCancelled when `should_stop()` turns true (checked between blocks).
+        """
+        settings.validate()
+        width, height = parse_size(size)
+        if audio_features.dim() != 4 or audio_features.shape[-1] == 0:
+            raise InputError("the audio is empty: give a speech track of at least one video frame (40 ms).")
+        audio_frames = audio_features.shape[-1]
+        if num_clip is not None and num_clip < 1:
+            raise InputError(f"num_clip must be at least 1 (or 'auto' to follow the audio), got {num_clip}.")
+        clips = num_clip or clips_for_frames(audio_frames, settings.infer_frames)
+        frames_left = output_frame_count(clips, settings.infer_frames)
+        if trim_to_audio:
+            frames_left = min(frames_left, max(1, audio_frames - VIDEO_START_OFFSET))
+
+        sampler = CausalSampler(CausalDiT(self.dit), settings, self.device)
+        pixels = fit_reference(image, width, height)
+        ref, motion = self._encode_reference(pixels)
+        sampler.start(ref, motion, context, negative_context)
+        recent = pixels.repeat(1, 1, MOTION_FRAMES, 1, 1)  # the motion context in pixels, for the sink roll
+
+        with self.vae.streaming_decoder() as decoder:
+            for clip in range(clips):
+                clip_audio = _clip_slice(audio_features, clip, settings.infer_frames)
+                first_latent = None
+                for block, (start, latents) in enumerate(sampler.generate_clip(clip, clip_audio, progress, should_stop)):
+                    if first_latent is None:
+                        first_latent = latents[:, :, :1]
+                    video = decoder.decode_next(latents.to(self.vae.device))
+                    if clip == 0:
+                        recent = torch.cat([recent, video.to(recent.device)], dim=2)[:, :, -MOTION_FRAMES:]
+                    frames = _to_image(video)[:frames_left]
+                    frames_left -= frames.shape[0]
+                    if frames.shape[0]:
+                        yield FrameChunk(clip, block, frames)
+                    if frames_left <= 0:
+                        return
+                if clip == 0 and clips > 1:
+                    motion = self.vae.encode(recent.to(self.vae.device))
+                    sampler.replace_sink(first_latent, motion)
+                    recent = None
+
+
+def _clip_slice(features: torch.Tensor, clip: int, frames: int) -> torch.Tensor:
+    """The clip's feature windows, padded with silence (zeros) past the end of the audio."""
+    part = features[..., clip * frames : (clip + 1) * frames]
+    if part.shape[-1] < frames:
+        part = torch.cat([part, part.new_zeros(*part.shape[:-1], frames - part.shape[-1])], dim=-1)
+    return part
+
+
+def _to_image(video: torch.Tensor) -> torch.Tensor:
+    """[1, 3, N, H, W] in -1..1 -> [N, H, W, 3] float32 in 0..1 on the CPU."""
+    return ((video[0].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0).cpu()
