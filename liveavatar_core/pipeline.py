@@ -49,6 +49,7 @@ class FrameChunk:
     clip: int
     block: int
     frames: torch.Tensor
+    ends_clip: bool
 
 
 def parse_size(size: str | tuple[int, int]) -> tuple[int, int]:
@@ -147,6 +148,7 @@ class StreamingPipeline:
             for clip in range(clips):
                 clip_audio = _clip_slice(audio_features, clip, settings.infer_frames)
                 first_latent = None
+                last_block = len(settings.blocks()) - 1
                 for block, (start, latents) in enumerate(sampler.generate_clip(clip, clip_audio, progress, should_stop)):
                     if first_latent is None:
                         first_latent = latents[:, :, :1]
@@ -156,7 +158,7 @@ class StreamingPipeline:
                     frames = _to_image(video)[:frames_left]
                     frames_left -= frames.shape[0]
                     if frames.shape[0]:
-                        yield FrameChunk(clip, block, frames)
+                        yield FrameChunk(clip, block, frames, block == last_block or frames_left <= 0)
                     if frames_left <= 0:
                         return
                 if clip == 0 and clips > 1:
@@ -176,3 +178,28 @@ def _clip_slice(features: torch.Tensor, clip: int, frames: int) -> torch.Tensor:
 def _to_image(video: torch.Tensor) -> torch.Tensor:
     """[1, 3, N, H, W] in -1..1 -> [N, H, W, 3] float32 in 0..1 on the CPU."""
     return ((video[0].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0).cpu()
+
+
+def write_video(
+    chunks: Iterator[FrameChunk],
+    path,
+    waveform: torch.Tensor,
+    sample_rate: int,
+    size: str | tuple[int, int],
+    crf: int = 19,
+) -> int:
+    """Streams `chunks` into an mp4 with the audio muxed; returns the frame count written.
+
+    The audio is shifted by `VIDEO_START_OFFSET` frames so it lines up with the first
+    generated frame. Every finished clip is on disk when the next starts: a run stopped or
+    failing at any point leaves a playable file with all clips before it (the exception
+    still propagates).
+    """
+    from .video_writer import StreamingVideoWriter
+
+    width, height = parse_size(size)
+    skip = round(VIDEO_START_OFFSET * sample_rate / FPS)
+    with StreamingVideoWriter(path, FPS, width, height, waveform[..., skip:], sample_rate, crf=crf) as writer:
+        for chunk in chunks:
+            writer.write_frames(chunk.frames, clip_boundary=chunk.ends_clip)
+        return writer.frames_written

@@ -101,3 +101,51 @@ def test_reference_is_cropped_not_stretched():
     assert pixels[..., 4:-4].min() > 0.9  # the centre crop is the white square (edges blend)
     assert pixels.mean() > 0.9
     assert parse_size("688*368") == (688, 368)
+
+
+def sine(seconds: float, rate: int = 16000) -> torch.Tensor:
+    t = torch.arange(int(seconds * rate)) / rate
+    return (0.3 * torch.sin(2 * torch.pi * 220 * t))[None]
+
+
+@pytest.mark.slow
+def test_three_clips_at_preview_size_make_a_playable_mp4_with_audio(pipeline, context, tmp_path):
+    """3 clips of 48 frames at 384*256: the file read back has the frames, size, fps and audio."""
+    from liveavatar_core.pipeline import FPS, VIDEO_START_OFFSET, write_video
+    from liveavatar_core.video_writer import read_video_info
+
+    frames = 3 * 48
+    audio = sine(frames / FPS)
+    chunks = pipeline.stream(portrait(), features(frames), context, "384*256", SamplerSettings(sample_steps=1))
+    path = tmp_path / "avatar.mp4"
+    written = write_video(chunks, path, audio, 16000, "384*256")
+    info = read_video_info(path)
+    assert written == info["frames"] == frames - VIDEO_START_OFFSET
+    assert (info["width"], info["height"], round(info["fps"])) == (384, 256, FPS)
+    assert abs(info["audio_duration_s"] - info["frames"] / FPS) <= 1 / FPS
+
+
+@pytest.mark.slow
+def test_run_stopped_after_two_clips_leaves_those_clips_with_audio(pipeline, context, tmp_path):
+    from liveavatar_core.pipeline import FPS, write_video
+    from liveavatar_core.video_writer import read_video_info
+
+    infer = 16
+    finished = []
+    chunks = pipeline.stream(portrait(), features(5 * infer), context, SMALL,
+                             SamplerSettings(sample_steps=1, infer_frames=infer),
+                             should_stop=lambda: len(finished) >= 2)
+
+    def tracked():
+        for chunk in chunks:
+            if chunk.ends_clip:
+                finished.append(chunk.clip)
+            yield chunk
+
+    path = tmp_path / "stopped.mp4"
+    with pytest.raises(GenerationCancelled):
+        write_video(tracked(), path, sine(5 * infer / FPS), 16000, SMALL)
+    info = read_video_info(path)
+    assert finished == [0, 1]
+    assert info["frames"] == 2 * infer - 3
+    assert abs(info["audio_duration_s"] - info["frames"] / FPS) <= 1 / FPS
