@@ -55,11 +55,6 @@ class TensorFile:
             return tuple(self._pickles[path][key].shape)
         return tuple(self._handle(path).get_slice(key).get_shape())
 
-    def dtype(self, name: str) -> torch.dtype:
-        return self.get(name).dtype if self._locations[name][0] in self._pickles else _st_dtype(
-            self._handle(self._locations[name][0]).get_slice(self._locations[name][1]).get_dtype()
-        )
-
     def get(self, name: str) -> torch.Tensor:
         path, key = self._locations[name]
         if path in self._pickles:

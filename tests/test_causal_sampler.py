@@ -72,16 +72,15 @@ class Recorder:
         dit.denoise_block = record
 
 
-def recompute_without_cache(model, calls, window_frames):
+def recompute_without_cache(model, calls, window_frames, ref, motion):
     """Runs all blocks' inputs of one denoising step as one sequence with a block-causal,
     windowed mask plus the sink tokens, and returns the velocity of the last block."""
     first = calls[-1]
-    sink = first["sink"]
     video = torch.cat([c["latents"] for c in calls], dim=2)
     frames, height, width = video.shape[2:]
     per_frame = 16
     tokens = model.embed_video(video) + model.trainable_cond_mask.weight[0]
-    sink_tokens, sink_positions = model.embed_sink(REF, MOTION)
+    sink_tokens, sink_positions = model.embed_sink(ref, motion)
     x = torch.cat([tokens, sink_tokens], dim=1).float()
     positions = torch.cat([model.video_positions(frames, height, width), sink_positions])
     rope = rope_cos_sin(positions, model.config.head_dim)
@@ -108,21 +107,17 @@ def recompute_without_cache(model, calls, window_frames):
     return velocity[:, :, -calls[-1]["latents"].shape[2]:]
 
 
-REF = MOTION = None
-
-
 @pytest.mark.parametrize("infer_frames, clips", [(12 * 4, 1), (8 * 4, 2)])
 def test_kv_cached_blocks_equal_full_causal_recomputation(model, golden, infer_frames, clips):
     """Every block, at every step, equals recomputing the causal attention over all blocks of
     that step without a cache; two clips of 8 latent frames exercise the ring buffer (the
     window keeps the latest 8 frames) and a shorter last block (3 + 3 + 2)."""
-    global REF, MOTION
-    REF, MOTION = golden["ref"][None], golden["motion"][None]
+    ref, motion = golden["ref"][None], golden["motion"][None]
     dit = CausalDiT(model)
     recorder = Recorder(dit)
     settings = SamplerSettings(infer_frames=infer_frames, sample_steps=2, seed=3, sink_distance=(4, 4))
     sampler = CausalSampler(dit, settings)
-    sampler.start(REF, MOTION, golden["context"])
+    sampler.start(ref, motion, golden["context"])
     audio = torch.randn(1, 25, 32, infer_frames * clips, generator=torch.Generator().manual_seed(0))
     for clip in range(clips):
         clip_audio = audio[..., clip * infer_frames:(clip + 1) * infer_frames]
@@ -132,7 +127,7 @@ def test_kv_cached_blocks_equal_full_causal_recomputation(model, golden, infer_f
     for step in range(settings.sample_steps):
         step_calls = [c for i, c in enumerate(recorder.calls) if i % settings.sample_steps == step]
         for upto in range(1, len(step_calls) + 1):
-            expected = recompute_without_cache(model, step_calls[:upto], settings.latent_frames)
+            expected = recompute_without_cache(model, step_calls[:upto], settings.latent_frames, ref, motion)
             worst = max(worst, relative_error(step_calls[upto - 1]["out"], expected))
     print(f"\nKV-cached vs recomputed ({clips} clip(s) of {infer_frames} frames): worst relative error {worst:.3e}")
     assert worst <= TOLERANCE

@@ -21,7 +21,6 @@ class BlockKVCache:
         self.tokens_per_frame = tokens_per_frame
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
-        self.filled_frames = 0  # how many ring slots hold data
 
     def token_slots(self, first_frame: int, frames: int, device) -> torch.Tensor:
         """Ring indices of the tokens of frames [first_frame, first_frame + frames)."""
@@ -30,7 +29,10 @@ class BlockKVCache:
         return tokens.flatten().to(device)
 
     def write_and_read(self, layer: int, first_frame: int, frames: int, keys: torch.Tensor, values: torch.Tensor):
-        """Stores a block's keys/values and returns every cached frame's (block included)."""
+        """Stores a block's keys/values and returns every cached frame's (block included).
+
+        Blocks arrive in order from frame 0, so the filled slots are always the first
+        min(ring size, frames so far) ones."""
         if self.keys[layer] is None:
             shape = (keys.shape[0], self.frames * self.tokens_per_frame, *keys.shape[2:])
             self.keys[layer] = keys.new_zeros(shape)
@@ -38,13 +40,8 @@ class BlockKVCache:
         slots = self.token_slots(first_frame, frames, keys.device)
         self.keys[layer].index_copy_(1, slots, keys.to(self.keys[layer].dtype))
         self.values[layer].index_copy_(1, slots, values.to(self.values[layer].dtype))
-        filled = min(self.frames, max(self.filled_frames, (first_frame + frames)))
-        used = filled * self.tokens_per_frame
+        used = min(self.frames, first_frame + frames) * self.tokens_per_frame
         return self.keys[layer][:, :used], self.values[layer][:, :used]
-
-    def advance(self, first_frame: int, frames: int) -> None:
-        """Marks a block as written (after all layers ran), so later blocks see it."""
-        self.filled_frames = min(self.frames, max(self.filled_frames, first_frame + frames))
 
 
 class SinkCache:

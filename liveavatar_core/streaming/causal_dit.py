@@ -94,6 +94,5 @@ class CausalDiT:
         x = model.run_blocks(
             video.float(), modulation[:, None], [tokens], rope, context, model.embed_audio(audio), tokens, cached
         )
-        cache.advance(first_frame, frames)
         out = model.head(x, head_emb[:, None], [tokens])
         return model.unpatchify(out.float(), frames, height, width)

@@ -10,7 +10,7 @@ second branch (negative prompt, silenced audio) with caches and sink of its own.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -126,7 +126,7 @@ class CausalSampler:
         audio: torch.Tensor,
         progress: Callable[[Progress], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
-    ) -> torch.Iterator:
+    ) -> Iterator[tuple[int, torch.Tensor]]:
         """Yields (first latent frame within the clip, clean block latents [1, 16, f, h, w])
         for clip number `clip`; `audio` [1, 25, audio_dim, infer_frames] are its features."""
         s = self.settings

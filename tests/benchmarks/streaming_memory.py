@@ -54,7 +54,6 @@ def main() -> None:
     image = torch.rand(512, 512, 3)
     marks = sorted({m for m in (2, 10, 20, 100, 1000, args.clips) if m <= args.clips})
     rows, start = [], time.perf_counter()
-    state = {"clip": -1}
 
     def on_chunk(chunks):
         for chunk in chunks:
