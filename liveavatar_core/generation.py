@@ -1,0 +1,263 @@
+"""One talking-avatar video from loaded models: the steps the ComfyUI nodes expose.
+
+- `encode_audio`: any waveform -> `EncodedAudio` (wav2vec2 features per video frame, kept on
+  the CPU in bfloat16, the DiT's own input precision, plus the original track for the mp4).
+- `encode_prompt`: prompt (+ negative) -> `PromptEmbeddings`.
+- `VideoJob`: everything one video needs, checked when it is made and run only when its
+  frames are pulled (`frames`), so generation and decoding interleave and memory stays flat.
+- `render`: pull a job into an mp4 (streamed, with audio) and/or one frame tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .audio_io import is_silent, to_16k_mono
+from .errors import InputError
+from .models import LiveAvatarModels
+from .pipeline import (
+    FPS,
+    VIDEO_START_OFFSET,
+    FrameChunk,
+    StreamingPipeline,
+    clips_for_frames,
+    output_frame_count,
+    parse_size,
+    write_video,
+)
+from .sizing import SIZE_MODES, area_fit_size
+from .streaming import Progress, SamplerSettings
+
+# Wan2.2's default negative prompt (its `sample_neg_prompt`), used when guidance is on and
+# the user leaves the negative prompt empty.
+WAN_NEGATIVE_PROMPT = (
+    "画面模糊，最差质量，画面模糊，细节模糊不清，情绪激动剧烈，手快速抖动，字幕，丑陋的，残缺的，"
+    "多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
+    "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+FEATURE_DTYPE = torch.bfloat16
+
+
+@dataclass(frozen=True)
+class EncodedAudio:
+    """features: [1, layers, dim, frames] (one window per video frame at 25 fps);
+    track: the speech as given, [channels <= 2, samples] at `sample_rate`, for the mp4."""
+
+    features: torch.Tensor
+    track: torch.Tensor
+    sample_rate: int
+
+    @property
+    def frames(self) -> int:
+        return self.features.shape[-1]
+
+    @property
+    def seconds(self) -> float:
+        return self.track.shape[-1] / self.sample_rate
+
+    def clips_needed(self, infer_frames: int) -> int:
+        return clips_for_frames(self.frames, infer_frames)
+
+    def video_frames(self, num_clip: int, infer_frames: int, trim_to_audio: bool = True) -> int:
+        """Frames a video of `num_clip` clips holds (cut where the audio ends when trimming)."""
+        frames = output_frame_count(num_clip, infer_frames)
+        return min(frames, max(1, self.frames - VIDEO_START_OFFSET)) if trim_to_audio else frames
+
+    def track_for_frames(self, frames: int) -> torch.Tensor:
+        """The track [channels, samples] under `frames` video frames: shifted to the video's
+        first frame, padded with silence where the video runs past the audio."""
+        skip = round(VIDEO_START_OFFSET * self.sample_rate / FPS)
+        length = round(frames * self.sample_rate / FPS)
+        track = self.track[:, skip : skip + length]
+        if track.shape[-1] < length:
+            track = torch.cat([track, track.new_zeros(track.shape[0], length - track.shape[-1])], dim=-1)
+        return track
+
+
+@dataclass(frozen=True)
+class PromptEmbeddings:
+    positive: torch.Tensor
+    negative: torch.Tensor | None = None
+
+
+def encode_audio(models: LiveAvatarModels, waveform: torch.Tensor, sample_rate: int, name: str = "audio") -> EncodedAudio:
+    """Any sample rate, mono or stereo, [channels, samples] or [batch, channels, samples]."""
+    wave16k = to_16k_mono(waveform, sample_rate, name=name)
+    if is_silent(wave16k):
+        raise InputError(
+            f"{name} is silent (its peak is below -80 dBFS), so there is no speech to drive the face. "
+            "Check the file or its volume; for a still speaker, use a recording of room noise."
+        )
+    with models.on_device("audio_encoder"):
+        features = models.audio_encoder.features_for_video(wave16k, FPS)
+    return EncodedAudio(features.to("cpu", FEATURE_DTYPE), _playable_track(waveform), int(sample_rate))
+
+
+def _playable_track(waveform: torch.Tensor) -> torch.Tensor:
+    """[channels, samples] float32 with 1 or 2 channels (more are mixed down to mono)."""
+    track = torch.as_tensor(waveform).detach().float().cpu()
+    if track.dim() == 3:
+        track = track[0]
+    if track.dim() == 1:
+        track = track[None]
+    return track if track.shape[0] <= 2 else track.mean(dim=0, keepdim=True)
+
+
+def encode_prompt(models: LiveAvatarModels, prompt: str, negative_prompt: str | None = None) -> PromptEmbeddings:
+    """umT5 embeddings of the prompt (and of the negative prompt, Wan's default when empty)."""
+    if not prompt.strip():
+        raise InputError("the prompt is empty: describe the speaker and the scene (one or two sentences).")
+    negative = negative_prompt if negative_prompt and negative_prompt.strip() else WAN_NEGATIVE_PROMPT
+    with models.on_device("text_encoder"):
+        positive_emb, negative_emb = models.text_encoder.encode([prompt, negative])
+    return PromptEmbeddings(positive_emb.cpu(), negative_emb.cpu())
+
+
+@dataclass
+class VideoJob:
+    """A video waiting to be generated. Made by `make_job`, which checks every input."""
+
+    models: LiveAvatarModels
+    image: torch.Tensor
+    audio: EncodedAudio
+    prompt: PromptEmbeddings
+    width: int
+    height: int
+    settings: SamplerSettings
+    num_clip: int
+    trim_to_audio: bool = True
+
+    @property
+    def frame_count(self) -> int:
+        """Frames the finished video holds."""
+        return self.audio.video_frames(self.num_clip, self.settings.infer_frames, self.trim_to_audio)
+
+    @property
+    def total_steps(self) -> int:
+        """DiT steps of the whole run (for progress bars): blocks actually needed x steps."""
+        s = self.settings
+        frames_needed = self.frame_count + VIDEO_START_OFFSET
+        full_clips, rest = divmod(frames_needed, s.infer_frames)
+        blocks = full_clips * len(s.blocks())
+        if rest:
+            latents = math.ceil(rest / 4)
+            blocks += sum(1 for start, _ in s.blocks() if start < latents)
+        return blocks * s.sample_steps
+
+    def rendered_audio(self, frames: int | None = None) -> torch.Tensor:
+        """The track under the video (or under its first `frames`), [channels, samples]."""
+        return self.audio.track_for_frames(self.frame_count if frames is None else frames)
+
+    def frames(
+        self,
+        progress: Callable[[Progress], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Iterator[FrameChunk]:
+        """Generates and decodes block by block; frames [N, H, W, 3] in 0..1 on the CPU."""
+        models = self.models
+        pipeline = StreamingPipeline(models.dit, models.vae, models.device)
+        with models.on_device("dit", "vae"):
+            yield from pipeline.stream(
+                self.image,
+                self.audio.features,
+                self.prompt.positive,
+                (self.width, self.height),
+                self.settings,
+                num_clip=self.num_clip,
+                negative_context=self.prompt.negative,
+                progress=progress,
+                should_stop=should_stop,
+                trim_to_audio=self.trim_to_audio,
+            )
+
+
+def make_job(
+    models: LiveAvatarModels,
+    image: torch.Tensor,
+    audio: EncodedAudio,
+    prompt: PromptEmbeddings,
+    size: str,
+    settings: SamplerSettings,
+    num_clip: int | None = None,
+    size_mode: str = "exact",
+    trim_to_audio: bool = True,
+) -> VideoJob:
+    """Checks every input now, so a bad one fails before minutes of compute.
+
+    num_clip: None or 0 = as many clips as the audio needs. size_mode: 'exact' (resize and
+    centre-crop the image to `size`) or 'official_area' (`size` is an area budget; the
+    image's aspect ratio decides the shape, as in the official CLI).
+    """
+    settings.validate()
+    if image.dim() == 4:
+        image = image[0]
+    if image.dim() != 3 or image.shape[-1] not in (3, 4) or min(image.shape[:2]) < 16:
+        raise InputError(f"reference image must be one RGB image of at least 16*16 pixels, got shape {tuple(image.shape)}.")
+    width, height = parse_size(size)
+    if size_mode == "official_area":
+        height, width = area_fit_size(image.shape[0], image.shape[1], width * height)
+        if min(height, width) < 64:
+            raise InputError(f"reference image {image.shape[1]}*{image.shape[0]} is too small for size_mode 'official_area'; use 'exact'.")
+    elif size_mode != "exact":
+        raise InputError(f"size_mode must be one of {', '.join(SIZE_MODES)}, got {size_mode!r}.")
+    if num_clip is not None and num_clip < 0:
+        raise InputError(f"num_clip must be at least 1, or 0 for 'as many as the audio needs', got {num_clip}.")
+    if audio.frames == 0:
+        raise InputError("the audio is empty: give a speech track of at least one video frame (40 ms).")
+    if settings.guide_scale > 0 and prompt.negative is None:
+        raise InputError("sample_guide_scale > 0 needs a negative prompt: encode it with EncodePrompt, or set the scale to 0.")
+    clips = num_clip or audio.clips_needed(settings.infer_frames)
+    return VideoJob(models, image, audio, prompt, width, height, settings, clips, trim_to_audio)
+
+
+@dataclass
+class RenderResult:
+    frames_written: int
+    frames: torch.Tensor  # every frame [N, H, W, 3], or only the last one when not kept
+    path: Path | None
+
+
+def render(
+    job: VideoJob,
+    mp4_path: str | Path | None = None,
+    keep_frames: bool = True,
+    progress: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_frames: Callable[[torch.Tensor], None] | None = None,
+    crf: int = 19,
+) -> RenderResult:
+    """Runs the job, streaming it to an mp4 (with audio) and/or keeping its frames.
+
+    Kept frames live in memory (about 3 MB per 688*368 frame): for long runs write the mp4
+    only, which keeps memory flat. A stopped or failed run leaves a playable file with every
+    finished clip; the exception propagates.
+    """
+    if mp4_path is None and not keep_frames:
+        raise InputError("nothing to render into: ask for the mp4, the frames, or both.")
+    kept = torch.empty(job.frame_count, job.height, job.width, 3) if keep_frames else None
+    done, last = 0, None
+
+    def collect(chunks: Iterator[FrameChunk]) -> Iterator[FrameChunk]:
+        nonlocal done, last
+        for chunk in chunks:
+            count = chunk.frames.shape[0]
+            if kept is not None:
+                kept[done : done + count] = chunk.frames
+            done, last = done + count, chunk.frames[-1:]
+            if on_frames is not None:
+                on_frames(chunk.frames)
+            yield chunk
+
+    chunks = collect(job.frames(progress, should_stop))
+    if mp4_path is not None:
+        write_video(chunks, mp4_path, job.audio.track, job.audio.sample_rate, (job.width, job.height), crf=crf)
+    else:
+        for _ in chunks:
+            pass
+    frames = kept[:done] if kept is not None else last
+    return RenderResult(done, frames, None if mp4_path is None else Path(mp4_path))

@@ -1,0 +1,141 @@
+"""The four LiveAvatar networks loaded together, and where their weights live while idle.
+
+`load_models` reads every file with the package's loaders, merges the LiveAvatar LoRA into
+the DiT, and checks that the networks fit each other (text width, audio width and layers)
+before any generation starts, so a wrong file in a folder is named at load time.
+
+With `offload=True` a network sits on the CPU except while it runs (`on_device`): the
+encoders move to the GPU for one encode, the DiT and VAE for one whole video. Without it,
+everything stays on the device (the fastest choice when memory allows).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .audio_encoder import AudioEncoder, load_audio_encoder
+from .dit import WanS2VTransformer, load_dit
+from .errors import CheckpointError, InputError
+from .lora import merge_lora
+from .text_encoder import TextEncoder, load_text_encoder
+from .vae import WanVAE, load_vae
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# LiveAvatar's LoRA is trained as a distillation of the base model at this strength.
+DEFAULT_LORA_STRENGTH = 1.0
+_SHARD = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    dit: Path
+    text_encoder: Path
+    vae: Path
+    audio_encoder: Path
+    lora: Path | None = None
+    lora_strength: float = DEFAULT_LORA_STRENGTH
+
+
+@dataclass
+class LiveAvatarModels:
+    dit: WanS2VTransformer
+    vae: WanVAE
+    text_encoder: TextEncoder
+    audio_encoder: AudioEncoder
+    device: torch.device
+    offload: bool = False
+
+    @property
+    def home(self) -> torch.device:
+        """Where idle weights wait."""
+        return torch.device("cpu") if self.offload else self.device
+
+    @contextlib.contextmanager
+    def on_device(self, *networks: str) -> Iterator[None]:
+        """Keeps the named networks ('dit', 'vae', 'text_encoder', 'audio_encoder') on the
+        compute device for the duration of the block, then sends them home again."""
+        modules = [self._module(name) for name in networks]
+        for module in modules:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            if self.offload:
+                for module in modules:
+                    module.to(self.home)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    def _module(self, name: str) -> torch.nn.Module:
+        network = getattr(self, name)
+        return network.model if isinstance(network, WanVAE) else network
+
+
+def load_models(
+    files: ModelFiles,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str = torch.bfloat16,
+    offload: bool = False,
+) -> LiveAvatarModels:
+    """Loads the DiT (+ LoRA), umT5, Wan VAE and wav2vec2 from `files`.
+
+    `dtype` is the DiT's and umT5's weight dtype; the VAE and wav2vec2 use it on GPUs and
+    float32 on the CPU, where half-precision convolutions are slow. Raises CheckpointError
+    naming the file when one holds another network or the networks do not fit together.
+    """
+    device = torch.device(device)
+    dtype = _dtype(dtype)
+    home = torch.device("cpu") if offload else device
+    small_dtype = dtype if device.type == "cuda" else torch.float32
+
+    dit = load_dit(whole_checkpoint(files.dit), device=home, dtype=dtype)
+    if files.lora is not None and files.lora_strength != 0:
+        report = merge_lora(dit, files.lora, files.lora_strength)
+        logger.info("LiveAvatar LoRA: %s", report)
+    text_encoder = load_text_encoder(files.text_encoder, device=home, dtype=dtype)
+    if text_encoder.model.config.d_model != dit.config.text_dim:
+        raise CheckpointError(
+            f"the text encoder {Path(files.text_encoder).name} gives {text_encoder.model.config.d_model}-wide "
+            f"embeddings but the diffusion model {Path(files.dit).name} expects {dit.config.text_dim}. "
+            "Pick the umT5-XXL file that belongs to Wan2.2 (umt5_xxl_*.safetensors)."
+        )
+    audio_encoder = load_audio_encoder(
+        files.audio_encoder,
+        device=home,
+        dtype=small_dtype,
+        expected_hidden_size=dit.config.audio_dim,
+        expected_hidden_states=dit.config.num_audio_layers,
+    )
+    vae = load_vae(files.vae, device=home, dtype=small_dtype)
+    if vae.model.config.z_dim != dit.config.in_dim:
+        raise CheckpointError(
+            f"the VAE {Path(files.vae).name} has {vae.model.config.z_dim} latent channels but the diffusion "
+            f"model expects {dit.config.in_dim}. Pick the Wan 2.1 VAE (wan_2.1_vae.safetensors)."
+        )
+    return LiveAvatarModels(dit, vae, text_encoder, audio_encoder, device, offload)
+
+
+def whole_checkpoint(path: str | Path) -> Path:
+    """A shard of a sharded release (`...-00001-of-00004.safetensors`) stands for its whole
+    folder, so picking any shard in a file list loads the complete model."""
+    path = Path(path)
+    if _SHARD.search(path.name) and len(list(path.parent.glob("*.safetensors.index.json"))) == 1:
+        return path.parent
+    return path
+
+
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in WEIGHT_DTYPES:
+        raise InputError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}.")
+    return WEIGHT_DTYPES[dtype]

@@ -1,0 +1,111 @@
+"""The few ComfyUI services the nodes use, in one place: model folders, the compute device,
+progress on the node, the Cancel button and the output folder.
+
+ComfyUI modules are imported inside the functions, so the node classes can be imported (and
+their schemas checked) without a running ComfyUI.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from liveavatar_core.errors import InputError
+
+
+def model_files(folder: str) -> list[str]:
+    import folder_paths
+
+    return folder_paths.get_filename_list(folder)
+
+
+def model_path(folder: str, name: str, input_name: str) -> Path:
+    import folder_paths
+
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        raise InputError(
+            f"{input_name}: '{name}' is not in ComfyUI's models/{folder}/ folder. Put the file there "
+            "(see the pack's README for which file goes where) and press R in the canvas to refresh the lists."
+        )
+    return Path(path)
+
+
+def compute_device():
+    import comfy.model_management
+
+    return comfy.model_management.get_torch_device()
+
+
+def make_room_on(device) -> None:
+    """Asks ComfyUI to unload its own models from `device`: ours are not in its manager."""
+    import comfy.model_management
+
+    if getattr(device, "type", "cpu") != "cpu":
+        comfy.model_management.unload_all_models()
+        comfy.model_management.soft_empty_cache()
+
+
+def cancel_requested() -> bool:
+    import comfy.model_management
+
+    return comfy.model_management.processing_interrupted()
+
+
+def interrupted_error() -> BaseException:
+    """What ComfyUI expects a node to raise when the user pressed Cancel (clearing the flag,
+    as ComfyUI's own check does, so the next prompt starts clean)."""
+    import comfy.model_management
+
+    comfy.model_management.interrupt_current_processing(False)
+    return comfy.model_management.InterruptProcessingException()
+
+
+class NodeProgress:
+    """The node's progress bar, counted in DiT steps, with the latest frame as its preview."""
+
+    PREVIEW_SIZE = 512
+
+    def __init__(self, total_steps: int):
+        import comfy.utils
+
+        self.bar = comfy.utils.ProgressBar(max(1, total_steps))
+        self.steps = 0
+        self.preview = None
+
+    def on_step(self, _progress) -> None:
+        self.steps += 1
+        self.bar.update_absolute(self.steps, preview=self.preview)
+
+    def on_frames(self, frames) -> None:
+        from PIL import Image
+
+        last = (frames[-1].clamp(0, 1) * 255).round().byte().numpy()
+        self.preview = ("JPEG", Image.fromarray(last), self.PREVIEW_SIZE)
+
+
+def new_output_file(prefix: str, width: int, height: int, extension: str) -> tuple[Path, str, str]:
+    """A fresh file in ComfyUI's output folder: (path, file name, subfolder)."""
+    import folder_paths
+
+    folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
+        prefix, folder_paths.get_output_directory(), width, height
+    )
+    os.makedirs(folder, exist_ok=True)
+    file = f"{name}_{counter:05}_.{extension}"
+    return Path(folder) / file, file, subfolder
+
+
+def video_from_file(path: Path):
+    from comfy_api.input_impl import VideoFromFile
+
+    return VideoFromFile(str(path))
+
+
+def video_from_frames(frames, audio: dict | None, fps: float):
+    from fractions import Fraction
+
+    from comfy_api.input_impl import VideoFromComponents
+    from comfy_api.util import VideoComponents
+
+    return VideoFromComponents(VideoComponents(images=frames, audio=audio, frame_rate=Fraction(fps)))

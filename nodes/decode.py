@@ -1,0 +1,75 @@
+"""OnlineVAEDecode: runs the video stream, decoding each block as soon as it is denoised, into
+an mp4 written clip by clip and/or frames for other image nodes."""
+
+from __future__ import annotations
+
+from liveavatar_core.generation import render
+from liveavatar_core.pipeline import FPS
+from liveavatar_core.streaming import GenerationCancelled
+
+from . import comfy_bridge
+from .types import CATEGORY, VIDEO_STREAM
+
+OUTPUT_MODES = ("mp4", "frames", "mp4 + frames")
+
+
+class OnlineVAEDecode:
+    DISPLAY_NAME = "LiveAvatar Online VAE Decode"
+    DESCRIPTION = (
+        "Generates the video and decodes it block by block with the causal VAE. 'mp4' streams every "
+        "clip to a file as it is made, so memory stays flat for any length and a cancelled run keeps "
+        "a playable file. 'frames' returns IMAGE frames for upscale or face-restore nodes."
+    )
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("IMAGE", "AUDIO", "VIDEO", "STRING")
+    RETURN_NAMES = ("frames", "audio", "video", "mp4_path")
+    OUTPUT_TOOLTIPS = (
+        "The video's frames (in 'mp4' mode only the last frame, to keep memory flat).",
+        "The audio under these frames, starting at the first frame (for Create Video).",
+        "The video with its audio (the mp4 file, or the frames in 'frames' mode) for Save Video.",
+        "Where the mp4 was written (empty in 'frames' mode).",
+    )
+    FUNCTION = "decode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "video_stream": (VIDEO_STREAM, {"tooltip": "From LiveAvatar Sampler."}),
+                "output": (list(OUTPUT_MODES), {
+                    "default": "mp4",
+                    "tooltip": "mp4: stream to a file in the output folder (any length). frames: keep every "
+                               "frame in RAM (about 3 MB per 688*368 frame: fine for a few clips, not for "
+                               "hundreds). mp4 + frames: both."}),
+                "filename_prefix": ("STRING", {
+                    "default": "LiveAvatar/avatar", "tooltip": "Where in the output folder the mp4 goes."}),
+                "crf": ("INT", {
+                    "default": 19, "min": 0, "max": 51,
+                    "tooltip": "H.264 quality: lower is better and bigger; 17-23 is the usual range."}),
+            }
+        }
+
+    def decode(self, video_stream, output, filename_prefix, crf):
+        job = video_stream
+        comfy_bridge.make_room_on(job.models.device)
+        progress = comfy_bridge.NodeProgress(job.total_steps)
+        mp4 = file = subfolder = None
+        if output != "frames":
+            mp4, file, subfolder = comfy_bridge.new_output_file(filename_prefix, job.width, job.height, "mp4")
+        try:
+            result = render(job, mp4, keep_frames=output != "mp4", progress=progress.on_step,
+                            should_stop=comfy_bridge.cancel_requested, on_frames=progress.on_frames, crf=crf)
+        except GenerationCancelled:
+            raise comfy_bridge.interrupted_error() from None
+        audio = {"waveform": job.rendered_audio(result.frames_written)[None].contiguous(),
+                 "sample_rate": job.audio.sample_rate}
+        if mp4 is None:
+            video = comfy_bridge.video_from_frames(result.frames, audio, FPS)
+        else:
+            video = comfy_bridge.video_from_file(mp4)
+        outputs = (result.frames, audio, video, "" if mp4 is None else str(mp4))
+        if mp4 is None:
+            return outputs
+        saved = {"filename": file, "subfolder": subfolder, "type": "output"}
+        return {"ui": {"images": [saved], "animated": (True,)}, "result": outputs}

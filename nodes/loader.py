@@ -1,0 +1,72 @@
+"""LoadLiveAvatarModel: the four networks (+ the LiveAvatar LoRA) from ComfyUI's model folders."""
+
+from __future__ import annotations
+
+from liveavatar_core.models import WEIGHT_DTYPES, ModelFiles, load_models
+
+from . import comfy_bridge
+from .types import CATEGORY, MODEL
+
+NO_LORA = "none"
+
+
+class LoadLiveAvatarModel:
+    DISPLAY_NAME = "Load LiveAvatar Model"
+    DESCRIPTION = (
+        "Loads the Wan2.2-S2V-14B diffusion model with the LiveAvatar LoRA merged in, the umT5 text "
+        "encoder, the Wan 2.1 VAE and the wav2vec2 audio encoder. Accepts the official files and "
+        "ComfyUI's repackaged ones; the model's configuration is read from the file."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("All LiveAvatar networks, ready for the encode and sampler nodes.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        files = comfy_bridge.model_files
+        return {
+            "required": {
+                "diffusion_model": (files("diffusion_models"), {
+                    "tooltip": "models/diffusion_models: wan2.2_s2v_14B_*.safetensors, or any shard of the "
+                               "official Wan2.2-S2V-14B folder (the whole folder is loaded)."}),
+                "lora": ([NO_LORA] + files("loras"), {
+                    "tooltip": "models/loras: liveavatar.safetensors, the distilled few-step LiveAvatar weights. "
+                               "'none' runs the plain S2V model (needs many more steps)."}),
+                "lora_strength": ("FLOAT", {
+                    "default": 1.0, "min": -2.0, "max": 2.0, "step": 0.05,
+                    "tooltip": "How much of the LoRA to merge; 1.0 is what LiveAvatar was trained for."}),
+                "text_encoder": (files("text_encoders"), {
+                    "tooltip": "models/text_encoders: umt5_xxl_fp16.safetensors, umt5_xxl_fp8_e4m3fn_scaled."
+                               "safetensors or the official models_t5_umt5-xxl-enc-bf16.pth."}),
+                "vae": (files("vae"), {
+                    "tooltip": "models/vae: wan_2.1_vae.safetensors or the official Wan2.1_VAE.pth "
+                               "(not the Wan 2.2 VAE)."}),
+                "audio_encoder": (files("audio_encoders"), {
+                    "tooltip": "models/audio_encoders: wav2vec2_large_english*.safetensors, or the official "
+                               "wav2vec2-large-xlsr-53-english model file."}),
+                "weight_dtype": (list(WEIGHT_DTYPES), {
+                    "default": "bf16",
+                    "tooltip": "Weight precision of the diffusion model and text encoder. bf16 is what the "
+                               "model was trained in; fp32 only for checking numbers."}),
+                "offload_model": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Keep idle networks in system RAM: the encoders visit the GPU only while they "
+                               "run, the diffusion model and VAE only while a video is made. Saves VRAM "
+                               "between runs; costs the transfer time each run."}),
+            }
+        }
+
+    def load(self, diffusion_model, lora, lora_strength, text_encoder, vae, audio_encoder, weight_dtype, offload_model):
+        files = ModelFiles(
+            dit=comfy_bridge.model_path("diffusion_models", diffusion_model, "diffusion_model"),
+            text_encoder=comfy_bridge.model_path("text_encoders", text_encoder, "text_encoder"),
+            vae=comfy_bridge.model_path("vae", vae, "vae"),
+            audio_encoder=comfy_bridge.model_path("audio_encoders", audio_encoder, "audio_encoder"),
+            lora=None if lora == NO_LORA else comfy_bridge.model_path("loras", lora, "lora"),
+            lora_strength=lora_strength,
+        )
+        device = comfy_bridge.compute_device()
+        comfy_bridge.make_room_on(device)
+        return (load_models(files, device=device, dtype=weight_dtype, offload=offload_model),)

@@ -1,0 +1,85 @@
+"""LiveAvatarSampler: checks the inputs and hands a video stream to Online VAE Decode.
+
+Nothing is generated here: the decode node pulls the stream block by block, so generation and
+decoding interleave and each frame leaves memory once written.
+"""
+
+from __future__ import annotations
+
+from liveavatar_core.generation import make_job
+from liveavatar_core.pipeline import OFFICIAL_SIZES
+from liveavatar_core.sizing import SIZE_MODES
+from liveavatar_core.streaming import SamplerSettings
+from liveavatar_core.streaming.solvers import SOLVERS
+
+from .types import AUDIO_FEATURES, CATEGORY, MODEL, PROMPT, VIDEO_STREAM
+
+MAX_SEED = 2**53 - 1  # the canvas stores numbers as doubles
+
+
+class LiveAvatarSampler:
+    DISPLAY_NAME = "LiveAvatar Sampler"
+    DESCRIPTION = (
+        "LiveAvatar's streaming sampler: clip after clip, in causal blocks of 3 latent frames with "
+        "key/value caches, for as long as the audio lasts. Connect it to Online VAE Decode, which runs it."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (VIDEO_STREAM,)
+    RETURN_NAMES = ("video_stream",)
+    OUTPUT_TOOLTIPS = ("The video to generate; Online VAE Decode runs it and decodes as it goes.",)
+    FUNCTION = "prepare"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (MODEL, {"tooltip": "From Load LiveAvatar Model."}),
+                "image": ("IMAGE", {
+                    "tooltip": "The portrait (any size). 'exact' size mode scales it to cover the output "
+                               "size and crops the centre; nothing is stretched. Only the first image of a "
+                               "batch is used."}),
+                "audio_features": (AUDIO_FEATURES, {"tooltip": "From LiveAvatar Encode Audio."}),
+                "prompt": (PROMPT, {"tooltip": "From LiveAvatar Encode Prompt."}),
+                "size": (list(OFFICIAL_SIZES), {
+                    "default": "688*368",
+                    "tooltip": "Output width*height (the official sizes). 688*368 and 704*384 are what "
+                               "LiveAvatar was tuned for."}),
+                "size_mode": (list(SIZE_MODES), {
+                    "default": "exact",
+                    "tooltip": "exact: the video has exactly this size (image scaled to cover, centre "
+                               "cropped). official_area: as the official CLI, the size is a pixel budget and "
+                               "the image's aspect ratio sets the shape (sides multiples of 64)."}),
+                "num_clip": ("INT", {
+                    "default": 0, "min": 0, "max": 100000,
+                    "tooltip": "Clips to generate (48 frames = 1.92 s each at 48 infer_frames). 0 = as many as "
+                               "the audio needs."}),
+                "sample_steps": ("INT", {
+                    "default": 4, "min": 1, "max": 50,
+                    "tooltip": "Denoising steps per block; the distilled model uses 3-5 (4 is the official "
+                               "setting)."}),
+                "infer_frames": ("INT", {
+                    "default": 48, "min": 4, "max": 480, "step": 4,
+                    "tooltip": "Video frames per clip, a multiple of 4 (48 official, 32 for quick previews)."}),
+                "sample_solver": (list(SOLVERS), {
+                    "default": "euler", "tooltip": "euler is LiveAvatar's own; dpmpp_2m is an alternative."}),
+                "sample_guide_scale": ("FLOAT", {
+                    "default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1,
+                    "tooltip": "Classifier-free guidance (negative prompt + silenced audio). 0 = off, the "
+                               "official setting and twice as fast."}),
+                "seed": ("INT", {
+                    "default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                    "tooltip": "Same inputs and seed give the same video."}),
+                "trim_to_audio": ("BOOLEAN", {
+                    "default": True,
+                    "tooltip": "Stop the video where the audio ends; off renders every clip, with silence "
+                               "past the audio."}),
+            }
+        }
+
+    def prepare(self, model, image, audio_features, prompt, size, size_mode, num_clip, sample_steps, infer_frames,
+                sample_solver, sample_guide_scale, seed, trim_to_audio):
+        settings = SamplerSettings(sample_steps=sample_steps, infer_frames=infer_frames, sample_solver=sample_solver,
+                                   guide_scale=sample_guide_scale, seed=seed)
+        job = make_job(model, image, audio_features, prompt, size, settings, num_clip=num_clip or None,
+                       size_mode=size_mode, trim_to_audio=trim_to_audio)
+        return (job,)

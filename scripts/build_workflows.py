@@ -1,0 +1,166 @@
+"""Writes the four preset workflows, in the canvas (UI) format and the HTTP API format.
+
+Both formats come from one description per preset, so they cannot drift apart; the tests
+check the committed files against this script and against a running ComfyUI's /object_info.
+
+    python scripts/build_workflows.py            # rewrite workflows/*.json and workflows/api/*.json
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+UI_DIR = ROOT / "workflows"
+API_DIR = ROOT / "workflows" / "api"
+
+PORTRAIT = "liveavatar_example_portrait.png"
+SPEECH = "liveavatar_example_speech.wav"
+# ComfyUI's repackaged file names: what users who ran core Wan S2V already have.
+MODEL_FILES = {
+    "diffusion_model": "wan2.2_s2v_14B_bf16.safetensors",
+    "lora": "liveavatar.safetensors",
+    "text_encoder": "umt5_xxl_fp16.safetensors",
+    "vae": "wan_2.1_vae.safetensors",
+    "audio_encoder": "wav2vec2_large_english_fp16.safetensors",
+}
+PROMPT = (
+    "A young woman with a warm smile speaks directly to the camera, with natural lip movements, gentle "
+    "head motion and expressive eyes. Soft window light, a plain wall behind her, stable framing, realistic."
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    title: str
+    size: str
+    num_clip: int
+    steps: int
+    infer_frames: int = 48
+    guide_scale: float = 0.0
+    offload: bool = True
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+PRESETS = (
+    Preset("liveavatar_preview", "Preview", "384*256", 10, 3, infer_frames=32,
+           note="A quick look: up to 10 clips of 32 frames at 384*256, 3 steps (about 12.7 s of video)."),
+    Preset("liveavatar_standard", "Standard", "688*368", 100, 4,
+           note="The official quality: up to 100 clips of 48 frames at 688*368, 4 steps (about 3 min 12 s)."),
+    Preset("liveavatar_long", "Long", "688*368", 1000, 4, offload=False,
+           note="Very long videos: up to 1000 clips (about 32 min). Every clip is decoded and written to the "
+                "mp4 as soon as it is made, so memory stays flat; weights stay on the GPU (no offload). "
+                "Cancel keeps a playable mp4 of every finished clip."),
+    Preset("liveavatar_hd", "HD", "704*384", 50, 5, guide_scale=5.0,
+           note="The sharpest: up to 50 clips at 704*384, 5 steps, guidance 5 (negative prompt + silenced "
+                "audio; twice the compute per step)."),
+)
+
+COMMON_NOTE = (
+    "\n\nPut the model files in ComfyUI's models folders (see the pack's README): diffusion_models, loras, "
+    "text_encoders, vae, audio_encoders. Load your own portrait and speech in the two loaders. The video "
+    "follows the audio: shorter speech gives a shorter video (num_clip is the upper limit; set "
+    "trim_to_audio off to render every clip). 25 fps, 48 frames = 1.92 s per clip."
+)
+
+
+def _nodes(p: Preset) -> list[dict]:
+    """(id, type, position, size, widgets, inputs {name: (type, from id, from slot)}, outputs [(name, type)])."""
+    model = [MODEL_FILES["diffusion_model"], MODEL_FILES["lora"], 1.0, MODEL_FILES["text_encoder"],
+             MODEL_FILES["vae"], MODEL_FILES["audio_encoder"], "bf16", p.offload]
+    sampler = [p.size, "exact", p.num_clip, p.steps, p.infer_frames, "euler", p.guide_scale, 42, "fixed", True]
+    return [
+        dict(id=1, type="LoadLiveAvatarModel", pos=[40, 60], size=[360, 260], widgets=model, inputs={},
+             outputs=[("model", "LIVEAVATAR_MODEL")]),
+        dict(id=2, type="LoadImage", pos=[40, 380], size=[320, 360], widgets=[PORTRAIT, "image"], inputs={},
+             outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")]),
+        dict(id=3, type="LoadAudio", pos=[40, 790], size=[320, 140], widgets=[SPEECH, None, None], inputs={},
+             outputs=[("AUDIO", "AUDIO")]),
+        dict(id=4, type="EncodeAudio", pos=[450, 620], size=[300, 120], widgets=[p.infer_frames],
+             inputs={"model": ("LIVEAVATAR_MODEL", 1, 0), "audio": ("AUDIO", 3, 0)},
+             outputs=[("audio_features", "LIVEAVATAR_AUDIO"), ("audio", "AUDIO"), ("num_clip", "INT"),
+                      ("num_frames", "INT")]),
+        dict(id=5, type="EncodePrompt", pos=[450, 60], size=[400, 300], widgets=[PROMPT, ""],
+             inputs={"model": ("LIVEAVATAR_MODEL", 1, 0)}, outputs=[("prompt", "LIVEAVATAR_PROMPT")]),
+        dict(id=6, type="LiveAvatarSampler", pos=[900, 60], size=[340, 380], widgets=sampler,
+             inputs={"model": ("LIVEAVATAR_MODEL", 1, 0), "image": ("IMAGE", 2, 0),
+                     "audio_features": ("LIVEAVATAR_AUDIO", 4, 0), "prompt": ("LIVEAVATAR_PROMPT", 5, 0)},
+             outputs=[("video_stream", "LIVEAVATAR_VIDEO_STREAM")]),
+        dict(id=7, type="OnlineVAEDecode", pos=[1290, 60], size=[360, 420],
+             widgets=["mp4", f"LiveAvatar/{p.title.lower()}", 19],
+             inputs={"video_stream": ("LIVEAVATAR_VIDEO_STREAM", 6, 0)},
+             outputs=[("frames", "IMAGE"), ("audio", "AUDIO"), ("video", "VIDEO"), ("mp4_path", "STRING")]),
+    ]
+
+
+# Widget order of each node's inputs, for the API format (the UI format is positional).
+WIDGET_NAMES = {
+    "LoadLiveAvatarModel": ["diffusion_model", "lora", "lora_strength", "text_encoder", "vae", "audio_encoder",
+                            "weight_dtype", "offload_model"],
+    "LoadImage": ["image", None],
+    "LoadAudio": ["audio", None, None],
+    "EncodeAudio": ["infer_frames"],
+    "EncodePrompt": ["prompt", "negative_prompt"],
+    "LiveAvatarSampler": ["size", "size_mode", "num_clip", "sample_steps", "infer_frames", "sample_solver",
+                          "sample_guide_scale", "seed", None, "trim_to_audio"],
+    "OnlineVAEDecode": ["output", "filename_prefix", "crf"],
+}
+
+
+def ui_workflow(p: Preset) -> dict:
+    nodes, links = [], []
+    specs = _nodes(p)
+    outgoing: dict[tuple[int, int], list[int]] = {}
+    for spec in specs:
+        for name, (kind, src, slot) in spec["inputs"].items():
+            link_id = len(links) + 1
+            links.append([link_id, src, slot, spec["id"], list(spec["inputs"]).index(name), kind])
+            outgoing.setdefault((src, slot), []).append(link_id)
+    for order, spec in enumerate(specs):
+        inputs = [{"name": name, "type": kind, "link": next(l[0] for l in links if l[3] == spec["id"] and l[4] == i)}
+                  for i, (name, (kind, _, _)) in enumerate(spec["inputs"].items())]
+        outputs = [{"name": name, "type": kind, "links": outgoing.get((spec["id"], slot), []), "slot_index": slot}
+                   for slot, (name, kind) in enumerate(spec["outputs"])]
+        nodes.append({"id": spec["id"], "type": spec["type"], "pos": spec["pos"], "size": spec["size"], "flags": {},
+                      "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
+                      "properties": {"Node name for S&R": spec["type"]}, "widgets_values": spec["widgets"]})
+    note_id = len(specs) + 1
+    nodes.append({"id": note_id, "type": "Note", "pos": [900, 500], "size": [400, 260], "flags": {}, "order": len(specs),
+                  "mode": 0, "inputs": [], "outputs": [], "properties": {"text": ""},
+                  "widgets_values": [f"LiveAvatar {p.title} preset\n\n{p.note}{COMMON_NOTE}"],
+                  "color": "#432", "bgcolor": "#653"})
+    return {"last_node_id": note_id, "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [],
+            "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+
+
+def api_workflow(p: Preset) -> dict:
+    prompt = {}
+    for spec in _nodes(p):
+        inputs = {name: value for name, value in zip(WIDGET_NAMES[spec["type"]], spec["widgets"]) if name}
+        inputs.update({name: [str(src), slot] for name, (_, src, slot) in spec["inputs"].items()})
+        prompt[str(spec["id"])] = {"class_type": spec["type"], "inputs": inputs,
+                                   "_meta": {"title": spec["type"]}}
+    return prompt
+
+
+def render_all() -> dict[Path, str]:
+    files = {}
+    for p in PRESETS:
+        files[UI_DIR / f"{p.name}.json"] = json.dumps(ui_workflow(p), indent=2, ensure_ascii=False) + "\n"
+        files[API_DIR / f"{p.name}_api.json"] = json.dumps(api_workflow(p), indent=2, ensure_ascii=False) + "\n"
+    return files
+
+
+def main() -> None:
+    API_DIR.mkdir(parents=True, exist_ok=True)
+    for path, text in render_all().items():
+        path.write_text(text)
+        print(path.relative_to(ROOT))
+
+
+if __name__ == "__main__":
+    main()
