@@ -58,6 +58,12 @@ class LoadLiveAvatarModel:
             }
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, diffusion_model, lora, text_encoder, vae, audio_encoder):
+        # Names outside the folder lists (API prompts, files added since start-up) are checked
+        # when loading, where the error can say which folder the file belongs in.
+        return True
+
     def load(self, diffusion_model, lora, lora_strength, text_encoder, vae, audio_encoder, weight_dtype, offload_model):
         files = ModelFiles(
             dit=comfy_bridge.model_path("diffusion_models", diffusion_model, "diffusion_model"),

@@ -42,8 +42,8 @@ class LiveAvatarSampler:
                 "prompt": (PROMPT, {"tooltip": "From LiveAvatar Encode Prompt."}),
                 "size": (list(OFFICIAL_SIZES), {
                     "default": "688*368",
-                    "tooltip": "Output width*height (the official sizes). 688*368 and 704*384 are what "
-                               "LiveAvatar was tuned for."}),
+                    "tooltip": "Output width*height (the official sizes; through the API any multiples of 16). "
+                               "688*368 and 704*384 are what LiveAvatar was tuned for."}),
                 "size_mode": (list(SIZE_MODES), {
                     "default": "exact",
                     "tooltip": "exact: the video has exactly this size (image scaled to cover, centre "
@@ -75,6 +75,12 @@ class LiveAvatarSampler:
                                "past the audio."}),
             }
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, size):
+        # Any width*height on the 16-pixel grid works, not only the listed ones (API prompts
+        # may ask for e.g. 512*512); the sampler checks it and says what is wrong.
+        return True
 
     def prepare(self, model, image, audio_features, prompt, size, size_mode, num_clip, sample_steps, infer_frames,
                 sample_solver, sample_guide_scale, seed, trim_to_audio):

@@ -134,7 +134,7 @@ def ui_workflow(p: Preset) -> dict:
                   "widgets_values": [f"LiveAvatar {p.title} preset\n\n{p.note}{COMMON_NOTE}"],
                   "color": "#432", "bgcolor": "#653"})
     return {"last_node_id": note_id, "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [],
-            "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+            "config": {}, "extra": {"ds": {"scale": 0.75, "offset": [80, 120]}}, "version": 0.4}
 
 
 def api_workflow(p: Preset) -> dict:

@@ -1,0 +1,199 @@
+"""The node pack inside a real ComfyUI 0.3.75 server, driven as users drive it: over the HTTP
+API and websocket, with the shipped workflows and the embedded small model."""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from build_workflows import API_DIR, PRESETS, UI_DIR, render_all
+from comfyui_client import ComfyUIServer, PromptRejected, copy_example_media
+from liveavatar_core.default_models import DEFAULT_FILES, write_default_models
+from liveavatar_core.video_writer import read_video_info
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+OUR_NODES = ("LoadLiveAvatarModel", "EncodeAudio", "EncodePrompt", "LiveAvatarSampler", "OnlineVAEDecode")
+SOCKET_TYPES = {"LIVEAVATAR_MODEL", "LIVEAVATAR_AUDIO", "LIVEAVATAR_PROMPT", "LIVEAVATAR_VIDEO_STREAM", "IMAGE",
+                "AUDIO", "MASK", "VIDEO", "LATENT"}
+WIDGET_FOR_FOLDER = {"diffusion_models": "diffusion_model", "loras": "lora", "text_encoders": "text_encoder",
+                     "vae": "vae", "audio_encoders": "audio_encoder"}
+SPEECH_SECONDS_FRAMES = 100  # the example speech is 4 s = 100 frames at 25 fps
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfyui")
+    with ComfyUIServer(base) as running:
+        write_default_models(base / "models")
+        copy_example_media(base)
+        yield running
+
+
+def small_model(prompt: dict) -> dict:
+    """The workflow with the embedded small model's files picked in the loader."""
+    prompt = copy.deepcopy(prompt)
+    loader = next(n for n in prompt.values() if n["class_type"] == "LoadLiveAvatarModel")
+    for folder, widget in WIDGET_FOR_FOLDER.items():
+        loader["inputs"][widget] = DEFAULT_FILES[folder]
+    return prompt
+
+
+def node_of(prompt: dict, class_type: str) -> dict:
+    return next(n for n in prompt.values() if n["class_type"] == class_type)
+
+
+def api_workflow(preset_name: str, num_clip: int = 2) -> dict:
+    prompt = small_model(json.loads((API_DIR / f"{preset_name}_api.json").read_text()))
+    node_of(prompt, "LiveAvatarSampler")["inputs"]["num_clip"] = num_clip
+    return prompt
+
+
+def output_file(server, execution, node_id: str) -> Path:
+    saved = execution.outputs(node_id)["images"][0]
+    return server.base / "output" / saved["subfolder"] / saved["filename"]
+
+
+def widget_count(spec: dict) -> int:
+    """Widgets the canvas makes for a node: one per non-socket input, plus the seed's 'control
+    after generate' and the upload buttons."""
+    count = 0
+    for section in ("required", "optional"):
+        for kind, *options in spec["input"].get(section, {}).values():
+            options = options[0] if options else {}
+            if isinstance(kind, str) and kind in SOCKET_TYPES:
+                continue
+            count += 1 + bool(options.get("control_after_generate")) + bool(options.get("image_upload"))
+            count += 2 * bool(options.get("audio_upload"))
+    return count
+
+
+def test_object_info_lists_the_five_nodes_with_tooltips(server):
+    info = server.object_info()
+    for name in OUR_NODES:
+        spec = info[name]
+        assert spec["category"] == "LiveAvatar"
+        inputs = spec["input"]["required"]
+        assert inputs, name
+        for input_name, (_, *options) in inputs.items():
+            assert options and options[0].get("tooltip"), f"{name}.{input_name} has no tooltip"
+    assert set(info["LoadLiveAvatarModel"]["input"]["required"]) >= set(WIDGET_FOR_FOLDER.values()) | {"offload_model"}
+    assert info["LiveAvatarSampler"]["input"]["required"]["size"][0][-1] == "384*256"
+
+
+def test_committed_workflows_are_what_the_builder_writes():
+    for path, text in render_all().items():
+        assert path.read_text() == text, f"{path.name} is stale: run scripts/build_workflows.py"
+
+
+def test_ui_workflows_match_object_info(server):
+    info = server.object_info()
+    for preset in PRESETS:
+        workflow = json.loads((UI_DIR / f"{preset.name}.json").read_text())
+        for node in workflow["nodes"]:
+            if node["type"] == "Note":
+                continue
+            assert node["type"] in info, f"{preset.name}: unknown node {node['type']}"
+            assert len(node["widgets_values"]) == widget_count(info[node["type"]]), f"{preset.name}: {node['type']}"
+        for link_id, src, src_slot, dst, dst_slot, kind in workflow["links"]:
+            source = next(n for n in workflow["nodes"] if n["id"] == src)
+            assert info[source["type"]]["output"][src_slot] == kind
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.title)
+def test_preset_workflow_makes_an_mp4_with_audio(server, preset):
+    execution = server.run(api_workflow(preset.name, num_clip=2))
+    assert execution.ok, execution.error()
+    mp4 = output_file(server, execution, "7")
+    info = read_video_info(mp4)
+    width, height = (int(v) for v in preset.size.split("*"))
+    frames = 2 * preset.infer_frames - 3
+    assert (info["width"], info["height"], info["frames"]) == (width, height, frames)
+    assert info["fps"] == 25
+    assert abs(info["audio_seconds"] - frames / 25) <= 1 / 25
+    assert "7" in execution.progress_nodes(), "no progress from Online VAE Decode"
+
+
+def test_frames_chain_through_core_image_and_video_nodes(server):
+    prompt = api_workflow("liveavatar_preview", num_clip=1)
+    node_of(prompt, "OnlineVAEDecode")["inputs"]["output"] = "frames"
+    prompt["20"] = {"class_type": "ImageScaleBy", "inputs": {"image": ["7", 0], "upscale_method": "bilinear",
+                                                             "scale_by": 1.5}}
+    prompt["21"] = {"class_type": "CreateVideo", "inputs": {"images": ["20", 0], "fps": 25.0, "audio": ["7", 1]}}
+    prompt["22"] = {"class_type": "SaveVideo", "inputs": {"video": ["21", 0], "filename_prefix": "chained/avatar",
+                                                          "format": "mp4", "codec": "h264"}}
+    execution = server.run(prompt)
+    assert execution.ok, execution.error()
+    info = read_video_info(output_file(server, execution, "22"))
+    assert (info["width"], info["height"], info["frames"]) == (576, 384, 32 - 3)
+    assert info["audio_seconds"] == pytest.approx(29 / 25, abs=0.05)
+
+
+def test_interrupt_stops_within_a_block_and_keeps_a_playable_mp4(server):
+    prompt = api_workflow("liveavatar_long", num_clip=3)
+    node_of(prompt, "OnlineVAEDecode")["inputs"]["filename_prefix"] = "interrupted/avatar"
+    steps_per_clip = 4 * 4  # 4 blocks of 3 latent frames, 4 steps each
+    after_interrupt = []
+    interrupted = threading.Event()
+
+    def on_message(message):
+        if message.get("type") != "progress" or message["data"].get("node") != "7":
+            return
+        if interrupted.is_set():
+            after_interrupt.append(message["data"]["value"])
+        elif message["data"]["value"] >= steps_per_clip + 1:  # clip 0 is on disk, clip 1 under way
+            interrupted.set()
+            server.interrupt()
+
+    execution = server.run(prompt, on_message=on_message)
+    assert execution.outcome == "execution_interrupted"
+    assert len(after_interrupt) <= 4, "more than one block ran after the interrupt"
+    mp4 = next((server.base / "output" / "interrupted").glob("*.mp4"))
+    info = read_video_info(mp4)
+    assert info["frames"] == 45 and info["width"] == 688
+    assert abs(info["audio_seconds"] - 45 / 25) <= 1 / 25
+    assert server.run(api_workflow("liveavatar_preview", num_clip=1)).ok, "the server did not recover"
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int = 16000) -> None:
+    with wave.open(str(path), "wb") as file:
+        file.setnchannels(1)
+        file.setsampwidth(2)
+        file.setframerate(rate)
+        file.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda p, s: node_of(p, "LoadLiveAvatarModel")["inputs"].update(diffusion_model="missing_model.safetensors"),
+         "missing_model.safetensors"),
+        (lambda p, s: node_of(p, "LoadLiveAvatarModel")["inputs"].update(diffusion_model=DEFAULT_FILES["vae"]),
+         "diffusion"),
+        (lambda p, s: node_of(p, "LoadAudio")["inputs"].update(audio=s("silent.wav", np.zeros(16000))), "silent"),
+        (lambda p, s: node_of(p, "LoadAudio")["inputs"].update(audio=s("empty.wav", np.zeros(0))), "audio"),
+        (lambda p, s: node_of(p, "LiveAvatarSampler")["inputs"].update(size="100*96"), "multiple of 16"),
+    ],
+    ids=["missing-model", "vae-as-diffusion-model", "silent-audio", "empty-audio", "bad-size"],
+)
+def test_bad_inputs_come_back_as_clear_errors_and_the_next_prompt_runs(server, change, message):
+    def save(name, samples):
+        write_wav(server.base / "input" / name, samples)
+        return name
+
+    prompt = api_workflow("liveavatar_preview", num_clip=1)
+    change(prompt, save)
+    try:
+        execution = server.run(prompt)
+    except PromptRejected as rejected:  # refused before running: also a clear answer
+        assert message.lower() in json.dumps(rejected.body).lower()
+    else:
+        assert execution.outcome == "execution_error"
+        assert message.lower() in execution.error()["exception_message"].lower()
+    assert server.run(api_workflow("liveavatar_preview", num_clip=1)).ok
