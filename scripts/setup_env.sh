@@ -9,6 +9,11 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=.venv
 STAMP=$VENV/.setup-complete
+# The canvas tests open ComfyUI's page in a headless Chromium (Debian's package).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) \
+    || echo "note: could not install chromium; the canvas tests will be skipped" >&2
+fi
 if [ -f "$STAMP" ] && [ "$STAMP" -nt requirements-test.txt ] && [ "$STAMP" -nt requirements.txt ]; then
   exit 0
 fi

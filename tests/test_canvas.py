@@ -5,6 +5,7 @@ Screenshots are kept in test-artifacts/ for a person to look at."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -21,6 +22,8 @@ ARTIFACTS = ROOT / "test-artifacts"
 def canvas(tmp_path_factory):
     chromium = find_chromium()
     if chromium is None:
+        if os.environ.get("LIVEAVATAR_REQUIRE_BROWSER"):
+            pytest.fail("Chromium is not installed and LIVEAVATAR_REQUIRE_BROWSER is set.")
         pytest.skip("Chromium is not installed (Debian: apt-get install chromium); the canvas test needs it.")
     with ComfyUIServer(tmp_path_factory.mktemp("comfyui-canvas")) as server:
         browser = Browser(chromium, free_port())
