@@ -27,8 +27,9 @@ MODEL_FILES = {
     "audio_encoder": "wav2vec2_large_english_fp16.safetensors",
 }
 PROMPT = (
-    "A young woman with a warm smile speaks directly to the camera, with natural lip movements, gentle "
-    "head motion and expressive eyes. Soft window light, a plain wall behind her, stable framing, realistic."
+    "A cheerful young man with short brown hair and a blue shirt speaks directly to the camera, with natural "
+    "lip movements, gentle head motion and expressive eyes. Soft even light, a plain pale blue wall behind him, "
+    "stable framing."
 )
 
 

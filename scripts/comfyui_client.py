@@ -158,8 +158,17 @@ class ComfyUIServer:
             if data.get("prompt_id") != prompt_id:
                 continue
             if message["type"] in ("execution_success", "execution_error", "execution_interrupted"):
-                return Execution(prompt_id, message["type"], messages, self.get(f"/history/{prompt_id}").get(prompt_id, {}))
+                return Execution(prompt_id, message["type"], messages, self.history(prompt_id))
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
+
+    def history(self, prompt_id: str, timeout: float = 30) -> dict:
+        """The prompt's history entry; ComfyUI records it just after announcing the end."""
+        deadline = time.monotonic() + timeout
+        while True:
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry or time.monotonic() > deadline:
+                return entry or {}
+            time.sleep(0.1)
 
     def interrupt(self) -> None:
         self.post("/interrupt")

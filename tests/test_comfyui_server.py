@@ -116,7 +116,7 @@ def test_preset_workflow_makes_an_mp4_with_audio(server, preset):
     frames = 2 * preset.infer_frames - 3
     assert (info["width"], info["height"], info["frames"]) == (width, height, frames)
     assert info["fps"] == 25
-    assert abs(info["audio_seconds"] - frames / 25) <= 1 / 25
+    assert abs(info["audio_duration_s"] - frames / 25) <= 1 / 25
     assert "7" in execution.progress_nodes(), "no progress from Online VAE Decode"
 
 
@@ -132,7 +132,7 @@ def test_frames_chain_through_core_image_and_video_nodes(server):
     assert execution.ok, execution.error()
     info = read_video_info(output_file(server, execution, "22"))
     assert (info["width"], info["height"], info["frames"]) == (576, 384, 32 - 3)
-    assert info["audio_seconds"] == pytest.approx(29 / 25, abs=0.05)
+    assert info["audio_duration_s"] == pytest.approx(29 / 25, abs=0.05)
 
 
 def test_interrupt_stops_within_a_block_and_keeps_a_playable_mp4(server):
@@ -157,7 +157,7 @@ def test_interrupt_stops_within_a_block_and_keeps_a_playable_mp4(server):
     mp4 = next((server.base / "output" / "interrupted").glob("*.mp4"))
     info = read_video_info(mp4)
     assert info["frames"] == 45 and info["width"] == 688
-    assert abs(info["audio_seconds"] - 45 / 25) <= 1 / 25
+    assert abs(info["audio_duration_s"] - 45 / 25) <= 1 / 25
     assert server.run(api_workflow("liveavatar_preview", num_clip=1)).ok, "the server did not recover"
 
 
