@@ -132,7 +132,8 @@ def test_frames_chain_through_core_image_and_video_nodes(server):
     assert execution.ok, execution.error()
     info = read_video_info(output_file(server, execution, "22"))
     assert (info["width"], info["height"], info["frames"]) == (576, 384, 32 - 3)
-    assert info["audio_duration_s"] == pytest.approx(29 / 25, abs=0.05)
+    # Core's SaveVideo encodes AAC without trimming the last packet: up to ~0.1 s more.
+    assert info["audio_duration_s"] == pytest.approx(29 / 25, abs=0.1)
 
 
 def test_interrupt_stops_within_a_block_and_keeps_a_playable_mp4(server):
