@@ -11,3 +11,7 @@ class CheckpointError(LiveAvatarError):
 
 class InputError(LiveAvatarError):
     """A generation input (audio, image, size, counts) cannot be used."""
+
+
+class DistributedError(LiveAvatarError):
+    """The multi-process pipeline could not start, or one of its processes failed."""

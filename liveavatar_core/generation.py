@@ -41,6 +41,7 @@ WAN_NEGATIVE_PROMPT = (
     "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
 FEATURE_DTYPE = torch.bfloat16
+MIN_SIDE = 64
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,9 @@ def make_job(
             raise InputError(f"reference image {image.shape[1]}*{image.shape[0]} is too small for size_mode 'official_area'; use 'exact'.")
     elif size_mode != "exact":
         raise InputError(f"size_mode must be one of {', '.join(SIZE_MODES)}, got {size_mode!r}.")
+    if min(width, height) < MIN_SIDE:
+        raise InputError(f"size {width}*{height} is too small: both sides must be at least {MIN_SIDE} pixels "
+                         "(the motion context is packed in 8*8-latent patches).")
     if num_clip is not None and num_clip < 0:
         raise InputError(f"num_clip must be at least 1, or 0 for 'as many as the audio needs', got {num_clip}.")
     if audio.frames == 0:

@@ -95,16 +95,98 @@ def output_frame_count(num_clip: int, infer_frames: int) -> int:
     return num_clip * infer_frames - VIDEO_START_OFFSET
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run will make, decided before any compute: the output size, the clip count and
+    the frames to yield."""
+
+    width: int
+    height: int
+    clips: int
+    frames: int
+
+
+def plan_run(
+    audio_features: torch.Tensor,
+    size: str | tuple[int, int],
+    settings: SamplerSettings,
+    num_clip: int | None = None,
+    trim_to_audio: bool = True,
+) -> RunPlan:
+    """Checks a run's inputs and counts its clips and frames (see `StreamingPipeline.stream`)."""
+    settings.validate()
+    width, height = parse_size(size)
+    if audio_features.dim() != 4 or audio_features.shape[-1] == 0:
+        raise InputError("the audio is empty: give a speech track of at least one video frame (40 ms).")
+    audio_frames = audio_features.shape[-1]
+    if num_clip is not None and num_clip < 1:
+        raise InputError(f"num_clip must be at least 1 (or 'auto' to follow the audio), got {num_clip}.")
+    clips = num_clip or clips_for_frames(audio_frames, settings.infer_frames)
+    frames = output_frame_count(clips, settings.infer_frames)
+    if trim_to_audio:
+        frames = min(frames, max(1, audio_frames - VIDEO_START_OFFSET))
+    return RunPlan(width, height, clips, frames)
+
+
+def encode_reference(vae: WanVAE, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sink's first inputs: the reference latent and the motion context latents."""
+    ref = vae.encode(pixels.repeat(1, 1, REF_ENCODE_COPIES, 1, 1).to(vae.device))[:, :, 1:]
+    motion = vae.encode(pixels.repeat(1, 1, MOTION_FRAMES, 1, 1).to(vae.device))
+    return ref, motion
+
+
+class BlockDecoder:
+    """Clean block latents in, `FrameChunk`s out: the streaming VAE decode, the cut at the
+    run's length, and what the sink roll after clip 0 needs (its first latent and the last
+    `MOTION_FRAMES` frames in pixels, reference copies included)."""
+
+    def __init__(self, vae: WanVAE, pixels: torch.Tensor, frames: int, blocks_per_clip: int):
+        self.vae = vae
+        self.frames_left = frames
+        self.last_block = blocks_per_clip - 1
+        self._decoder = vae.streaming_decoder()
+        self._recent: torch.Tensor | None = pixels.repeat(1, 1, MOTION_FRAMES, 1, 1)
+        self._first_latent: torch.Tensor | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.frames_left <= 0
+
+    def decode(self, clip: int, block: int, latents: torch.Tensor) -> FrameChunk | None:
+        """The block's frames (None when the cut leaves none of them)."""
+        if clip == 0 and block == 0:
+            self._first_latent = latents[:, :, :1]
+        video = self._decoder.decode_next(latents.to(self.vae.device))
+        if clip == 0:
+            self._recent = torch.cat([self._recent, video.to(self._recent.device)], dim=2)[:, :, -MOTION_FRAMES:]
+        frames = _to_image(video)[: self.frames_left]
+        self.frames_left -= frames.shape[0]
+        if not frames.shape[0]:
+            return None
+        return FrameChunk(clip, block, frames, block == self.last_block or self.finished)
+
+    def rolled_sink(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reference, motion) latents of the sink from clip 1 on; call once clip 0 is decoded."""
+        motion = self.vae.encode(self._recent.to(self.vae.device))
+        self._recent = None
+        return self._first_latent, motion
+
+    def close(self) -> None:
+        self._decoder.close()
+        self._recent = self._first_latent = None
+
+    def __enter__(self) -> BlockDecoder:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
 class StreamingPipeline:
     def __init__(self, dit: WanS2VTransformer, vae: WanVAE, device: torch.device | str = "cpu"):
         self.dit = dit
         self.vae = vae
         self.device = torch.device(device)
-
-    def _encode_reference(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ref = self.vae.encode(pixels.repeat(1, 1, REF_ENCODE_COPIES, 1, 1).to(self.vae.device))[:, :, 1:]
-        motion = self.vae.encode(pixels.repeat(1, 1, MOTION_FRAMES, 1, 1).to(self.vae.device))
-        return ref, motion
 
     def stream(
         self,
@@ -126,48 +208,26 @@ class StreamingPipeline:
         audio get silence. With `trim_to_audio`, the video stops where the audio stops.
         Raises GenerationCancelled when `should_stop()` turns true (checked between blocks).
         """
-        settings.validate()
-        width, height = parse_size(size)
-        if audio_features.dim() != 4 or audio_features.shape[-1] == 0:
-            raise InputError("the audio is empty: give a speech track of at least one video frame (40 ms).")
-        audio_frames = audio_features.shape[-1]
-        if num_clip is not None and num_clip < 1:
-            raise InputError(f"num_clip must be at least 1 (or 'auto' to follow the audio), got {num_clip}.")
-        clips = num_clip or clips_for_frames(audio_frames, settings.infer_frames)
-        frames_left = output_frame_count(clips, settings.infer_frames)
-        if trim_to_audio:
-            frames_left = min(frames_left, max(1, audio_frames - VIDEO_START_OFFSET))
-
+        run = plan_run(audio_features, size, settings, num_clip, trim_to_audio)
         sampler = CausalSampler(CausalDiT(self.dit), settings, self.device)
-        pixels = fit_reference(image, width, height)
-        ref, motion = self._encode_reference(pixels)
+        pixels = fit_reference(image, run.width, run.height)
+        ref, motion = encode_reference(self.vae, pixels)
         sampler.start(ref, motion, context, negative_context)
-        recent = pixels.repeat(1, 1, MOTION_FRAMES, 1, 1)  # the motion context in pixels, for the sink roll
 
-        with self.vae.streaming_decoder() as decoder:
-            for clip in range(clips):
-                clip_audio = _clip_slice(audio_features, clip, settings.infer_frames)
-                first_latent = None
-                last_block = len(settings.blocks()) - 1
-                for block, (start, latents) in enumerate(sampler.generate_clip(clip, clip_audio, progress, should_stop)):
-                    if first_latent is None:
-                        first_latent = latents[:, :, :1]
-                    video = decoder.decode_next(latents.to(self.vae.device))
-                    if clip == 0:
-                        recent = torch.cat([recent, video.to(recent.device)], dim=2)[:, :, -MOTION_FRAMES:]
-                    frames = _to_image(video)[:frames_left]
-                    frames_left -= frames.shape[0]
-                    if frames.shape[0]:
-                        yield FrameChunk(clip, block, frames, block == last_block or frames_left <= 0)
-                    if frames_left <= 0:
+        with BlockDecoder(self.vae, pixels, run.frames, len(settings.blocks())) as output:
+            for clip in range(run.clips):
+                clip_audio = clip_features(audio_features, clip, settings.infer_frames)
+                for block, (_, latents) in enumerate(sampler.generate_clip(clip, clip_audio, progress, should_stop)):
+                    chunk = output.decode(clip, block, latents)
+                    if chunk is not None:
+                        yield chunk
+                    if output.finished:
                         return
-                if clip == 0 and clips > 1:
-                    motion = self.vae.encode(recent.to(self.vae.device))
-                    sampler.replace_sink(first_latent, motion)
-                    recent = None
+                if clip == 0 and run.clips > 1:
+                    sampler.replace_sink(*output.rolled_sink())
 
 
-def _clip_slice(features: torch.Tensor, clip: int, frames: int) -> torch.Tensor:
+def clip_features(features: torch.Tensor, clip: int, frames: int) -> torch.Tensor:
     """The clip's feature windows, padded with silence (zeros) past the end of the audio."""
     part = features[..., clip * frames : (clip + 1) * frames]
     if part.shape[-1] < frames:

@@ -26,6 +26,15 @@ BLOCK_FRAMES = 3  # latent frames per block
 SINK_DISTANCE = (4, 30)
 
 
+def sink_distance(seed: int, clip: int, block: int, step: int, bounds: tuple[int, int] = SINK_DISTANCE) -> int:
+    """The sink's lead for the DiT call at (clip, block, step) of a run seeded with `seed`.
+
+    A pure function of the call's place rather than a stream drawn in call order, so a process
+    that runs only some of the steps (pipeline parallelism) draws the same values as one that
+    runs them all. String seeds are hashed with SHA-512: the same in every process."""
+    return random.Random(f"sink:{seed}:{clip}:{block}:{step}").randint(*bounds)
+
+
 class GenerationCancelled(Exception):
     """The stop check asked to end the run; everything finished before it is kept."""
 
@@ -86,7 +95,6 @@ class CausalSampler:
         self.settings = settings
         self.device = torch.device(device)
         self.sigmas = flow_sigmas(settings.sample_steps, settings.shift)
-        self._rng = random.Random(settings.seed)
         self._branches: list[_Branch] = []
         self._latent_hw: tuple[int, int] | None = None
 
@@ -120,6 +128,10 @@ class CausalSampler:
         shape = (1, self.dit.config.in_dim, self.settings.latent_frames, height, width)
         return torch.randn(shape, generator=generator, dtype=torch.float32)
 
+    def new_solver(self, history: torch.Tensor | None = None) -> FlowSolver:
+        """A block's solver; `history` continues one whose earlier steps ran elsewhere."""
+        return FlowSolver(self.sigmas, self.settings.sample_solver, history)
+
     def generate_clip(
         self,
         clip: int,
@@ -135,19 +147,39 @@ class CausalSampler:
         for block_index, (start, frames) in enumerate(blocks):
             if should_stop is not None and should_stop():
                 raise GenerationCancelled(f"stopped before clip {clip + 1}, block {block_index + 1}")
-            first_frame = clip * s.latent_frames + start
-            block_audio = audio[..., start * 4 : (start + frames) * 4].to(self.device)
+            after_step = None
+            if progress is not None:
+                def after_step(step, block=block_index):
+                    progress(Progress(clip, block, len(blocks), step, s.sample_steps))
             x = noise[:, :, start : start + frames]
-            solver = FlowSolver(self.sigmas, s.sample_solver)
-            for step in range(s.sample_steps):
-                velocity = self._velocity(x, solver.timestep(step), step, first_frame, block_audio)
-                x = solver.step(step, x, velocity)
-                if progress is not None:
-                    progress(Progress(clip, block_index, len(blocks), step, s.sample_steps))
+            x = self.denoise(clip, block_index, x, self.new_solver(), range(s.sample_steps), audio, after_step)
             yield start, x
 
-    def _velocity(self, x, timestep, step, first_frame, audio):
-        distance = self._rng.randint(*self.settings.sink_distance)
+    def denoise(
+        self,
+        clip: int,
+        block: int,
+        x: torch.Tensor,
+        solver: FlowSolver,
+        steps: range,
+        audio: torch.Tensor,
+        after_step: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """Runs `steps` (consecutive step indices) of block `block` of clip `clip` on its
+        latents `x`; `audio`: the clip's features [1, 25, audio_dim, infer_frames]."""
+        start, frames = self.settings.blocks()[block]
+        first_frame = clip * self.settings.latent_frames + start
+        block_audio = audio[..., start * 4 : (start + frames) * 4].to(self.device)
+        x = x.to(self.device)
+        for step in steps:
+            distance = sink_distance(self.settings.seed, clip, block, step, self.settings.sink_distance)
+            velocity = self._velocity(x, solver.timestep(step), step, first_frame, block_audio, distance)
+            x = solver.step(step, x, velocity)
+            if after_step is not None:
+                after_step(step)
+        return x
+
+    def _velocity(self, x, timestep, step, first_frame, audio, distance):
         outputs = []
         for branch in self._branches:
             branch_audio = torch.zeros_like(audio) if branch.silent else audio

@@ -4,7 +4,8 @@ The schedule comes from diffusers' `FlowMatchEulerDiscreteScheduler` (4 steps: t
 about [1000, 858, 602, 9]), the one LiveAvatar's student was distilled on. `dpmpp_2m` runs
 DPM-Solver++(2M) over those same sigmas; diffusers' own multistep scheduler spaces flow
 sigmas differently, which this few-step model was not trained for, so it is written here.
-Each block of latents gets a fresh solver state.
+Each block of latents gets a fresh solver state. `history` is that state between steps, so
+a block's steps may run in different processes (pipeline parallelism) and match one process.
 """
 
 from __future__ import annotations
@@ -28,12 +29,18 @@ def flow_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
 class FlowSolver:
     """Steps one block from noise to clean latents given velocity predictions."""
 
-    def __init__(self, sigmas: torch.Tensor, kind: str = "euler"):
+    def __init__(self, sigmas: torch.Tensor, kind: str = "euler", history: torch.Tensor | None = None):
         if kind not in SOLVERS:
             raise ValueError(f"sample_solver must be one of {SOLVERS}, got {kind!r}")
         self.sigmas = sigmas
         self.kind = kind
-        self._previous_x0: torch.Tensor | None = None
+        self._previous_x0: torch.Tensor | None = history
+
+    @property
+    def history(self) -> torch.Tensor | None:
+        """What later steps need from earlier ones: dpmpp_2m's last data prediction (None
+        for euler or before the first step)."""
+        return self._previous_x0
 
     def timestep(self, index: int) -> float:
         return float(self.sigmas[index]) * NUM_TRAIN_TIMESTEPS

@@ -1,0 +1,14 @@
+"""Pipeline parallelism over processes (LiveAvatar's timestep-forcing pipeline parallelism):
+ranks own denoising steps, block latents flow rank to rank, the last rank decodes.
+
+- `WorkerPool`: warm worker processes driven from the caller's process.
+- `python -m liveavatar_core.parallel.run` under torchrun: headless runs to an mp4.
+- `run_stage`: one rank's part of a run, for other launchers.
+"""
+
+from .models import ModelFiles, ModelSource
+from .plan import StagePlan, plan_stages
+from .pool import WorkerPool
+from .stage import Job, run_stage
+
+__all__ = ["Job", "ModelFiles", "ModelSource", "StagePlan", "WorkerPool", "plan_stages", "run_stage"]

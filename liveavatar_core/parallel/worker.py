@@ -1,0 +1,107 @@
+"""The loop of one pool worker process: join the group, then run jobs until told to stop.
+
+Everything the parent needs to hear goes through one events queue:
+  ("ready", rank)
+  ("chunk", job_id, clip, block, frames as a numpy array, ends_clip)   decoding rank only
+  ("done", job_id, rank, cancelled)
+  ("error", job_id or None, rank, exception, traceback text)
+After an error the worker exits: its neighbours are blocked on it, and only a closed link
+frees them.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import queue
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ..errors import DistributedError
+from ..streaming import GenerationCancelled
+from .group import join, leave, rank_device
+from .models import ModelSource, RankModels
+from .plan import plan_stages
+from .stage import run_stage
+
+POLL_S = 1.0
+
+
+def worker_main(
+    rank: int,
+    world_size: int,
+    device_kind: str,
+    store_port: int,
+    source: ModelSource,
+    jobs,
+    events,
+    stop,
+    join_timeout_s: float,
+    cpu_threads: int | None,
+) -> None:
+    if device_kind == "cpu" and cpu_threads:
+        torch.set_num_threads(cpu_threads)
+    try:
+        device = rank_device(device_kind, rank)
+        store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=timedelta(seconds=join_timeout_s))
+
+        def stuck(message):
+            events.put(("error", None, rank, DistributedError(message), ""))
+            _flush(events)
+
+        join(rank, world_size, device, store, join_timeout_s, on_stuck=stuck)
+    except BaseException as err:
+        _fail(events, None, rank, err)
+    events.put(("ready", rank))
+    models = RankModels(source, device)
+    while (request := _next_request(jobs)) is not None:
+        _, job_id, job = request
+        try:
+            should_stop = stop.is_set if rank == 0 else None
+            for chunk in run_stage(job, plan_stages(world_size, job.settings.sample_steps), rank, device, models, should_stop):
+                events.put(("chunk", job_id, chunk.clip, chunk.block, chunk.frames.numpy(), chunk.ends_clip))
+            events.put(("done", job_id, rank, False))
+        except GenerationCancelled:
+            events.put(("done", job_id, rank, True))
+        except BaseException as err:
+            _fail(events, job_id, rank, err)
+    leave()
+    # Nothing is left to save: skipping the interpreter's teardown of torch saves seconds.
+    _flush(events)
+    os._exit(0)
+
+
+def _next_request(jobs):
+    """The next job, or None on shutdown or when the parent process is gone."""
+    while True:
+        try:
+            request = jobs.get(timeout=POLL_S)
+        except queue.Empty:
+            if not multiprocessing.parent_process().is_alive():
+                return None
+            continue
+        return None if request[0] == "shutdown" else request
+
+
+def _fail(events, job_id, rank: int, err: BaseException) -> None:
+    events.put(("error", job_id, rank, _portable(err), traceback.format_exc()))
+    _flush(events)
+    os._exit(1)
+
+
+def _flush(events) -> None:
+    events.close()
+    events.join_thread()
+
+
+def _portable(err: BaseException) -> BaseException:
+    """The exception itself when it survives pickling (our errors do), else its text."""
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:
+        return RuntimeError(f"{type(err).__name__}: {err}")

@@ -1,0 +1,851 @@
+"""GPU speed of LiveAvatar on the real Wan2.2-S2V-14B architecture (random bf16 weights).
+
+Parts (each fits well inside 10 minutes on one 80 GB GPU, so they can run as separate jobs):
+
+- dit:    one clip's full DiT forward, ours (`WanS2VTransformer`) against ComfyUI's
+          `WanModel_S2V` with the very same weight tensors and inputs; speed-up, TFLOP/s,
+          peak memory, and the relative difference of the outputs: as given, and with audio
+          constant in time (ComfyUI aligns the audio a few frames off the official model; with
+          steady audio only its RoPE conventions for the motion tokens and bf16 noise remain).
+- stream: our streaming DiT: `CausalDiT.denoise_block` per block and step with the KV caches
+          filled as in a run (a `CausalSampler` goes through a few clips), per-clip DiT time.
+- vae:    streaming decode of one clip and the encodes of the reference and motion context
+          (full-size `AutoencoderKLWan`, random weights).
+- e2e:    `StreamingPipeline.stream` over a few clips, into an mp4 when PyAV is installed:
+          frames per second, first-frame latency (models already loaded), peak memory.
+- load:   the 14B DiT written to one safetensors file on local disk, then `load_dit` in a fresh
+          process: wall time, peak host RSS, device peak (needs ~33 GB of free disk).
+
+    python tests/benchmarks/gpu_speed.py --parts dit,stream --presets preview,standard,hd
+    python tests/benchmarks/gpu_speed.py --tiny     # small model, any device: a smoke test
+
+Results go to <out>/gpu_speed-<date>.json and .md; a later run on the same date (another
+part, another machine) updates the same files, and `--merge a.json b.json` folds result files
+made elsewhere into them.
+
+FLOPs of one DiT call (a multiply-add counts 2; embeddings, norms, RoPE, convolutions and the
+head are left out, well under 1%). With d = dim, f = ffn_dim, n_L = blocks, n_I = audio
+injectors, T = 512 text tokens, A = num_audio_token + 1 audio tokens per latent frame:
+  Q   tokens through the blocks (full forward: video + sink; streaming: the block's video)
+  K   keys of self-attention (full forward: Q; streaming: cached frames + this block + sink)
+  V   video tokens, F latent frames of the call
+  per block:    8 Q d^2 (q,k,v,o) + 4 Q K d (QK^T, AV)
+              + 4 Q d^2 + 4 T d^2 + 4 Q T d (text cross-attention: q,o; k,v; QK^T, AV)
+              + 4 Q d f (FFN)
+  per injector: 4 V d^2 + 4 F A d^2 + 4 V A d + 4 F d^2 (q,o; k,v; attention; AdaIN linear)
+  total = n_L * block + n_I * injector
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from liveavatar_core.dit import S2VConfig, WanS2VTransformer, load_dit, save_dit  # noqa: E402
+from liveavatar_core.pipeline import FPS, MOTION_FRAMES, StreamingPipeline, parse_size, write_video  # noqa: E402
+from liveavatar_core.streaming import CausalDiT, CausalSampler, SamplerSettings  # noqa: E402
+from liveavatar_core.streaming.sampler import BLOCK_FRAMES  # noqa: E402
+from liveavatar_core.vae import WanVAE  # noqa: E402
+
+GIB = 2**30
+TEXT_TOKENS = 64  # prompt length before padding to text_len; the DiT always sees 512 rows
+SAMPLE_RATE = 16000
+PARTS = ("dit", "stream", "vae", "e2e", "load")
+TINY_DIT = S2VConfig(dim=256, ffn_dim=512, num_heads=4, num_layers=4, text_dim=64, audio_dim=32,
+                     audio_inject_layers=(0, 2), freq_dim=256)
+
+
+@dataclass(frozen=True)
+class Preset:
+    size: str
+    infer_frames: int
+    steps: int
+    guide_scale: float
+    tiny_size: str  # smaller frames for --tiny; frames, steps and guidance stay
+
+    @property
+    def branches(self) -> int:
+        return 2 if self.guide_scale > 0 else 1
+
+
+PRESETS = {
+    "preview": Preset("384*256", 32, 3, 0.0, "64*64"),
+    "standard": Preset("688*368", 48, 4, 0.0, "96*64"),
+    "hd": Preset("704*384", 48, 5, 5.0, "128*64"),
+}
+
+
+# -- setup ---------------------------------------------------------------------------------------
+class Bench:
+    """What every part shares: device, dtype, model size, clocks, repetitions."""
+
+    def __init__(self, args):
+        self.device = torch.device(args.device)
+        self.cuda = self.device.type == "cuda"
+        self.tiny = args.tiny
+        self.config = TINY_DIT if args.tiny else S2VConfig()
+        # bf16 is what runs on GPUs; CPUs are only for the smoke test, where float32 is faster.
+        self.dtype = torch.bfloat16 if self.cuda else torch.float32
+        self.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 2)
+        self.iters = args.iters if args.iters is not None else (1 if args.tiny else 5)
+        self.clips = args.clips if args.clips is not None else (2 if args.tiny else 3)
+        self.force = args.force
+        self.args = args
+
+    def size(self, preset: Preset) -> tuple[int, int]:
+        return parse_size(preset.tiny_size if self.tiny else preset.size)
+
+    def latent_hw(self, preset: Preset) -> tuple[int, int]:
+        width, height = self.size(preset)
+        return height // 8, width // 8
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def ms(self, start, end) -> float:
+        """Milliseconds between two marks (call after `sync`)."""
+        return start.elapsed_time(end) if self.cuda else (end - start) * 1000
+
+    def measure(self, fn) -> list[float]:
+        """Milliseconds of each of `iters` calls after `warmup` untimed ones."""
+        for _ in range(self.warmup):
+            fn()
+        marks = []
+        for _ in range(self.iters):
+            start = self.mark()
+            fn()
+            marks.append((start, self.mark()))
+        self.sync()
+        return [self.ms(a, b) for a, b in marks]
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            self.sync()
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_gib(self) -> float | None:
+        return torch.cuda.max_memory_allocated(self.device) / GIB if self.cuda else None
+
+    def free_gib(self) -> float | None:
+        return torch.cuda.mem_get_info(self.device)[0] / GIB if self.cuda else None
+
+    def release(self) -> None:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    def generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def randn(self, *shape, seed: int, scale: float = 1.0) -> torch.Tensor:
+        """Float32 values exactly representable in the model dtype, so ours and ComfyUI's
+        models start from identical inputs."""
+        x = torch.randn(*shape, generator=self.generator(seed), device=self.device) * scale
+        return x.to(self.dtype).float()
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process image. VmHWM, not ru_maxrss: Linux carries
+    ru_maxrss over from the parent through fork and exec, so a child started by a process that
+    once held the whole file in memory would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, gen: torch.Generator) -> None:
+    """Seeded weights of a sane scale: unit-variance activations through every linear layer."""
+    for name, p in model.named_parameters():
+        if name == "casual_audio_encoder.weights":
+            p.fill_(0.01)  # the layer mix divides by the sum of silu(weights): keep it positive
+        elif p.ndim == 1 and name.endswith("weight"):
+            p.fill_(1.0)  # norm gains
+        elif p.ndim == 1:
+            p.normal_(0.0, 0.02, generator=gen)
+        else:
+            p.normal_(0.0, (p.numel() // p.shape[0]) ** -0.5, generator=gen)
+
+
+def build_dit(bench: Bench, seed: int = 0) -> WanS2VTransformer:
+    # Built on the meta device and materialised on the target in its dtype: initialising 16B
+    # float32 parameters on the host would take minutes and twice the memory.
+    with torch.device("meta"):
+        model = WanS2VTransformer(bench.config)
+    model = model.to(bench.dtype).to_empty(device=bench.device)
+    randomize_(model, bench.generator(seed))
+    return model.eval().requires_grad_(False)
+
+
+def build_vae(bench: Bench, seed: int = 1) -> WanVAE:
+    from diffusers import AutoencoderKLWan
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # its dtype-cast advice is about loading real files
+    torch.manual_seed(seed)
+    with torch.device(bench.device):
+        net = AutoencoderKLWan(base_dim=16) if bench.tiny else AutoencoderKLWan()
+    return WanVAE(net.to(bench.dtype).eval().requires_grad_(False))
+
+
+# -- token and FLOP counts -----------------------------------------------------------------------
+def tokens_per_frame(config: S2VConfig, h: int, w: int) -> int:
+    return (h // config.patch_size[1]) * (w // config.patch_size[2])
+
+
+def sink_tokens(config: S2VConfig, h: int, w: int) -> int:
+    """Reference frame + frame-packed motion tokens (buckets 1, 2, 16 at 1x, 2x, 4x patches)."""
+    motion = sum((span // scale) * (h // (2 * scale)) * (w // (2 * scale))
+                 for span, scale in zip(config.framepack_buckets, (1, 2, 4), strict=True))
+    return tokens_per_frame(config, h, w) + motion
+
+
+def dit_flops(config: S2VConfig, q: int, k: int, video: int, frames: int, audio: bool = True) -> float:
+    """FLOPs of one DiT call; the formula is in the module docstring."""
+    d, f, t = config.dim, config.ffn_dim, config.text_len
+    a = config.num_audio_token + 1
+    block = 8 * q * d * d + 4 * q * k * d + 4 * q * d * d + 4 * t * d * d + 4 * q * t * d + 4 * q * d * f
+    injector = 4 * video * d * d + 4 * frames * a * d * d + 4 * video * a * d + 4 * frames * d * d
+    return float(config.num_layers * block + (len(config.audio_inject_layers) * injector if audio else 0))
+
+
+def stream_cache_gib(bench: Bench, preset: Preset) -> float:
+    """Device memory of the streaming caches: per branch, one clip of keys/values per step + the sink."""
+    c = bench.config
+    h, w = bench.latent_hw(preset)
+    per_token = c.num_layers * c.dim * 2 * torch.finfo(bench.dtype).bits // 8
+    frames = preset.infer_frames // 4
+    tokens = preset.steps * frames * tokens_per_frame(c, h, w) + sink_tokens(c, h, w)
+    return preset.branches * tokens * per_token / GIB
+
+
+def check_room(bench: Bench, preset: Preset, extra_gib: float = 0.0) -> str | None:
+    """A note when the caches will not fit next to the model (None: go ahead)."""
+    if not bench.cuda or bench.force:
+        return None
+    need = stream_cache_gib(bench, preset) + extra_gib + 3.0  # + activations and allocator slack
+    free = bench.free_gib()
+    if need > free:
+        return (f"skipped: the KV caches need ~{need:.0f} GiB next to the model, {free:.0f} GiB free "
+                f"(run on a larger GPU, or --force)")
+    return None
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+def clip_inputs(bench: Bench, preset: Preset, seed: int = 0) -> dict:
+    c = bench.config
+    h, w = bench.latent_hw(preset)
+    frames = preset.infer_frames // 4
+    return {
+        "latents": bench.randn(1, c.in_dim, frames, h, w, seed=seed),
+        "timestep": torch.tensor([858.0], device=bench.device),  # the 2nd of the 4-step schedule
+        "context": bench.randn(TEXT_TOKENS, c.text_dim, seed=seed + 1, scale=0.2),
+        "ref": bench.randn(1, c.in_dim, 1, h, w, seed=seed + 2),
+        "motion": bench.randn(1, c.in_dim, c.motion_latent_frames, h, w, seed=seed + 3),
+        "audio": bench.randn(1, c.num_audio_layers, c.audio_dim, preset.infer_frames, seed=seed + 4),
+    }
+
+
+def run_ours(model: WanS2VTransformer, x: dict) -> torch.Tensor:
+    return model(x["latents"], x["timestep"], [x["context"]], x["ref"], x["motion"], x["audio"])
+
+
+def run_comfy(model, x: dict, dtype: torch.dtype, text_len: int) -> torch.Tensor:
+    # As ComfyUI's WAN22_S2V hands them over: everything in the model dtype, the text padded
+    # to 512 rows, a zero control video.
+    context = torch.zeros(1, text_len, x["context"].shape[1], device=x["context"].device, dtype=dtype)
+    context[0, : x["context"].shape[0]] = x["context"].to(dtype)
+    latents = x["latents"].to(dtype)
+    return model(
+        latents, x["timestep"], context,
+        audio_embed=x["audio"].to(dtype), reference_latent=x["ref"].to(dtype),
+        reference_motion=x["motion"].to(dtype), control_video=torch.zeros_like(latents),
+    )
+
+
+def steady_audio(x: dict) -> dict:
+    """The inputs with every audio frame equal to the first: ComfyUI aligns the audio a few
+    frames differently from the official model (it skips the motion-frame padding), which
+    changes nothing for audio that does not change in time."""
+    audio = x["audio"]
+    return {**x, "audio": audio[..., :1].expand_as(audio).contiguous()}
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+# -- ComfyUI ---------------------------------------------------------------------------------------
+def import_comfy(bench: Bench):
+    """ComfyUI's `comfy` package from LIVEAVATAR_COMFYUI (default: the test setup's copy)."""
+    path = Path(os.environ.get("LIVEAVATAR_COMFYUI", ROOT / ".venv" / "ComfyUI"))
+    if not (path / "comfy").is_dir():
+        return None, f"ComfyUI not found at {path} (set LIVEAVATAR_COMFYUI)"
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+    import comfy.cli_args
+
+    if not bench.cuda:
+        comfy.cli_args.args.cpu = True  # before comfy.model_management picks a device
+    import comfy.ldm.modules.attention
+    import comfy.ldm.wan.model
+    import comfy.ops
+
+    version = "?"
+    if (path / "comfyui_version.py").is_file():
+        version = (path / "comfyui_version.py").read_text().split('"')[-2]
+    return comfy, f"ComfyUI {version}, attention {comfy.ldm.modules.attention.optimized_attention.__name__}"
+
+
+def comfy_twin(comfy, ours: WanS2VTransformer):
+    """ComfyUI's WanModel_S2V holding our very weight tensors (no second copy); only tensors
+    ComfyUI keeps in another dtype (the float32 patch embedding) are converted."""
+    c = ours.config
+    meta = torch.device("meta")
+    theirs = comfy.ldm.wan.model.WanModel_S2V(
+        model_type="s2v", patch_size=c.patch_size, text_len=c.text_len, in_dim=c.in_dim, dim=c.dim,
+        ffn_dim=c.ffn_dim, freq_dim=c.freq_dim, text_dim=c.text_dim, out_dim=c.out_dim, num_heads=c.num_heads,
+        num_layers=c.num_layers, eps=c.eps, audio_dim=c.audio_dim, num_audio_token=c.num_audio_token,
+        cond_dim=c.cond_dim, audio_inject_layers=list(c.audio_inject_layers),
+        device=meta, dtype=ours.dtype, operations=comfy.ops.disable_weight_init,
+    )
+    expected = theirs.state_dict()
+    state = ours.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    misshaped = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or misshaped:
+        raise RuntimeError(f"key sets differ: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                           f"mis-shaped {misshaped[:5]}")
+    shared = {k: v if v.dtype == expected[k].dtype else v.to(expected[k].dtype) for k, v in state.items()}
+    theirs.load_state_dict(shared, strict=True, assign=True)
+    leftover = [n for n, t in list(theirs.named_parameters()) + list(theirs.named_buffers()) if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"ComfyUI tensors left unfilled: {leftover[:5]}")
+    return theirs.eval().requires_grad_(False), f"{len(state)} tensors, same names and shapes"
+
+
+# -- parts ----------------------------------------------------------------------------------------
+def part_dit(bench: Bench, presets: list[str]) -> list[dict]:
+    c = bench.config
+    model = build_dit(bench)
+    rows, outputs = {}, {}
+    with torch.inference_mode():
+        # All of ours first: importing ComfyUI changes global backend settings.
+        for name in presets:
+            p = PRESETS[name]
+            x = clip_inputs(bench, p)
+            h, w = bench.latent_hw(p)
+            frames = p.infer_frames // 4
+            video = frames * tokens_per_frame(c, h, w)
+            total = video + sink_tokens(c, h, w)
+            flops = dit_flops(c, total, total, video, frames)
+            bench.reset_peak()
+            times = bench.measure(partial(run_ours, model, x))
+            ours_ms = statistics.median(times)
+            outputs[name] = run_ours(model, x).cpu(), run_ours(model, steady_audio(x)).cpu()
+            rows[name] = {
+                "tokens (video+sink)": f"{video}+{total - video}",
+                "TFLOP/forward": flops / 1e12,
+                "ours ms/forward": ours_ms,
+                "ours TFLOP/s": flops / ours_ms / 1e9,
+                "ours ms/step": ours_ms * p.branches,
+                "ours peak GiB": bench.peak_gib(),
+            }
+            print(f"dit {name}: ours {ours_ms:.1f} ms/forward ({rows[name]['ours TFLOP/s']:.0f} TFLOP/s)", flush=True)
+    comfy, info = import_comfy(bench)
+    if comfy is None:
+        print(f"dit: {info}; ComfyUI columns left empty", flush=True)
+    else:
+        theirs, keys = comfy_twin(comfy, model)
+        print(f"dit: {info}; {keys}", flush=True)
+        with torch.inference_mode():
+            for name in presets:
+                p = PRESETS[name]
+                x = clip_inputs(bench, p)
+                bench.reset_peak()
+                times = bench.measure(partial(run_comfy, theirs, x, bench.dtype, c.text_len))
+                theirs_ms = statistics.median(times)
+                out = run_comfy(theirs, x, bench.dtype, c.text_len)
+                out_steady = run_comfy(theirs, steady_audio(x), bench.dtype, c.text_len)
+                row = rows[name]
+                row.update({
+                    "ComfyUI ms/forward": theirs_ms,
+                    "ComfyUI TFLOP/s": row["TFLOP/forward"] * 1e12 / theirs_ms / 1e9,
+                    "ComfyUI peak GiB": bench.peak_gib(),
+                    "speed-up (ComfyUI ms / ours ms)": theirs_ms / row["ours ms/forward"],
+                    "rel diff vs ComfyUI": relative_error(outputs[name][0], out),
+                    "rel diff, audio constant in time": relative_error(outputs[name][1], out_steady),
+                    "ComfyUI setup": info,
+                })
+                print(f"dit {name}: ComfyUI {theirs_ms:.1f} ms/forward, speed-up "
+                      f"{row['speed-up (ComfyUI ms / ours ms)']:.2f}x, rel diff {row['rel diff vs ComfyUI']:.3g}",
+                      flush=True)
+                del out, out_steady
+            del theirs
+    del model
+    bench.release()
+    return [{"part": "dit", "preset": name, **rows[name]} for name in presets]
+
+
+class TimedDenoise:
+    """Wraps `CausalDiT.denoise_block` to record each call's device time, keys and FLOPs."""
+
+    def __init__(self, bench: Bench, dit: CausalDiT):
+        self.bench, self.inner, self.calls = bench, dit.denoise_block, []
+        self.clip = 0
+        dit.denoise_block = self
+
+    def __call__(self, latents, timestep, first_frame, context, audio, cache, sink, sink_distance, cond=None):
+        c = self.bench.config
+        start = self.bench.mark()
+        out = self.inner(latents, timestep, first_frame, context, audio, cache, sink, sink_distance, cond)
+        end = self.bench.mark()
+        frames = latents.shape[2]
+        video = frames * cache.tokens_per_frame
+        keys = min(cache.frames, first_frame + frames) * cache.tokens_per_frame + sink.raw_keys[0].shape[1]
+        self.calls.append({"clip": self.clip, "frames": frames, "keys": keys, "marks": (start, end),
+                           "flops": dit_flops(c, video, keys, video, frames)})
+        return out
+
+    def resolve(self) -> None:
+        self.bench.sync()
+        for call in self.calls:
+            if "ms" not in call:
+                call["ms"] = self.bench.ms(*call.pop("marks"))
+
+
+def part_stream(bench: Bench, presets: list[str]) -> list[dict]:
+    c = bench.config
+    model = build_dit(bench)
+    rows = []
+    for name in presets:
+        p = PRESETS[name]
+        row = {"part": "stream", "preset": name, "KV caches GiB": stream_cache_gib(bench, p)}
+        note = check_room(bench, p)
+        if note:
+            rows.append({**row, "note": note})
+            print(f"stream {name}: {note}", flush=True)
+            continue
+        h, w = bench.latent_hw(p)
+        settings = SamplerSettings(sample_steps=p.steps, infer_frames=p.infer_frames, guide_scale=p.guide_scale)
+        x = clip_inputs(bench, p)
+        negative = bench.randn(TEXT_TOKENS, c.text_dim, seed=9, scale=0.2)
+        bench.reset_peak()
+        with torch.inference_mode():
+            dit = CausalDiT(model)
+            sampler = CausalSampler(dit, settings, bench.device)
+            start = bench.mark()
+            sampler.start(x["ref"], x["motion"], x["context"], negative)
+            end = bench.mark()
+            bench.sync()
+            prefill_ms = bench.ms(start, end)
+            timer = TimedDenoise(bench, dit)
+            clip_s = []
+            for clip in range(bench.clips):
+                timer.clip = clip
+                audio = bench.randn(1, c.num_audio_layers, c.audio_dim, p.infer_frames, seed=100 + clip)
+                t0 = time.perf_counter()
+                first = None
+                for _, latents in sampler.generate_clip(clip, audio):
+                    first = latents[:, :, :1] if first is None else first
+                bench.sync()
+                clip_s.append(time.perf_counter() - t0)
+                if clip == 0 and bench.clips > 1:
+                    sampler.replace_sink(first, x["motion"])  # the pipeline's sink roll
+            timer.resolve()
+        steady = [k for k in timer.calls if k["clip"] >= 1] or timer.calls
+        full = [k for k in steady if k["frames"] == BLOCK_FRAMES] or steady
+        call_ms = statistics.median(k["ms"] for k in full)
+        steady_clip_s = statistics.median(clip_s[1:] or clip_s)
+        row.update({
+            "tokens/block": BLOCK_FRAMES * tokens_per_frame(c, h, w),
+            "keys/block (steady)": max(k["keys"] for k in full),
+            "ms/call (steady)": call_ms,
+            "ms/block-step": call_ms * p.branches,
+            "TFLOP/s (steady)": sum(k["flops"] for k in steady) / sum(k["ms"] for k in steady) / 1e9,
+            "sink prefill ms": prefill_ms,
+            "clip 0 DiT s": clip_s[0],
+            "steady clip DiT s": steady_clip_s,
+            "DiT-only fps": p.infer_frames / steady_clip_s,
+            "device peak GiB": bench.peak_gib(),
+        })
+        rows.append(row)
+        print(f"stream {name}: {call_ms:.1f} ms/call, steady clip {steady_clip_s:.2f} s "
+              f"({row['DiT-only fps']:.1f} fps DiT only)", flush=True)
+        del sampler, dit, timer
+        bench.release()
+    del model
+    bench.release()
+    return rows
+
+
+def part_vae(bench: Bench, presets: list[str]) -> list[dict]:
+    vae = build_vae(bench)
+    rows = []
+    with torch.inference_mode():
+        for name in presets:
+            p = PRESETS[name]
+            h, w = bench.latent_hw(p)
+            width, height = bench.size(p)
+            frames = p.infer_frames // 4
+            bench.reset_peak()
+            clip_ms = []
+            with vae.streaming_decoder() as decoder:
+                for clip in range(bench.clips):
+                    latents = bench.randn(1, 16, frames, h, w, seed=200 + clip)
+                    start = bench.mark()
+                    for first in range(0, frames, BLOCK_FRAMES):  # block by block, as the pipeline does
+                        decoder.decode_next(latents[:, :, first : first + BLOCK_FRAMES])
+                    clip_ms.append((start, bench.mark()))
+                bench.sync()
+                clip_ms = [bench.ms(a, b) for a, b in clip_ms]
+            decode_ms = statistics.median(clip_ms[1:] or clip_ms)
+            motion = bench.randn(1, 3, MOTION_FRAMES, height, width, seed=3).clamp(-1, 1)
+            ref = motion[:, :, :5]
+            motion_ms = statistics.median(bench.measure(partial(vae.encode, motion)))
+            ref_ms = statistics.median(bench.measure(partial(vae.encode, ref)))
+            rows.append({
+                "part": "vae", "preset": name,
+                "decode clip ms (steady)": decode_ms,
+                "decode ms/frame": decode_ms / p.infer_frames,
+                "decode clip 0 ms": clip_ms[0],
+                f"encode motion ({MOTION_FRAMES} frames) ms": motion_ms,
+                "encode reference (5 frames) ms": ref_ms,
+                "device peak GiB": bench.peak_gib(),
+            })
+            print(f"vae {name}: decode {decode_ms:.0f} ms/clip, encode motion {motion_ms:.0f} ms", flush=True)
+            bench.release()
+    del vae
+    bench.release()
+    return rows
+
+
+def part_e2e(bench: Bench, presets: list[str]) -> list[dict]:
+    c = bench.config
+    try:
+        import av  # noqa: F401
+
+        writer = True
+    except ImportError:
+        writer = False
+        print("e2e: PyAV is not installed; frames are generated and dropped (no writer)", flush=True)
+    model = build_dit(bench)
+    vae = build_vae(bench)
+    pipeline = StreamingPipeline(model, vae, bench.device)
+    clips = bench.args.e2e_clips if bench.args.e2e_clips is not None else bench.clips
+    rows = []
+    for name in presets:
+        p = PRESETS[name]
+        row = {"part": "e2e", "preset": name, "clips": clips, "writer": writer}
+        note = check_room(bench, p, extra_gib=2.0)
+        if note:
+            rows.append({**row, "note": note})
+            print(f"e2e {name}: {note}", flush=True)
+            continue
+        settings = SamplerSettings(sample_steps=p.steps, infer_frames=p.infer_frames, guide_scale=p.guide_scale)
+        frames = clips * p.infer_frames
+        features = torch.randn(1, c.num_audio_layers, c.audio_dim, frames, generator=torch.Generator().manual_seed(5))
+        context = torch.randn(TEXT_TOKENS, c.text_dim, generator=torch.Generator().manual_seed(6)) * 0.2
+        negative = torch.randn(TEXT_TOKENS, c.text_dim, generator=torch.Generator().manual_seed(7)) * 0.2
+        image = torch.rand(512, 512, 3, generator=torch.Generator().manual_seed(8))
+        stamps = []  # (seconds since start, frames, clip)
+        bench.reset_peak()
+        with torch.inference_mode(), tempfile.TemporaryDirectory() as folder:
+            t0 = time.perf_counter()
+            chunks = stamped(pipeline.stream(image, features, context, bench.size(p), settings, num_clip=clips,
+                                             negative_context=negative), t0, stamps)
+            if writer:
+                waveform = torch.zeros(1, SAMPLE_RATE * frames // FPS)
+                path = Path(folder) / "e2e.mp4"
+                write_video(chunks, path, waveform, SAMPLE_RATE, bench.size(p))
+                file_mb = path.stat().st_size / 1e6
+            else:
+                for _ in chunks:
+                    pass
+                file_mb = None
+            total = time.perf_counter() - t0
+        made = sum(s[1] for s in stamps)
+        clip0_end = max(s[0] for s in stamps if s[2] == 0)
+        later = sum(s[1] for s in stamps if s[2] > 0)
+        row.update({
+            "frames": made,
+            "first-frame latency s": stamps[0][0],
+            "total s": total,
+            "fps": made / total,
+            "fps after clip 0": later / (total - clip0_end) if later else None,
+            "device peak GiB": bench.peak_gib(),
+            "host peak RSS GiB": peak_rss_gib(),
+            "mp4 MB": file_mb,
+        })
+        rows.append(row)
+        print(f"e2e {name}: {made} frames in {total:.1f} s = {row['fps']:.1f} fps, first frame after "
+              f"{stamps[0][0]:.2f} s", flush=True)
+        bench.release()
+    del pipeline, model, vae
+    bench.release()
+    return rows
+
+
+def stamped(chunks, t0: float, stamps: list):
+    """Passes chunks on, noting (seconds since t0, frames, clip) of each as it arrives."""
+    for chunk in chunks:
+        stamps.append((time.perf_counter() - t0, chunk.frames.shape[0], chunk.clip))
+        yield chunk
+
+
+def drop_page_cache() -> bool:
+    """Empties the OS page cache so the next read comes from disk (needs root; False if refused)."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+        return True
+    except OSError:
+        return False
+
+
+def part_load(bench: Bench) -> list[dict]:
+    folder = Path(bench.args.load_dir or tempfile.gettempdir())
+    params = sum(p.numel() for p in build_meta(bench).parameters())
+    size_gib = params * torch.finfo(bench.dtype).bits / 8 / GIB
+    free = shutil.disk_usage(folder).free / GIB
+    row = {"part": "load", "preset": "-", "file GiB": size_gib}
+    if free < size_gib + 2:
+        note = f"skipped: {free:.0f} GiB free in {folder}, the file needs {size_gib:.0f} GiB (use --load-dir)"
+        print(f"load: {note}", flush=True)
+        return [{**row, "note": note}]
+    path = folder / "liveavatar-gpu-speed-dit.safetensors"
+    try:
+        model = build_dit(bench)
+        t0 = time.perf_counter()
+        save_dit(model, path)
+        row["write s"] = time.perf_counter() - t0
+        print(f"load: wrote {size_gib:.1f} GiB in {row['write s']:.0f} s", flush=True)
+        del model
+        bench.release()
+        for label in ("cold", "warm"):
+            cold = drop_page_cache() if label == "cold" else False
+            if label == "cold" and not cold:
+                label = "cache kept"  # no root: the file may still be in the page cache
+            result = load_in_subprocess(path, bench)
+            row.update({
+                f"{label}: load s": result["seconds"],
+                f"{label}: peak RSS GiB": result["rss_peak_gib"],
+                f"{label}: RSS before GiB": result["rss_before_gib"],
+                f"{label}: device peak GiB": result["device_peak_gib"],
+            })
+            print(f"load ({label}): {result['seconds']:.1f} s, peak RSS {result['rss_peak_gib']:.1f} GiB "
+                  f"(before load {result['rss_before_gib']:.1f})", flush=True)
+    finally:
+        if not bench.args.keep_file:
+            path.unlink(missing_ok=True)
+    return [row]
+
+
+def build_meta(bench: Bench) -> WanS2VTransformer:
+    with torch.device("meta"):
+        return WanS2VTransformer(bench.config)
+
+
+def load_in_subprocess(path: Path, bench: Bench) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--load-child", str(path), "--device", str(bench.device)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"loading in a subprocess failed:\n{done.stdout}\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def load_child(path: str, device: str) -> None:
+    """Runs in a fresh process: only the loader's own memory shows in its RSS."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.empty(1, device=device)  # CUDA context before the clock starts
+        torch.cuda.synchronize(device)
+    before = peak_rss_gib()
+    t0 = time.perf_counter()
+    model = load_dit(path, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
+    if cuda:
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    print(json.dumps({
+        "seconds": seconds, "rss_peak_gib": peak_rss_gib(), "rss_before_gib": before,
+        "device_peak_gib": torch.cuda.max_memory_allocated(device) / GIB if cuda else None,
+        "tensors": len(model.state_dict()),
+    }))
+
+
+# -- results ---------------------------------------------------------------------------------------
+def fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        size = abs(value)
+        if size >= 100:
+            return f"{value:.0f}"
+        if size >= 10:
+            return f"{value:.1f}"
+        if size >= 1:
+            return f"{value:.2f}"
+        return f"{value:.3g}"
+    return str(value)
+
+
+def tables(runs: dict) -> str:
+    """One markdown table per part, a row per preset, from the stored runs."""
+    lines = []
+    for part in PARTS:
+        keyed = [(key, run) for key, run in runs.items() if key.split("/")[0] == part]
+        if not keyed:
+            continue
+        columns = []
+        for _, run in keyed:
+            columns += [k for k in run["values"] if k not in columns]
+        lines += [f"### {part}", "", "| preset | " + " | ".join(columns) + " | device | torch | run at |",
+                  "|" + "---|" * (len(columns) + 4)]
+        for key, run in sorted(keyed, key=lambda kv: _preset_order(kv[0])):
+            cells = [fmt(run["values"].get(col)) for col in columns]
+            lines.append(f"| {key.split('/', 1)[1]} | " + " | ".join(cells)
+                         + f" | {run['device']} | {run['torch']} | {run['time']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _preset_order(key: str) -> int:
+    preset = key.split("/", 1)[1]
+    return list(PRESETS).index(preset) if preset in PRESETS else len(PRESETS)
+
+
+def environment(bench: Bench | None) -> dict:
+    if bench is not None and bench.cuda:
+        device = torch.cuda.get_device_name(bench.device)
+    else:
+        device = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return {"device": device, "torch": torch.__version__, "time": dt.datetime.now().strftime("%Y-%m-%d %H:%M")}
+
+
+def store(out: Path, name: str, runs: dict) -> tuple[Path, Path]:
+    """Merges `runs` into <out>/<name>.json (a later run of a part/preset replaces the earlier)
+    and rewrites <out>/<name>.md from everything stored."""
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / f"{name}.json", out / f"{name}.md"
+    stored = json.loads(json_path.read_text()) if json_path.exists() else {"runs": {}}
+    stored["runs"].update(runs)
+    json_path.write_text(json.dumps(stored, indent=1) + "\n")
+    title = f"# LiveAvatar GPU speed, {name.removeprefix('gpu_speed-')}"
+    notes = ("Random weights of the real 14B architecture (bf16); speed-up = ComfyUI's time / ours. "
+             "`tests/benchmarks/gpu_speed.py` explains the FLOP count.")
+    md_path.write_text(f"{title}\n\n{notes}\n\n{tables(stored['runs'])}")
+    return json_path, md_path
+
+
+def rows_to_runs(rows: list[dict], env: dict, tiny: bool) -> dict:
+    runs = {}
+    for row in rows:
+        values = {k: v for k, v in row.items() if k not in ("part", "preset")}
+        runs[f"{row['part']}/{row['preset']}"] = {**env, "tiny": tiny, "values": values}
+    return runs
+
+
+# -- main ------------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="dit,stream,vae,e2e", help=f"comma list of {', '.join(PARTS)}")
+    parser.add_argument("--presets", default=",".join(PRESETS), help=f"comma list of {', '.join(PRESETS)}")
+    parser.add_argument("--tiny", action="store_true", help="small model and frames: a smoke test on any device")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=str(ROOT / "tests" / "benchmarks" / "results"),
+                        help="folder of the results files ('' = print only)")
+    parser.add_argument("--iters", type=int, help="timed repetitions (default 5; tiny 1)")
+    parser.add_argument("--warmup", type=int, help="untimed repetitions first (default 2; tiny 1)")
+    parser.add_argument("--clips", type=int, help="clips of the stream and vae parts (default 3; tiny 2)")
+    parser.add_argument("--e2e-clips", type=int, help="clips of the e2e part (default: --clips)")
+    parser.add_argument("--load-dir", help="folder for the load part's file (default: the temp folder)")
+    parser.add_argument("--keep-file", action="store_true", help="keep the load part's file")
+    parser.add_argument("--force", action="store_true", help="run presets whose caches look too big for the GPU")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="only fold these result files into --out")
+    parser.add_argument("--load-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.load_child:
+        load_child(args.load_child, args.device)
+        return
+    if args.merge:
+        for source in args.merge:
+            source = Path(source)
+            paths = store(Path(args.out), source.stem, json.loads(source.read_text())["runs"])
+            print(f"merged {source} into {paths[0]}")
+        return
+
+    parts = [p for p in args.parts.split(",") if p]
+    presets = [p for p in args.presets.split(",") if p]
+    unknown = [p for p in parts if p not in PARTS] + [p for p in presets if p not in PRESETS]
+    if unknown:
+        parser.error(f"unknown part or preset: {', '.join(unknown)}")
+    bench = Bench(args)
+    torch.set_grad_enabled(False)
+    env = environment(bench)
+    print(f"{env['device']}, torch {env['torch']}, {'tiny' if bench.tiny else '14B'} DiT, {bench.dtype}, "
+          f"{bench.warmup} warm-up + {bench.iters} timed runs", flush=True)
+
+    rows = []
+    for part in parts:
+        start = time.perf_counter()
+        if part == "dit":
+            rows += part_dit(bench, presets)
+        elif part == "stream":
+            rows += part_stream(bench, presets)
+        elif part == "vae":
+            rows += part_vae(bench, presets)
+        elif part == "e2e":
+            rows += part_e2e(bench, presets)
+        elif part == "load":
+            rows += part_load(bench)
+        print(f"[{part} took {time.perf_counter() - start:.0f} s]", flush=True)
+
+    runs = rows_to_runs(rows, env, bench.tiny)
+    print("\n" + tables(runs))
+    if args.out:
+        name = f"gpu_speed-{dt.date.today().isoformat()}" + ("-tiny" if bench.tiny else "")
+        json_path, md_path = store(Path(args.out), name, runs)
+        print(f"results: {json_path} and {md_path.name}")
+
+
+if __name__ == "__main__":
+    main()
