@@ -52,7 +52,7 @@ def main() -> None:
     features = torch.randn(1, 25, SMALL_DIT.audio_dim, frames)  # stays on the host, sliced per clip
     context = torch.randn(7, SMALL_DIT.text_dim)
     image = torch.rand(512, 512, 3)
-    marks = sorted({m for m in (2, 10, 20, 100, 1000, args.clips) if m <= args.clips})
+    marks = sorted({m for m in (2, 10, 20, 100, 200, 300, 400, 500, 1000, args.clips) if m <= args.clips})
     rows, start = [], time.perf_counter()
 
     def on_chunk(chunks):
