@@ -24,12 +24,15 @@ from .pipeline import (
     FPS,
     VIDEO_START_OFFSET,
     FrameChunk,
+    RunPlan,
     StreamingPipeline,
     clips_for_frames,
     output_frame_count,
     parse_size,
+    plan_run,
     write_video,
 )
+from .parallel.plan import planned_blocks
 from .sizing import SIZE_MODES, area_fit_size
 from .streaming import Progress, SamplerSettings
 
@@ -127,28 +130,31 @@ class VideoJob:
     image: torch.Tensor
     audio: EncodedAudio
     prompt: PromptEmbeddings
-    width: int
-    height: int
     settings: SamplerSettings
-    num_clip: int
+    plan: RunPlan
     trim_to_audio: bool = True
+
+    @property
+    def width(self) -> int:
+        return self.plan.width
+
+    @property
+    def height(self) -> int:
+        return self.plan.height
 
     @property
     def frame_count(self) -> int:
         """Frames the finished video holds."""
-        return self.audio.video_frames(self.num_clip, self.settings.infer_frames, self.trim_to_audio)
+        return self.plan.frames
+
+    @property
+    def num_clip(self) -> int:
+        return self.plan.clips
 
     @property
     def total_steps(self) -> int:
-        """DiT steps of the whole run (for progress bars): blocks actually needed x steps."""
-        s = self.settings
-        frames_needed = self.frame_count + VIDEO_START_OFFSET
-        full_clips, rest = divmod(frames_needed, s.infer_frames)
-        blocks = full_clips * len(s.blocks())
-        if rest:
-            latents = math.ceil(rest / 4)
-            blocks += sum(1 for start, _ in s.blocks() if start < latents)
-        return blocks * s.sample_steps
+        """DiT steps of the whole run (for progress bars)."""
+        return len(planned_blocks(self.plan, self.settings)) * self.settings.sample_steps
 
     def rendered_audio(self, frames: int | None = None) -> torch.Tensor:
         """The track under the video (or under its first `frames`), [channels, samples]."""
@@ -211,12 +217,10 @@ def make_job(
                          "(the motion context is packed in 8*8-latent patches).")
     if num_clip is not None and num_clip < 0:
         raise InputError(f"num_clip must be at least 1, or 0 for 'as many as the audio needs', got {num_clip}.")
-    if audio.frames == 0:
-        raise InputError("the audio is empty: give a speech track of at least one video frame (40 ms).")
     if settings.guide_scale > 0 and prompt.negative is None:
         raise InputError("sample_guide_scale > 0 needs a negative prompt: encode it with EncodePrompt, or set the scale to 0.")
-    clips = num_clip or audio.clips_needed(settings.infer_frames)
-    return VideoJob(models, image, audio, prompt, width, height, settings, clips, trim_to_audio)
+    plan = plan_run(audio.features, (width, height), settings, num_clip or None, trim_to_audio)
+    return VideoJob(models, image, audio, prompt, settings, plan, trim_to_audio)
 
 
 @dataclass

@@ -82,7 +82,9 @@ def test_render_writes_the_mp4_and_keeps_frames_with_the_matching_audio(models, 
     settings = SamplerSettings(sample_steps=1, infer_frames=16)
     job = make_job(models, torch.rand(96, 128, 3), audio(40, rate=44100), PROMPT, "64*64", settings)
     assert (job.num_clip, job.frame_count) == (3, 37)
-    result = render(job, tmp_path / "a.mp4", keep_frames=True)
+    steps = []
+    result = render(job, tmp_path / "a.mp4", keep_frames=True, progress=steps.append)
+    assert len(steps) == job.total_steps  # the progress bar ends full
     assert result.frames.shape == (37, 64, 64, 3) and result.frames_written == 37
     info = read_video_info(tmp_path / "a.mp4")
     assert info["frames"] == 37 and abs(info["audio_duration_s"] - 37 / 25) <= 1 / 25
