@@ -27,7 +27,7 @@ from .pipeline import (
     RunPlan,
     StreamingPipeline,
     clips_for_frames,
-    output_frame_count,
+    frames_for_run,
     parse_size,
     plan_run,
     write_video,
@@ -69,8 +69,7 @@ class EncodedAudio:
 
     def video_frames(self, num_clip: int, infer_frames: int, trim_to_audio: bool = True) -> int:
         """Frames a video of `num_clip` clips holds (cut where the audio ends when trimming)."""
-        frames = output_frame_count(num_clip, infer_frames)
-        return min(frames, max(1, self.frames - VIDEO_START_OFFSET)) if trim_to_audio else frames
+        return frames_for_run(self.frames, num_clip, infer_frames, trim_to_audio)
 
     def track_for_frames(self, frames: int) -> torch.Tensor:
         """The track [channels, samples] under `frames` video frames: shifted to the video's

@@ -122,10 +122,13 @@ def plan_run(
     if num_clip is not None and num_clip < 1:
         raise InputError(f"num_clip must be at least 1 (or 'auto' to follow the audio), got {num_clip}.")
     clips = num_clip or clips_for_frames(audio_frames, settings.infer_frames)
-    frames = output_frame_count(clips, settings.infer_frames)
-    if trim_to_audio:
-        frames = min(frames, max(1, audio_frames - VIDEO_START_OFFSET))
-    return RunPlan(width, height, clips, frames)
+    return RunPlan(width, height, clips, frames_for_run(audio_frames, clips, settings.infer_frames, trim_to_audio))
+
+
+def frames_for_run(audio_frames: int, clips: int, infer_frames: int, trim_to_audio: bool = True) -> int:
+    """Frames a run of `clips` clips yields; when trimming, no more than the audio covers."""
+    frames = output_frame_count(clips, infer_frames)
+    return min(frames, max(1, audio_frames - VIDEO_START_OFFSET)) if trim_to_audio else frames
 
 
 def encode_reference(vae: WanVAE, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

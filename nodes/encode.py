@@ -5,7 +5,7 @@ from __future__ import annotations
 from liveavatar_core.errors import InputError
 from liveavatar_core.generation import encode_audio, encode_prompt
 
-from .types import AUDIO_FEATURES, CATEGORY, MODEL, PROMPT
+from .types import AUDIO_FEATURES, CATEGORY, MODEL_INPUT, PROMPT
 
 DEFAULT_PROMPT = (
     "A person speaks directly to the camera with natural lip movements, gentle head motion and "
@@ -32,7 +32,7 @@ class EncodeAudio:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": (MODEL, {"tooltip": "From Load LiveAvatar Model."}),
+                "model": MODEL_INPUT,
                 "audio": ("AUDIO", {"tooltip": "Any sample rate, mono or stereo, any length (from Load Audio)."}),
                 "infer_frames": ("INT", {
                     "default": 48, "min": 4, "max": 480, "step": 4,
@@ -63,7 +63,7 @@ class EncodePrompt:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": (MODEL, {"tooltip": "From Load LiveAvatar Model."}),
+                "model": MODEL_INPUT,
                 "prompt": ("STRING", {
                     "multiline": True, "default": DEFAULT_PROMPT,
                     "tooltip": "Describe the speaker, their expression and the scene; up to 512 tokens."}),

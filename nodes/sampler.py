@@ -12,7 +12,7 @@ from liveavatar_core.sizing import SIZE_MODES
 from liveavatar_core.streaming import SamplerSettings
 from liveavatar_core.streaming.solvers import SOLVERS
 
-from .types import AUDIO_FEATURES, CATEGORY, MODEL, PROMPT, VIDEO_STREAM
+from .types import AUDIO_FEATURES, CATEGORY, MODEL_INPUT, PROMPT, VIDEO_STREAM
 
 MAX_SEED = 2**53 - 1  # the canvas stores numbers as doubles
 
@@ -33,7 +33,7 @@ class LiveAvatarSampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": (MODEL, {"tooltip": "From Load LiveAvatar Model."}),
+                "model": MODEL_INPUT,
                 "image": ("IMAGE", {
                     "tooltip": "The portrait (any size). 'exact' size mode scales it to cover the output "
                                "size and crops the centre; nothing is stretched. Only the first image of a "
