@@ -10,25 +10,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import fused
 from .layers import CrossAttention, LayerNorm32, SelfAttention
 
 
-def per_segment(x: torch.Tensor, rows: torch.Tensor, segments: list[int], fn) -> torch.Tensor:
-    """Applies fn(part, row) to each segment of x [B, L, C] with its row [B, 1, C] of `rows`."""
+def segment_ids(segments: list[int], device) -> torch.Tensor | None:
+    """Which modulation row each token takes ([L]), or None for a single segment."""
     if len(segments) == 1:
-        return fn(x, rows[:, :1])
-    parts = x.split(segments, dim=1)
-    return torch.cat([fn(part, rows[:, i : i + 1]) for i, part in enumerate(parts)], dim=1)
-
-
-def modulate(x, shift, scale, segments):
-    return per_segment(
-        x, torch.stack([shift, scale], dim=2), segments, lambda p, r: p * (1 + r[:, :, 1]) + r[:, :, 0]
-    )
-
-
-def gate(x, gates, segments):
-    return per_segment(x.float(), gates, segments, lambda p, r: p * r)
+        return None
+    return torch.repeat_interleave(torch.arange(len(segments), device=device), torch.tensor(segments, device=device))
 
 
 class S2VBlock(nn.Module):
@@ -46,14 +36,16 @@ class S2VBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x, modulation, segments, rope, context, kv=None):
-        """x [B, L, C] float32 residual stream; modulation [B, S, 6, C] float32."""
+        """x [B, L, C] float32 residual stream; modulation [B, S, 6, C] float32; segments:
+        per-token segment ids from `segment_ids` (None: one segment)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float().unsqueeze(1) + modulation).unbind(2)
-        y = self.self_attn(modulate(self.norm1(x).float(), shift1, scale1, segments), rope, kv)
-        x = x + gate(y, gate1, segments)
-        x = x + self.cross_attn(self.norm3(x), context).float()
-        ffn_in = modulate(self.norm2(x).float(), shift2, scale2, segments)
-        y = self.ffn(ffn_in.to(self.ffn[0].weight.dtype))
-        return x + gate(y, gate2, segments)
+        dtype = self.ffn[0].weight.dtype
+        y = self.self_attn(fused.norm_modulate(x, shift1, scale1, segments, self.norm1.eps, dtype), rope, kv)
+        x = fused.gated_residual(x, y, gate1, segments)
+        normed = fused.layer_norm_affine(x, self.norm3.weight, self.norm3.bias, self.norm3.eps, dtype)
+        x = fused.add_float(x, self.cross_attn(normed, context))
+        y = self.ffn(fused.norm_modulate(x, shift2, scale2, segments, self.norm2.eps, dtype))
+        return fused.gated_residual(x, y, gate2, segments)
 
 
 class Head(nn.Module):
@@ -65,8 +57,8 @@ class Head(nn.Module):
         self.head = nn.Linear(dim, out_features)
         self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
 
-    def forward(self, x, time_embedding, segments):
-        """time_embedding [B, S, C] float32 (one row per segment)."""
+    def forward(self, x, time_embedding, segments: list[int]):
+        """time_embedding [B, S, C] float32 (one row per segment); segments: their lengths."""
         shift, scale = (self.modulation.float().unsqueeze(1) + time_embedding.unsqueeze(2)).unbind(2)
-        x = modulate(self.norm(x).float(), shift, scale, segments)
-        return self.head(x.to(self.head.weight.dtype))
+        ids = segment_ids(segments, x.device)
+        return self.head(fused.norm_modulate(x, shift, scale, ids, self.norm.eps, self.head.weight.dtype))

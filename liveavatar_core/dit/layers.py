@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .rope import apply_rope
+from . import fused
 
 
 class RMSNorm(nn.Module):
@@ -18,9 +18,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        return fused.rms_norm(x, self.weight, self.eps)
 
 
 class LayerNorm32(nn.LayerNorm):
@@ -77,9 +75,10 @@ class SelfAttention(QKVProjection):
     """
 
     def forward(self, x, rope, kv=None):
-        q = apply_rope(self.project_q(x), rope)
-        raw_k, v = self.project_kv(x)
-        k = apply_rope(raw_k, rope)
+        x = x.to(self.q.weight.dtype)
+        _, q = fused.rms_norm_rope(self.q(x), self.norm_q.weight, self.norm_q.eps, self.num_heads, *rope)
+        raw_k, k = fused.rms_norm_rope(self.k(x), self.norm_k.weight, self.norm_k.eps, self.num_heads, *rope)
+        v = self._heads(self.v(x))
         mask = None
         if kv is not None:
             k, v, *rest = kv(raw_k, k, v)

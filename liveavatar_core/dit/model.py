@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from .audio import AudioInjector, CausalAudioEncoder
-from .blocks import Head, S2VBlock
+from .blocks import Head, S2VBlock, segment_ids
 from .config import S2VConfig
 from .motion import FramePacker
-from .rope import grid_positions, rope_cos_sin
+from .rope import grid_positions, rope_cos_sin, video_grid
 
 VIDEO, REFERENCE, MOTION = 0, 1, 2  # rows of `trainable_cond_mask`
 
@@ -100,9 +100,9 @@ class WanS2VTransformer(nn.Module):
             x = x + self.cond_encoder(cond.to(self.dtype))
         return x.flatten(2).transpose(1, 2)
 
-    def video_positions(self, frames: int, height: int, width: int, first_frame: int = 0) -> torch.Tensor:
+    def video_positions(self, frames: int, height: int, width: int, first_frame: int = 0, device=None) -> torch.Tensor:
         ph, pw = self.config.patch_size[1:]
-        return grid_positions(np.arange(first_frame, first_frame + frames), np.arange(height // ph), np.arange(width // pw))
+        return video_grid(first_frame, frames, height // ph, width // pw, device)
 
     def embed_sink(self, ref: torch.Tensor, motion: torch.Tensor, ref_index: int | None = None):
         """Reference latent [B, C, 1, H, W] and motion latents [B, C, T_m, H, W] ->
@@ -133,17 +133,20 @@ class WanS2VTransformer(nn.Module):
 
         `audio` = (global, local) tokens with one row per latent frame of the first
         `video_tokens` tokens, or None (no injection: the sink pass); `kv_hook(layer_index)`
-        returns that layer's key/value callable (see `SelfAttention`) or None.
+        returns that layer's key/value callable (see `SelfAttention`) or None; `segments`:
+        the lengths of the parts of x that `modulation` has one row each for.
         """
+        ids = segment_ids(segments, x.device)
         for index, block in enumerate(self.blocks):
             kv = kv_hook(index) if kv_hook is not None else None
-            x = block(x, modulation, segments, rope, context, kv)
+            x = block(x, modulation, ids, rope, context, kv)
             if audio is not None and index in self.injector_after:
                 audio_global, audio_local = audio
                 residual = self.audio_injector(
                     self.injector_after[index], x[:, :video_tokens], audio_local, audio_global
                 )
-                x = torch.cat([x[:, :video_tokens] + residual.float(), x[:, video_tokens:]], dim=1)
+                # x is this block's fresh output: adding in place spares a copy of the stream.
+                x[:, :video_tokens] += residual.float()
         return x
 
     def unpatchify(self, x: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:
@@ -177,7 +180,7 @@ class WanS2VTransformer(nn.Module):
         video = self.embed_video(latents, cond) + self.trainable_cond_mask.weight[VIDEO]
         sink, sink_positions = self.embed_sink(ref, motion)
         x = torch.cat([video, sink], dim=1).float()
-        positions = torch.cat([self.video_positions(frames, height, width), sink_positions])
+        positions = torch.cat([self.video_positions(frames, height, width, device=device), sink_positions.to(device)])
         rope = rope_cos_sin(positions, self.config.head_dim, device)
 
         times = torch.cat([timestep.flatten().expand(batch), timestep.new_zeros(1)]).to(device)

@@ -8,8 +8,12 @@ in the official code, which is the same as a negative angle.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
+
+from . import fused
 
 
 def axis_channels(head_dim: int) -> tuple[int, int, int]:
@@ -18,42 +22,50 @@ def axis_channels(head_dim: int) -> tuple[int, int, int]:
     return half - 2 * (half // 3), half // 3, half // 3
 
 
-def _inv_freq(num_complex: int, theta: float = 10000.0) -> torch.Tensor:
+@functools.lru_cache(maxsize=32)
+def _inv_freq(num_complex: int, device: torch.device, theta: float = 10000.0) -> torch.Tensor:
     dim = 2 * num_complex
-    return 1.0 / torch.pow(theta, torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    return (1.0 / torch.pow(theta, torch.arange(0, dim, 2, dtype=torch.float64) / dim)).to(device)
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """[L, 3] integer positions -> [L, head_dim // 2] rotation angles (float64)."""
+    """[L, 3] integer positions -> [L, head_dim // 2] rotation angles (float64, on the
+    positions' device)."""
     parts = [
-        positions[:, axis, None].double() * _inv_freq(n)[None]
+        positions[:, axis, None].double() * _inv_freq(n, positions.device)[None]
         for axis, n in enumerate(axis_channels(head_dim))
     ]
     return torch.cat(parts, dim=1)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [L, 1, head_dim // 2] in float32, ready for `apply_rope`."""
-    angles = rope_angles(positions, head_dim)
-    return (
-        angles.cos().float().unsqueeze(1).to(device),
-        angles.sin().float().unsqueeze(1).to(device),
-    )
+    """cos/sin tables [L, 1, head_dim // 2] in float32, ready for `apply_rope`.
+
+    Computed where they are used (float64 angles, as the official tables), so a GPU run
+    neither waits on the host nor copies tables over at every call."""
+    angles = rope_angles(positions.to(device), head_dim)
+    return angles.cos().float().unsqueeze(1), angles.sin().float().unsqueeze(1)
 
 
 def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Rotates [B, L, heads, head_dim] by the tables of `rope_cos_sin` (pairs are adjacent channels)."""
-    cos, sin = rope
-    pairs = x.float().unflatten(-1, (-1, 2))
-    real, imag = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    return fused.rope(x, *rope)
 
 
 def sampled_axis(start: int, span: int, count: int) -> np.ndarray:
     """`count` integer positions spread over [start, start + span - 1], truncated like the
     official grid sampling (used when a coarse motion patch stands for several fine rows)."""
     return np.linspace(start, start + span - 1, count).astype(int)
+
+
+def video_grid(first_frame: int, frames: int, height: int, width: int, device=None) -> torch.Tensor:
+    """[frames * height * width, 3] positions of a block of video tokens, made on `device`."""
+    axes = (
+        torch.arange(first_frame, first_frame + frames, device=device),
+        torch.arange(height, device=device),
+        torch.arange(width, device=device),
+    )
+    return torch.stack([a.flatten() for a in torch.meshgrid(*axes, indexing="ij")], dim=1)
 
 
 def grid_positions(t: np.ndarray | list[int], h: np.ndarray, w: np.ndarray) -> torch.Tensor:

@@ -21,12 +21,16 @@ class BlockKVCache:
         self.tokens_per_frame = tokens_per_frame
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
+        self._slots: tuple[tuple, torch.Tensor] | None = None  # every layer of a call writes the same slots
 
     def token_slots(self, first_frame: int, frames: int, device) -> torch.Tensor:
         """Ring indices of the tokens of frames [first_frame, first_frame + frames)."""
-        slots = (torch.arange(first_frame, first_frame + frames) % self.frames) * self.tokens_per_frame
-        tokens = slots[:, None] + torch.arange(self.tokens_per_frame)[None]
-        return tokens.flatten().to(device)
+        key = (first_frame, frames, torch.device(device))
+        if self._slots is None or self._slots[0] != key:
+            starts = (torch.arange(first_frame, first_frame + frames, device=device) % self.frames) * self.tokens_per_frame
+            tokens = starts[:, None] + torch.arange(self.tokens_per_frame, device=device)[None]
+            self._slots = key, tokens.flatten()
+        return self._slots[1]
 
     def write_and_read(self, layer: int, first_frame: int, frames: int, keys: torch.Tensor, values: torch.Tensor):
         """Stores a block's keys/values and returns every cached frame's (block included).

@@ -45,7 +45,7 @@ class CausalDiT:
             return kv
 
         model.run_blocks(tokens.float(), modulation, [tokens.shape[1]], rope, context, None, 0, capture)
-        sink.positions = positions
+        sink.positions = positions.to(tokens.device)
         sink.ref_tokens = self.tokens_per_frame(*ref.shape[-2:])
 
     def sink_rope(self, sink: SinkCache, first_frame: int, sink_distance: int, device):
@@ -78,7 +78,7 @@ class CausalDiT:
         batch, _, frames, height, width = latents.shape
         device = latents.device
         video = model.embed_video(latents, cond) + model.trainable_cond_mask.weight[VIDEO]
-        rope = rope_cos_sin(model.video_positions(frames, height, width, first_frame), self.config.head_dim, device)
+        rope = rope_cos_sin(model.video_positions(frames, height, width, first_frame, device), self.config.head_dim)
         sink_rope = self.sink_rope(sink, first_frame, sink_distance, device)
         head_emb, modulation = model.embed_time(torch.full((batch,), float(timestep), device=device))
 
