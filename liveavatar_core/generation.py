@@ -5,12 +5,13 @@
 - `encode_prompt`: prompt (+ negative) -> `PromptEmbeddings`.
 - `VideoJob`: everything one video needs, checked when it is made and run only when its
   frames are pulled (`frames`), so generation and decoding interleave and memory stays flat.
+  With `gpus` > 1 it runs in warm worker processes, one per GPU (`parallel.shared_pools`).
 - `render`: pull a job into an mp4 (streamed, with audio) and/or one frame tensor.
 """
 
 from __future__ import annotations
 
-import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,10 @@ import torch
 from .audio_io import is_silent, to_16k_mono
 from .errors import InputError
 from .models import LiveAvatarModels
+from .parallel import Job
+from .parallel.models import ModelFiles as WorkerModelFiles
+from .parallel.plan import planned_blocks
+from .parallel.shared_pools import release_shared_pool, shared_pool
 from .pipeline import (
     FPS,
     VIDEO_START_OFFSET,
@@ -32,7 +37,6 @@ from .pipeline import (
     plan_run,
     write_video,
 )
-from .parallel.plan import planned_blocks
 from .sizing import SIZE_MODES, area_fit_size
 from .streaming import Progress, SamplerSettings
 
@@ -132,6 +136,7 @@ class VideoJob:
     settings: SamplerSettings
     plan: RunPlan
     trim_to_audio: bool = True
+    gpus: int = 1  # 1: this process; more: that many warm worker processes, one per GPU
 
     @property
     def width(self) -> int:
@@ -164,7 +169,17 @@ class VideoJob:
         progress: Callable[[Progress], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> Iterator[FrameChunk]:
-        """Generates and decodes block by block; frames [N, H, W, 3] in 0..1 on the CPU."""
+        """Generates and decodes block by block; frames [N, H, W, 3] in 0..1 on the CPU.
+
+        The same frames either way: in this process, or with `gpus` > 1 in worker processes
+        (each runs some of the denoising steps, the last also decodes)."""
+        if self.gpus > 1:
+            yield from self._frames_from_workers(progress, should_stop)
+        else:
+            yield from self._frames_here(progress, should_stop)
+
+    def _frames_here(self, progress, should_stop) -> Iterator[FrameChunk]:
+        release_shared_pool()  # the workers' networks would crowd this process's GPU
         models = self.models
         pipeline = StreamingPipeline(models.dit, models.vae, models.device)
         with models.on_device("dit", "vae"):
@@ -181,6 +196,77 @@ class VideoJob:
                 trim_to_audio=self.trim_to_audio,
             )
 
+    def _frames_from_workers(self, progress, should_stop) -> Iterator[FrameChunk]:
+        # This process's DiT and VAE stay where they are: the workers load their own copies.
+        pool = shared_pool(worker_model_files(self.models), self.gpus, self.models.device.type)
+        job = Job(self.image, self.audio.features, self.prompt.positive, (self.width, self.height), self.settings,
+                  self.num_clip, self.prompt.negative, self.trim_to_audio)
+        chunks = pool.run(job, should_stop)
+        if progress is not None:
+            chunks = _with_block_progress(chunks, planned_blocks(self.plan, self.settings), self.settings, progress)
+        yield from chunks
+
+
+def worker_model_files(models: LiveAvatarModels) -> WorkerModelFiles:
+    """The files (and weight dtype) worker processes load the DiT and VAE from."""
+    files = models.files
+    lora = None if files.lora is None else Path(files.lora)
+    return WorkerModelFiles(Path(files.dit), Path(files.vae), lora, files.lora_strength, models.dtype)
+
+
+def _with_block_progress(
+    chunks: Iterator[FrameChunk],
+    blocks: list[tuple[int, int]],
+    settings: SamplerSettings,
+    progress: Callable[[Progress], None],
+) -> Iterator[FrameChunk]:
+    """Progress for steps run in other processes, which report nothing per step: a block's
+    frames arriving mean its steps (and those of every block before it) are done. The count
+    ends at `VideoJob.total_steps`, as in-process runs do."""
+    reported = 0
+
+    def report_through(end: int) -> None:
+        nonlocal reported
+        for clip, block in blocks[reported:end]:
+            for step in range(settings.sample_steps):
+                progress(Progress(clip, block, len(settings.blocks()), step, settings.sample_steps))
+        reported = max(reported, end)
+
+    for chunk in chunks:
+        report_through(blocks.index((chunk.clip, chunk.block)) + 1)
+        yield chunk
+    report_through(len(blocks))
+
+
+def _check_gpus(models: LiveAvatarModels, gpus: int) -> None:
+    """Refuses (InputError) a process count the machine or the models cannot serve."""
+    if gpus < 1:
+        raise InputError(f"gpus must be at least 1 (1 = this process), got {gpus}.")
+    if gpus == 1:
+        return
+    if models.files is None:
+        raise InputError(
+            "gpus > 1: the worker processes load the networks from their files, but these models were not "
+            "loaded from files (load them with load_models / Load LiveAvatar Model), or set gpus to 1."
+        )
+    kind = models.device.type
+    if kind not in ("cuda", "cpu"):
+        raise InputError(f"gpus > 1 needs CUDA GPUs (or the CPU), but the models run on {kind}: set gpus to 1.")
+    if kind == "cuda":
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus > visible:
+            raise InputError(_too_few_gpus_message(gpus, visible))
+
+
+def _too_few_gpus_message(gpus: int, visible: int) -> str:
+    devices = os.environ.get("CUDA_VISIBLE_DEVICES")
+    limit = f" (CUDA_VISIBLE_DEVICES={devices})" if devices is not None else ""
+    return (
+        f"gpus = {gpus}, but {visible} CUDA GPU{'' if visible == 1 else 's'} {'is' if visible == 1 else 'are'} "
+        f"visible{limit}: set gpus to at most {visible}, or make more GPUs visible (start ComfyUI without "
+        "--cuda-device, which shows it only one GPU, and check CUDA_VISIBLE_DEVICES)."
+    )
+
 
 def make_job(
     models: LiveAvatarModels,
@@ -192,14 +278,18 @@ def make_job(
     num_clip: int | None = None,
     size_mode: str = "exact",
     trim_to_audio: bool = True,
+    gpus: int = 1,
 ) -> VideoJob:
     """Checks every input now, so a bad one fails before minutes of compute.
 
     num_clip: None or 0 = as many clips as the audio needs. size_mode: 'exact' (resize and
     centre-crop the image to `size`) or 'official_area' (`size` is an area budget; the
-    image's aspect ratio decides the shape, as in the official CLI).
+    image's aspect ratio decides the shape, as in the official CLI). gpus: 1 = this process;
+    more = that many worker processes, one per GPU (CPU processes when the models run on the
+    CPU), kept warm between runs.
     """
     settings.validate()
+    _check_gpus(models, gpus)
     if image.dim() == 4:
         image = image[0]
     if image.dim() != 3 or image.shape[-1] not in (3, 4) or min(image.shape[:2]) < 16:
@@ -219,7 +309,7 @@ def make_job(
     if settings.guide_scale > 0 and prompt.negative is None:
         raise InputError("sample_guide_scale > 0 needs a negative prompt: encode it with EncodePrompt, or set the scale to 0.")
     plan = plan_run(audio.features, (width, height), settings, num_clip or None, trim_to_audio)
-    return VideoJob(models, image, audio, prompt, settings, plan, trim_to_audio)
+    return VideoJob(models, image, audio, prompt, settings, plan, trim_to_audio, gpus)
 
 
 @dataclass

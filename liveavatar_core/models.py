@@ -22,6 +22,7 @@ import torch
 
 from .audio_encoder import AudioEncoder, load_audio_encoder
 from .dit import WanS2VTransformer, load_dit
+from .dit.fp8 import FP8, dequantize_dit_, has_fp8_layers, quantize_dit_
 from .errors import CheckpointError, InputError
 from .lora import merge_lora
 from .text_encoder import TextEncoder, load_text_encoder
@@ -29,7 +30,8 @@ from .vae import WanVAE, load_vae
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# fp8_e4m3fn: the DiT's linear layers in fp8 (see dit.fp8), everything else in bf16.
+WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8_e4m3fn": FP8}
 # LiveAvatar's LoRA is trained as a distillation of the base model at this strength.
 DEFAULT_LORA_STRENGTH = 1.0
 _SHARD = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
@@ -53,6 +55,9 @@ class LiveAvatarModels:
     audio_encoder: AudioEncoder
     device: torch.device
     offload: bool = False
+    dtype: torch.dtype = torch.bfloat16  # the DiT's weights, as loaded
+    # Where the networks came from: worker processes of a multi-GPU run load their own copies.
+    files: ModelFiles | None = None
 
     @property
     def home(self) -> torch.device:
@@ -89,18 +94,18 @@ def load_models(
     """Loads the DiT (+ LoRA), umT5, Wan VAE and wav2vec2 from `files`.
 
     `dtype` is the DiT's and umT5's weight dtype; the VAE and wav2vec2 use it on GPUs and
-    float32 on the CPU, where half-precision convolutions are slow. Raises CheckpointError
+    float32 on the CPU, where half-precision convolutions are slow. fp8 (`float8_e4m3fn`)
+    puts the DiT's linear layers in fp8 and the rest in bf16. Raises CheckpointError
     naming the file when one holds another network or the networks do not fit together.
     """
     device = torch.device(device)
     dtype = _dtype(dtype)
+    fp8 = dtype == FP8
+    dtype = torch.bfloat16 if fp8 else dtype
     home = torch.device("cpu") if offload else device
     small_dtype = dtype if device.type == "cuda" else torch.float32
 
-    dit = load_dit(whole_checkpoint(files.dit), device=home, dtype=dtype)
-    if files.lora is not None and files.lora_strength != 0:
-        report = merge_lora(dit, files.lora, files.lora_strength)
-        logger.info("LiveAvatar LoRA: %s", report)
+    dit = load_dit_as(files, home, dtype, fp8)
     text_encoder = load_text_encoder(files.text_encoder, device=home, dtype=dtype)
     if text_encoder.model.config.d_model != dit.config.text_dim:
         raise CheckpointError(
@@ -121,7 +126,23 @@ def load_models(
             f"the VAE {Path(files.vae).name} has {vae.model.config.z_dim} latent channels but the diffusion "
             f"model expects {dit.config.in_dim}. Pick the Wan 2.1 VAE (wan_2.1_vae.safetensors)."
         )
-    return LiveAvatarModels(dit, vae, text_encoder, audio_encoder, device, offload)
+    return LiveAvatarModels(dit, vae, text_encoder, audio_encoder, device, offload, dtype, files)
+
+
+def load_dit_as(files: ModelFiles, home: torch.device, dtype: torch.dtype, fp8: bool) -> WanS2VTransformer:
+    """The DiT with the LoRA merged, its linear layers in fp8 or in `dtype` whatever the file
+    holds. An fp8 run of a bf16 file is loaded on the CPU and quantised layer by layer into
+    `home`, so the bf16 weights never need room on the GPU."""
+    dit = load_dit(whole_checkpoint(files.dit), device="cpu" if fp8 else home, dtype=dtype)
+    lora = files.lora is not None and files.lora_strength != 0
+    if has_fp8_layers(dit) and (lora or not fp8):
+        dequantize_dit_(dit)  # a LoRA merges into full-precision weights
+    if lora:
+        report = merge_lora(dit, files.lora, files.lora_strength)
+        logger.info("LiveAvatar LoRA: %s", report)
+    if fp8:
+        quantize_dit_(dit, home)
+    return dit.to(home)
 
 
 def whole_checkpoint(path: str | Path) -> Path:

@@ -18,7 +18,8 @@ class OnlineVAEDecode:
     DESCRIPTION = (
         "Generates the video and decodes it block by block with the causal VAE. 'mp4' streams every "
         "clip to a file as it is made, so memory stays flat for any length and a cancelled run keeps "
-        "a playable file. 'frames' returns IMAGE frames for upscale or face-restore nodes."
+        "a playable file. 'frames' returns IMAGE frames for upscale or face-restore nodes. With the "
+        "sampler's gpus > 1, warm worker processes (one per GPU) do the work and progress advances per block."
     )
     CATEGORY = CATEGORY
     OUTPUT_NODE = True

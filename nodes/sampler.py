@@ -15,6 +15,7 @@ from liveavatar_core.streaming.solvers import SOLVERS
 from .types import AUDIO_FEATURES, CATEGORY, MODEL_INPUT, PROMPT, VIDEO_STREAM
 
 MAX_SEED = 2**53 - 1  # the canvas stores numbers as doubles
+MAX_GPUS = 16
 
 
 class LiveAvatarSampler:
@@ -73,6 +74,19 @@ class LiveAvatarSampler:
                     "default": True,
                     "tooltip": "Stop the video where the audio ends; off renders every clip, with silence "
                                "past the audio."}),
+            },
+            # Optional, so API prompts written before it existed still run (on one process).
+            "optional": {
+                "gpus": ("INT", {
+                    "default": 1, "min": 1, "max": MAX_GPUS,
+                    "tooltip": "1 = this ComfyUI process. N > 1 = N worker processes, one per GPU, each "
+                               "running some of the denoising steps; the last also decodes (the official "
+                               "layout is 5 GPUs for 4 steps; more than sample_steps + 1 leaves some idle). "
+                               "Workers load their own copy of the diffusion model and VAE and stay warm "
+                               "between runs; changing the model or gpus restarts them, gpus = 1 ends them. "
+                               "Works with offload_model on or off; on is best, so this process's own copy "
+                               "waits in RAM instead of on the first GPU beside worker 0's. On a machine "
+                               "without GPUs, N CPU processes are used (only useful for testing)."}),
             }
         }
 
@@ -83,9 +97,9 @@ class LiveAvatarSampler:
         return True
 
     def prepare(self, model, image, audio_features, prompt, size, size_mode, num_clip, sample_steps, infer_frames,
-                sample_solver, sample_guide_scale, seed, trim_to_audio):
+                sample_solver, sample_guide_scale, seed, trim_to_audio, gpus=1):
         settings = SamplerSettings(sample_steps=sample_steps, infer_frames=infer_frames, sample_solver=sample_solver,
                                    guide_scale=sample_guide_scale, seed=seed)
         job = make_job(model, image, audio_features, prompt, size, settings, num_clip=num_clip or None,
-                       size_mode=size_mode, trim_to_audio=trim_to_audio)
+                       size_mode=size_mode, trim_to_audio=trim_to_audio, gpus=gpus)
         return (job,)

@@ -43,6 +43,7 @@ class Preset:
     infer_frames: int = 48
     guide_scale: float = 0.0
     offload: bool = True
+    gpus: int = 1  # the presets run in ComfyUI's process; more is a setting of the machine
     note: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -73,7 +74,8 @@ def _nodes(p: Preset) -> list[dict]:
     """(id, type, position, size, widgets, inputs {name: (type, from id, from slot)}, outputs [(name, type)])."""
     model = [MODEL_FILES["diffusion_model"], MODEL_FILES["lora"], 1.0, MODEL_FILES["text_encoder"],
              MODEL_FILES["vae"], MODEL_FILES["audio_encoder"], "bf16", p.offload]
-    sampler = [p.size, "exact", p.num_clip, p.steps, p.infer_frames, "euler", p.guide_scale, 42, "fixed", True]
+    sampler = [p.size, "exact", p.num_clip, p.steps, p.infer_frames, "euler", p.guide_scale, 42, "fixed", True,
+               p.gpus]
     return [
         dict(id=1, type="LoadLiveAvatarModel", pos=[40, 60], size=[360, 260], widgets=model, inputs={},
              outputs=[("model", "LIVEAVATAR_MODEL")]),
@@ -87,7 +89,7 @@ def _nodes(p: Preset) -> list[dict]:
                       ("num_frames", "INT")]),
         dict(id=5, type="EncodePrompt", pos=[450, 60], size=[400, 300], widgets=[PROMPT, ""],
              inputs={"model": ("LIVEAVATAR_MODEL", 1, 0)}, outputs=[("prompt", "LIVEAVATAR_PROMPT")]),
-        dict(id=6, type="LiveAvatarSampler", pos=[900, 60], size=[340, 380], widgets=sampler,
+        dict(id=6, type="LiveAvatarSampler", pos=[900, 60], size=[340, 410], widgets=sampler,
              inputs={"model": ("LIVEAVATAR_MODEL", 1, 0), "image": ("IMAGE", 2, 0),
                      "audio_features": ("LIVEAVATAR_AUDIO", 4, 0), "prompt": ("LIVEAVATAR_PROMPT", 5, 0)},
              outputs=[("video_stream", "LIVEAVATAR_VIDEO_STREAM")]),
@@ -107,7 +109,7 @@ WIDGET_NAMES = {
     "EncodeAudio": ["infer_frames"],
     "EncodePrompt": ["prompt", "negative_prompt"],
     "LiveAvatarSampler": ["size", "size_mode", "num_clip", "sample_steps", "infer_frames", "sample_solver",
-                          "sample_guide_scale", "seed", None, "trim_to_audio"],
+                          "sample_guide_scale", "seed", None, "trim_to_audio", "gpus"],
     "OnlineVAEDecode": ["output", "filename_prefix", "crf"],
 }
 
@@ -130,7 +132,7 @@ def ui_workflow(p: Preset) -> dict:
                       "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
                       "properties": {"Node name for S&R": spec["type"]}, "widgets_values": spec["widgets"]})
     note_id = len(specs) + 1
-    nodes.append({"id": note_id, "type": "Note", "pos": [900, 500], "size": [400, 260], "flags": {}, "order": len(specs),
+    nodes.append({"id": note_id, "type": "Note", "pos": [900, 530], "size": [400, 260], "flags": {}, "order": len(specs),
                   "mode": 0, "inputs": [], "outputs": [], "properties": {"text": ""},
                   "widgets_values": [f"LiveAvatar {p.title} preset\n\n{p.note}{COMMON_NOTE}"],
                   "color": "#432", "bgcolor": "#653"})

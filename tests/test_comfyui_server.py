@@ -81,9 +81,10 @@ def test_object_info_lists_the_five_nodes_with_tooltips(server):
         assert spec["category"] == "LiveAvatar"
         inputs = spec["input"]["required"]
         assert inputs, name
-        for input_name, (_, *options) in inputs.items():
+        for input_name, (_, *options) in (inputs | spec["input"].get("optional", {})).items():
             assert options and options[0].get("tooltip"), f"{name}.{input_name} has no tooltip"
     assert set(info["LoadLiveAvatarModel"]["input"]["required"]) >= set(WIDGET_FOR_FOLDER.values()) | {"offload_model"}
+    assert info["LiveAvatarSampler"]["input"]["optional"]["gpus"][1]["default"] == 1
     assert info["LiveAvatarSampler"]["input"]["required"]["size"][0][-1] == "384*256"
 
 
@@ -118,6 +119,21 @@ def test_preset_workflow_makes_an_mp4_with_audio(server, preset):
     assert info["fps"] == 25
     assert abs(info["audio_duration_s"] - frames / 25) <= 1 / 25
     assert "7" in execution.progress_nodes(), "no progress from Online VAE Decode"
+
+
+def test_gpus_2_runs_in_worker_processes_and_makes_the_same_video(server):
+    """Two CPU worker processes started from the node (ComfyUI runs with --cpu here)."""
+    lengths = {}
+    for gpus in (2, 1):  # 1 last: it ends the workers
+        prompt = api_workflow("liveavatar_preview", num_clip=2)
+        node_of(prompt, "LiveAvatarSampler")["inputs"]["gpus"] = gpus
+        node_of(prompt, "OnlineVAEDecode")["inputs"]["filename_prefix"] = f"gpus{gpus}/avatar"
+        execution = server.run(prompt)
+        assert execution.ok, execution.error()
+        lengths[gpus] = read_video_info(output_file(server, execution, "7"))["frames"]
+        last = [m["data"] for m in execution.messages if m.get("type") == "progress" and m["data"].get("node") == "7"][-1]
+        assert last["value"] == last["max"], f"gpus={gpus}: the progress bar did not end full"
+    assert lengths[2] == lengths[1] == 2 * 32 - 3
 
 
 def test_frames_chain_through_core_image_and_video_nodes(server):

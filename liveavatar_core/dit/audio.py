@@ -89,6 +89,7 @@ class AudioInjector(nn.Module):
         per_frame = rearrange(video, "b (t n) c -> (b t) n c", t=frames)
         temb = rearrange(audio_global, "b t n c -> (b t) n c")[:, 0]
         adain = self.injector_adain_layers[index]
-        query = adain(per_frame.to(adain.linear.weight.dtype), temb=temb.to(adain.linear.weight.dtype))
+        dtype = self.injector[index].dtype
+        query = adain(per_frame.to(dtype), temb=temb.to(dtype))
         out = self.injector[index](query, rearrange(audio_local, "b t n c -> (b t) n c"))
         return rearrange(out, "(b t) n c -> b (t n) c", t=frames)

@@ -39,7 +39,7 @@ class S2VBlock(nn.Module):
         """x [B, L, C] float32 residual stream; modulation [B, S, 6, C] float32; segments:
         per-token segment ids from `segment_ids` (None: one segment)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float().unsqueeze(1) + modulation).unbind(2)
-        dtype = self.ffn[0].weight.dtype
+        dtype = self.modulation.dtype  # the linears' input dtype (their weights may be fp8)
         y = self.self_attn(fused.norm_modulate(x, shift1, scale1, segments, self.norm1.eps, dtype), rope, kv)
         x = fused.gated_residual(x, y, gate1, segments)
         normed = fused.layer_norm_affine(x, self.norm3.weight, self.norm3.bias, self.norm3.eps, dtype)

@@ -53,18 +53,23 @@ class QKVProjection(nn.Module):
         self.norm_q = RMSNorm(dim, eps=eps)
         self.norm_k = RMSNorm(dim, eps=eps)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """What the linears take in (their weights may be stored in fp8)."""
+        return self.norm_q.weight.dtype
+
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, -1))
 
     def project_q(self, x: torch.Tensor) -> torch.Tensor:
-        return self._heads(self.norm_q(self.q(x.to(self.q.weight.dtype))))
+        return self._heads(self.norm_q(self.q(x.to(self.dtype))))
 
     def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x.to(self.k.weight.dtype)
+        x = x.to(self.dtype)
         return self._heads(self.norm_k(self.k(x))), self._heads(self.v(x))
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
-        return self.o(x.to(self.o.weight.dtype))
+        return self.o(x.to(self.dtype))
 
 
 class SelfAttention(QKVProjection):
@@ -75,7 +80,7 @@ class SelfAttention(QKVProjection):
     """
 
     def forward(self, x, rope, kv=None):
-        x = x.to(self.q.weight.dtype)
+        x = x.to(self.dtype)
         _, q = fused.rms_norm_rope(self.q(x), self.norm_q.weight, self.norm_q.eps, self.num_heads, *rope)
         raw_k, k = fused.rms_norm_rope(self.k(x), self.norm_k.weight, self.norm_k.eps, self.num_heads, *rope)
         v = self._heads(self.v(x))

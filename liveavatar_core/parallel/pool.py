@@ -14,10 +14,13 @@ fresh workers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
+import sys
 import time
+import types
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 
@@ -52,16 +55,20 @@ class WorkerPool:
         join_timeout_s: float = 300.0,
         cpu_threads: int | None = None,
         drain_timeout_s: float = 600.0,
+        run_main_script: bool = True,
     ):
         """world_size: worker processes (GPUs); device: 'auto', 'cuda' or 'cpu'; cpu_threads:
         torch threads per CPU worker (default: the cores shared out); drain_timeout_s: how
-        long an abandoned run may take to wind down before the pool is torn down instead."""
+        long an abandoned run may take to wind down before the pool is torn down instead;
+        run_main_script: whether workers first run the caller's main script, as spawned
+        processes do (needed when `models` is defined there; off inside host applications)."""
         self.world_size = world_size
         self.models = models
         self.device_kind = resolve_device_kind(device, world_size)
         self.join_timeout_s = join_timeout_s
         self.cpu_threads = cpu_threads or max(1, (os.cpu_count() or 1) // world_size)
         self.drain_timeout_s = drain_timeout_s
+        self.run_main_script = run_main_script
         self._procs: list = []
         self._job_id = 0
         self._busy = False
@@ -88,12 +95,13 @@ class WorkerPool:
         self._events = ctx.Queue()
         self._stop = ctx.Event()
         self._jobs = [ctx.Queue() for _ in range(self.world_size)]
-        for rank in range(self.world_size):
-            args = (rank, self.world_size, self.device_kind, self._store.port, self.models, self._jobs[rank],
-                    self._events, self._stop, self.join_timeout_s, self.cpu_threads)
-            process = ctx.Process(target=worker_main, args=args, name=f"liveavatar-rank{rank}", daemon=True)
-            process.start()
-            self._procs.append(process)
+        with _main_script_hidden(not self.run_main_script):
+            for rank in range(self.world_size):
+                args = (rank, self.world_size, self.device_kind, self._store.port, self.models, self._jobs[rank],
+                        self._events, self._stop, self.join_timeout_s, self.cpu_threads)
+                process = ctx.Process(target=worker_main, args=args, name=f"liveavatar-rank{rank}", daemon=True)
+                process.start()
+                self._procs.append(process)
         ready, wait_s = set(), self.join_timeout_s + STARTUP_ALLOWANCE_S
         deadline = time.monotonic() + wait_s
         while len(ready) < self.world_size:
@@ -275,6 +283,27 @@ def _start_context():
         ctx.set_forkserver_preload([worker_main.__module__])
         return ctx
     return mp.get_context("spawn")
+
+
+@contextlib.contextmanager
+def _main_script_hidden(hide: bool):
+    """Spawned and forkserver children run the parent's main script again (as __mp_main__)
+    before their target, so that objects defined there unpickle. A host application's script
+    must not run twice: ComfyUI's main.py would rebuild the application in every worker (its
+    custom nodes' start-up scripts, a CUDA context on the first GPU). While the workers start,
+    `__main__` is an empty module, which children skip."""
+    if not hide:
+        yield
+        return
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if main is None:
+            del sys.modules["__main__"]
+        else:
+            sys.modules["__main__"] = main
 
 
 def _chunk(event) -> FrameChunk:

@@ -61,7 +61,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from liveavatar_core.dit import S2VConfig, WanS2VTransformer, load_dit, save_dit  # noqa: E402
+from liveavatar_core.dit import S2VConfig, WanS2VTransformer, fused, load_dit, save_dit  # noqa: E402
+from liveavatar_core.dit.fp8 import quantize_dit_  # noqa: E402
 from liveavatar_core.pipeline import FPS, MOTION_FRAMES, StreamingPipeline, parse_size, write_video  # noqa: E402
 from liveavatar_core.streaming import CausalDiT, CausalSampler, SamplerSettings  # noqa: E402
 from liveavatar_core.streaming.sampler import BLOCK_FRAMES  # noqa: E402
@@ -71,6 +72,10 @@ GIB = 2**30
 TEXT_TOKENS = 64  # prompt length before padding to text_len; the DiT always sees 512 rows
 SAMPLE_RATE = 16000
 PARTS = ("dit", "stream", "vae", "e2e", "load")
+# How our DiT runs: "eager" = every element-wise op on its own (the state before fusion),
+# "compiled" = the fused element-wise chains of liveavatar_core/dit/fused.py compiled.
+# "fp8" = compiled, with the DiT's linear layers in fp8 (liveavatar_core/dit/fp8.py).
+VARIANTS = ("eager", "compiled", "fp8")
 TINY_DIT = S2VConfig(dim=256, ffn_dim=512, num_heads=4, num_layers=4, text_dim=64, audio_dim=32,
                      audio_inject_layers=(0, 2), freq_dim=256)
 
@@ -110,6 +115,8 @@ class Bench:
         self.iters = args.iters if args.iters is not None else (1 if args.tiny else 5)
         self.clips = args.clips if args.clips is not None else (2 if args.tiny else 3)
         self.force = args.force
+        self.variants = [v for v in args.variants.split(",") if v]
+        self.profile_dir = Path(args.profile) if args.profile else None
         self.args = args
 
     def size(self, preset: Preset) -> tuple[int, int]:
@@ -219,6 +226,53 @@ def build_vae(bench: Bench, seed: int = 1) -> WanVAE:
     with torch.device(bench.device):
         net = AutoencoderKLWan(base_dim=16) if bench.tiny else AutoencoderKLWan()
     return WanVAE(net.to(bench.dtype).eval().requires_grad_(False))
+
+
+def use_variant(variant: str) -> None:
+    fused.set_compiled(variant != "eager")
+
+
+class VariantModels:
+    """The DiT each variant runs: the model itself, or for fp8 a twin that shares every tensor
+    but the quantised linear layers' weights (made once, +half the linears' bytes)."""
+
+    def __init__(self, model: WanS2VTransformer):
+        self.model = model
+        self._fp8: WanS2VTransformer | None = None
+
+    def __call__(self, variant: str) -> WanS2VTransformer:
+        use_variant(variant)
+        if variant != "fp8":
+            return self.model
+        if self._fp8 is None:
+            with torch.device("meta"):
+                twin = WanS2VTransformer(self.model.config)
+            twin.load_state_dict(self.model.state_dict(), assign=True)
+            self._fp8 = quantize_dit_(twin).eval().requires_grad_(False)
+        return self._fp8
+
+    def release(self) -> None:
+        self._fp8 = None
+
+
+def profile(bench: Bench, name: str, fn) -> None:
+    """With --profile: one call of `fn` under torch.profiler; prints the kernels that take the
+    most device time and writes the table to <profile>/<name>.txt."""
+    if bench.profile_dir is None:
+        return
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.cuda else [])
+    fn()
+    bench.sync()
+    with torch_profile(activities=activities) as prof:
+        fn()
+        bench.sync()
+    sort = "self_cuda_time_total" if bench.cuda else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70)
+    bench.profile_dir.mkdir(parents=True, exist_ok=True)
+    (bench.profile_dir / f"{name}.txt").write_text(table)
+    print(f"profile {name}:\n{table}", flush=True)
 
 
 # -- token and FLOP counts -----------------------------------------------------------------------
@@ -362,6 +416,7 @@ def comfy_twin(comfy, ours: WanS2VTransformer):
 def part_dit(bench: Bench, presets: list[str]) -> list[dict]:
     c = bench.config
     model = build_dit(bench)
+    variant_models = VariantModels(model)
     rows, outputs = {}, {}
     with torch.inference_mode():
         # All of ours first: importing ComfyUI changes global backend settings.
@@ -373,19 +428,27 @@ def part_dit(bench: Bench, presets: list[str]) -> list[dict]:
             video = frames * tokens_per_frame(c, h, w)
             total = video + sink_tokens(c, h, w)
             flops = dit_flops(c, total, total, video, frames)
-            bench.reset_peak()
-            times = bench.measure(partial(run_ours, model, x))
-            ours_ms = statistics.median(times)
-            outputs[name] = run_ours(model, x).cpu(), run_ours(model, steady_audio(x)).cpu()
-            rows[name] = {
-                "tokens (video+sink)": f"{video}+{total - video}",
-                "TFLOP/forward": flops / 1e12,
-                "ours ms/forward": ours_ms,
-                "ours TFLOP/s": flops / ours_ms / 1e9,
-                "ours ms/step": ours_ms * p.branches,
-                "ours peak GiB": bench.peak_gib(),
-            }
-            print(f"dit {name}: ours {ours_ms:.1f} ms/forward ({rows[name]['ours TFLOP/s']:.0f} TFLOP/s)", flush=True)
+            for variant in bench.variants:
+                ours = variant_models(variant)
+                bench.reset_peak()
+                times = bench.measure(partial(run_ours, ours, x))
+                ours_ms = statistics.median(times)
+                outputs[name, variant] = run_ours(ours, x).cpu(), run_ours(ours, steady_audio(x)).cpu()
+                rows[name, variant] = {
+                    "variant": variant,
+                    "tokens (video+sink)": f"{video}+{total - video}",
+                    "TFLOP/forward": flops / 1e12,
+                    "ours ms/forward": ours_ms,
+                    "ours TFLOP/s": flops / ours_ms / 1e9,
+                    "ours ms/step": ours_ms * p.branches,
+                    "ours peak GiB": bench.peak_gib(),
+                }
+                print(f"dit {name} [{variant}]: ours {ours_ms:.1f} ms/forward "
+                      f"({rows[name, variant]['ours TFLOP/s']:.0f} TFLOP/s)", flush=True)
+                profile(bench, f"dit-{name}-{variant}", partial(run_ours, ours, x))
+        variant_models.release()
+        bench.release()
+        use_variant("compiled")
     comfy, info = import_comfy(bench)
     if comfy is None:
         print(f"dit: {info}; ComfyUI columns left empty", flush=True)
@@ -399,26 +462,29 @@ def part_dit(bench: Bench, presets: list[str]) -> list[dict]:
                 bench.reset_peak()
                 times = bench.measure(partial(run_comfy, theirs, x, bench.dtype, c.text_len))
                 theirs_ms = statistics.median(times)
+                peak = bench.peak_gib()
                 out = run_comfy(theirs, x, bench.dtype, c.text_len)
                 out_steady = run_comfy(theirs, steady_audio(x), bench.dtype, c.text_len)
-                row = rows[name]
-                row.update({
-                    "ComfyUI ms/forward": theirs_ms,
-                    "ComfyUI TFLOP/s": row["TFLOP/forward"] * 1e12 / theirs_ms / 1e9,
-                    "ComfyUI peak GiB": bench.peak_gib(),
-                    "speed-up (ComfyUI ms / ours ms)": theirs_ms / row["ours ms/forward"],
-                    "rel diff vs ComfyUI": relative_error(outputs[name][0], out),
-                    "rel diff, audio constant in time": relative_error(outputs[name][1], out_steady),
-                    "ComfyUI setup": info,
-                })
-                print(f"dit {name}: ComfyUI {theirs_ms:.1f} ms/forward, speed-up "
-                      f"{row['speed-up (ComfyUI ms / ours ms)']:.2f}x, rel diff {row['rel diff vs ComfyUI']:.3g}",
-                      flush=True)
+                for variant in bench.variants:
+                    row = rows[name, variant]
+                    row.update({
+                        "ComfyUI ms/forward": theirs_ms,
+                        "ComfyUI TFLOP/s": row["TFLOP/forward"] * 1e12 / theirs_ms / 1e9,
+                        "ComfyUI peak GiB": peak,
+                        "speed-up (ComfyUI ms / ours ms)": theirs_ms / row["ours ms/forward"],
+                        "rel diff vs ComfyUI": relative_error(outputs[name, variant][0], out),
+                        "rel diff, audio constant in time": relative_error(outputs[name, variant][1], out_steady),
+                        "ComfyUI setup": info,
+                    })
+                    print(f"dit {name} [{variant}]: ComfyUI {theirs_ms:.1f} ms/forward, speed-up "
+                          f"{row['speed-up (ComfyUI ms / ours ms)']:.2f}x, rel diff {row['rel diff vs ComfyUI']:.3g}",
+                          flush=True)
+                profile(bench, f"dit-{name}-comfyui", partial(run_comfy, theirs, x, bench.dtype, c.text_len))
                 del out, out_steady
             del theirs
     del model
     bench.release()
-    return [{"part": "dit", "preset": name, **rows[name]} for name in presets]
+    return [{"part": "dit", "preset": name, **row} for (name, _), row in rows.items()]
 
 
 class TimedDenoise:
@@ -450,11 +516,12 @@ class TimedDenoise:
 
 def part_stream(bench: Bench, presets: list[str]) -> list[dict]:
     c = bench.config
-    model = build_dit(bench)
-    rows = []
-    for name in presets:
+    variant_models = VariantModels(build_dit(bench))
+    rows, first_clips = [], {}
+    for name, variant in [(n, v) for n in presets for v in bench.variants]:
+        model = variant_models(variant)
         p = PRESETS[name]
-        row = {"part": "stream", "preset": name, "KV caches GiB": stream_cache_gib(bench, p)}
+        row = {"part": "stream", "preset": name, "variant": variant, "KV caches GiB": stream_cache_gib(bench, p)}
         note = check_room(bench, p)
         if note:
             rows.append({**row, "note": note})
@@ -479,10 +546,13 @@ def part_stream(bench: Bench, presets: list[str]) -> list[dict]:
                 timer.clip = clip
                 audio = bench.randn(1, c.num_audio_layers, c.audio_dim, p.infer_frames, seed=100 + clip)
                 t0 = time.perf_counter()
-                first = None
+                first, blocks = None, []
                 for _, latents in sampler.generate_clip(clip, audio):
                     first = latents[:, :, :1] if first is None else first
+                    blocks.append(latents)
                 bench.sync()
+                if clip == 0:
+                    first_clips[name, variant] = torch.cat(blocks, dim=2).cpu()
                 clip_s.append(time.perf_counter() - t0)
                 if clip == 0 and bench.clips > 1:
                     sampler.replace_sink(first, x["motion"])  # the pipeline's sink roll
@@ -503,12 +573,19 @@ def part_stream(bench: Bench, presets: list[str]) -> list[dict]:
             "DiT-only fps": p.infer_frames / steady_clip_s,
             "device peak GiB": bench.peak_gib(),
         })
+        bf16 = first_clips.get((name, "compiled"), first_clips.get((name, "eager")))
+        if variant == "fp8" and bf16 is not None:
+            # The issue's quality proxy: same seed and weights, latents after one clip.
+            row["clip 0 latents rel diff vs bf16"] = relative_error(first_clips[name, variant], bf16)
         rows.append(row)
-        print(f"stream {name}: {call_ms:.1f} ms/call, steady clip {steady_clip_s:.2f} s "
+        print(f"stream {name} [{variant}]: {call_ms:.1f} ms/call, steady clip {steady_clip_s:.2f} s "
               f"({row['DiT-only fps']:.1f} fps DiT only)", flush=True)
+        with torch.inference_mode():
+            dit.denoise_block = timer.inner
+            profile(bench, f"stream-{name}-{variant}", lambda: next(iter(sampler.generate_clip(bench.clips, audio))))
         del sampler, dit, timer
         bench.release()
-    del model
+    del model, variant_models
     bench.release()
     return rows
 
@@ -563,14 +640,14 @@ def part_e2e(bench: Bench, presets: list[str]) -> list[dict]:
     except ImportError:
         writer = False
         print("e2e: PyAV is not installed; frames are generated and dropped (no writer)", flush=True)
-    model = build_dit(bench)
+    variant_models = VariantModels(build_dit(bench))
     vae = build_vae(bench)
-    pipeline = StreamingPipeline(model, vae, bench.device)
     clips = bench.args.e2e_clips if bench.args.e2e_clips is not None else bench.clips
     rows = []
-    for name in presets:
+    for name, variant in [(n, v) for n in presets for v in bench.variants]:
+        pipeline = StreamingPipeline(variant_models(variant), vae, bench.device)
         p = PRESETS[name]
-        row = {"part": "e2e", "preset": name, "clips": clips, "writer": writer}
+        row = {"part": "e2e", "preset": name, "variant": variant, "clips": clips, "writer": writer}
         note = check_room(bench, p, extra_gib=2.0)
         if note:
             rows.append({**row, "note": note})
@@ -583,6 +660,9 @@ def part_e2e(bench: Bench, presets: list[str]) -> list[dict]:
         negative = torch.randn(TEXT_TOKENS, c.text_dim, generator=torch.Generator().manual_seed(7)) * 0.2
         image = torch.rand(512, 512, 3, generator=torch.Generator().manual_seed(8))
         stamps = []  # (seconds since start, frames, clip)
+        with torch.inference_mode():  # one untimed clip: compiles, and lets cuDNN pick its kernels
+            for _ in pipeline.stream(image, features, context, bench.size(p), settings, num_clip=1):
+                pass
         bench.reset_peak()
         with torch.inference_mode(), tempfile.TemporaryDirectory() as folder:
             t0 = time.perf_counter()
@@ -612,10 +692,11 @@ def part_e2e(bench: Bench, presets: list[str]) -> list[dict]:
             "mp4 MB": file_mb,
         })
         rows.append(row)
-        print(f"e2e {name}: {made} frames in {total:.1f} s = {row['fps']:.1f} fps, first frame after "
+        print(f"e2e {name} [{variant}]: {made} frames in {total:.1f} s = {row['fps']:.1f} fps, first frame after "
               f"{stamps[0][0]:.2f} s", flush=True)
+        del pipeline
         bench.release()
-    del pipeline, model, vae
+    del variant_models, vae
     bench.release()
     return rows
 
@@ -747,9 +828,9 @@ def tables(runs: dict) -> str:
     return "\n".join(lines)
 
 
-def _preset_order(key: str) -> int:
-    preset = key.split("/", 1)[1]
-    return list(PRESETS).index(preset) if preset in PRESETS else len(PRESETS)
+def _preset_order(key: str) -> tuple[int, str]:
+    preset = key.split("/", 1)[1].split(" (")[0]
+    return (list(PRESETS).index(preset) if preset in PRESETS else len(PRESETS)), key
 
 
 def environment(bench: Bench | None) -> dict:
@@ -778,8 +859,9 @@ def store(out: Path, name: str, runs: dict) -> tuple[Path, Path]:
 def rows_to_runs(rows: list[dict], env: dict, tiny: bool) -> dict:
     runs = {}
     for row in rows:
-        values = {k: v for k, v in row.items() if k not in ("part", "preset")}
-        runs[f"{row['part']}/{row['preset']}"] = {**env, "tiny": tiny, "values": values}
+        values = {k: v for k, v in row.items() if k not in ("part", "preset", "variant")}
+        variant = f" ({row['variant']})" if row.get("variant") else ""
+        runs[f"{row['part']}/{row['preset']}{variant}"] = {**env, "tiny": tiny, "values": values}
     return runs
 
 
@@ -799,6 +881,9 @@ def main() -> None:
     parser.add_argument("--load-dir", help="folder for the load part's file (default: the temp folder)")
     parser.add_argument("--keep-file", action="store_true", help="keep the load part's file")
     parser.add_argument("--force", action="store_true", help="run presets whose caches look too big for the GPU")
+    parser.add_argument("--variants", default="compiled",
+                        help=f"comma list of {', '.join(VARIANTS)}: how our DiT runs in the dit and stream parts")
+    parser.add_argument("--profile", metavar="DIR", help="also profile one call per preset and variant into DIR")
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="only fold these result files into --out")
     parser.add_argument("--load-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -816,6 +901,7 @@ def main() -> None:
     parts = [p for p in args.parts.split(",") if p]
     presets = [p for p in args.presets.split(",") if p]
     unknown = [p for p in parts if p not in PARTS] + [p for p in presets if p not in PRESETS]
+    unknown += [v for v in args.variants.split(",") if v and v not in VARIANTS]
     if unknown:
         parser.error(f"unknown part or preset: {', '.join(unknown)}")
     bench = Bench(args)

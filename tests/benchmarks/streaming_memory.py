@@ -42,11 +42,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--mp4", help="also stream the video into this file")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"),
+                        help="weights of both networks (default: bf16 on GPUs, as the pack loads them; fp32 on CPUs)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     torch.manual_seed(0)
-    dit = WanS2VTransformer(SMALL_DIT).to(device).eval().requires_grad_(False)
-    vae = WanVAE(AutoencoderKLWan(base_dim=16).to(device).eval().requires_grad_(False))
+    dit = WanS2VTransformer(SMALL_DIT).to(device, dtype).eval().requires_grad_(False)
+    vae = WanVAE(AutoencoderKLWan(base_dim=16).to(device, dtype).eval().requires_grad_(False))
     pipeline = StreamingPipeline(dit, vae, device)
     frames = args.clips * 48
     features = torch.randn(1, 25, SMALL_DIT.audio_dim, frames)  # stays on the host, sliced per clip
@@ -62,7 +65,8 @@ def main() -> None:
                 if done in marks:
                     gpu = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
                     rows.append((done, peak_rss_mib(), gpu, time.perf_counter() - start))
-                    print(f"clip {done}: peak RSS {rows[-1][1]:.0f} MiB, device peak {gpu:.0f} MiB", flush=True)
+                    print(f"clip {done}: peak RSS {rows[-1][1]:.0f} MiB, device peak {gpu:.0f} MiB, "
+                          f"{rows[-1][3]:.0f} s", flush=True)
             yield chunk
 
     chunks = on_chunk(pipeline.stream(image, features, context, args.size, SamplerSettings(sample_steps=args.steps),

@@ -1,0 +1,140 @@
+"""fp8 (e4m3) linear layers for the DiT: half the weight memory of bf16 and Hopper's fp8
+matrix units (`torch._scaled_mm`).
+
+Weights are stored as float8_e4m3fn with one float32 scale per tensor (ComfyUI's "scaled fp8"
+files hold exactly this: `<layer>.weight` in fp8 and `<layer>.scale_weight`), so those files
+load without upcasting. Activations are quantised per token at run time (a scale per row),
+which keeps outliers in one token from flattening the others.
+
+As in LiveAvatar's own fp8 mode, the layers that set the conditioning stay in bf16: the text
+and time embeddings, the time projection, the output head and the audio encoder's final
+linear (`FP8_EXEMPT`). On devices without fp8 matrix units (CPUs, older GPUs) the weights are
+dequantised per call: the same numbers, slower, which is what the tests check.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import fused
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+FP8_EXEMPT = re.compile(r"^(text_embedding|time_embedding|time_projection|head|casual_audio_encoder)\.")
+# The marker tensor ComfyUI puts in its scaled-fp8 files.
+SCALED_FP8_MARKER = "scaled_fp8"
+
+
+def has_fp8_matmul(device: torch.device) -> bool:
+    """Whether `torch._scaled_mm` runs on `device` (compute capability 8.9 and up)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight -> (fp8 weight, float32 per-tensor scale) with weight ~= fp8 * scale."""
+    scale = weight.detach().abs().amax().float().clamp_min(1e-12) / FP8_MAX
+    return (weight.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+class Fp8Linear(nn.Module):
+    """A linear layer with an fp8 weight [out, in] and a per-tensor scale (names as ComfyUI's
+    scaled-fp8 files: `weight`, `scale_weight`, `bias`)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8), requires_grad=False)
+        self.scale_weight = nn.Parameter(torch.ones((), dtype=torch.float32), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.compute_dtype = dtype
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, dtype: torch.dtype = torch.bfloat16) -> Fp8Linear:
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype)
+        weight, scale = quantize_weight(linear.weight)
+        layer.weight = nn.Parameter(weight, requires_grad=False)
+        layer.scale_weight = nn.Parameter(scale.to(weight.device), requires_grad=False)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
+        return layer
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return (self.weight.float() * self.scale_weight).to(self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.compute_dtype)
+        if not has_fp8_matmul(x.device) or self.in_features % 16 or self.out_features % 16:
+            return F.linear(x, self.dequantized_weight(), self.bias)
+        rows = x.reshape(-1, self.in_features)
+        x8, x_scale = fused.run(_quantize_rows, rows)
+        w_scale = self.scale_weight.reshape(1, 1).expand(1, self.out_features)
+        out = torch._scaled_mm(x8, self.weight.t(), scale_a=x_scale, scale_b=w_scale,
+                               bias=self.bias, out_dtype=self.compute_dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3"
+
+
+def fp8_layer_names(model: nn.Module) -> list[str]:
+    """The linear layers that run in fp8 (all but `FP8_EXEMPT`)."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and not FP8_EXEMPT.match(name)]
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+@torch.no_grad()
+def quantize_dit_(model: nn.Module, device: torch.device | str | None = None) -> nn.Module:
+    """Turns the DiT's linear layers (but the exempt ones) into fp8 in place, one layer at a
+    time on `device` (default: where each layer is), so the bf16 model never has to fit there."""
+    dtype = next(model.parameters()).dtype
+    for name in fp8_layer_names(model):
+        linear = model.get_submodule(name)
+        if device is not None:
+            linear.to(device)
+        _replace(model, name, Fp8Linear.from_linear(linear, dtype))
+    if device is not None:
+        model.to(device)
+    return model
+
+
+@torch.no_grad()
+def dequantize_dit_(model: nn.Module) -> nn.Module:
+    """Turns fp8 layers back into plain linear layers (for a LoRA merge, or a bf16 run of an
+    fp8 file)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Fp8Linear):
+            linear = nn.Linear(module.in_features, module.out_features, module.bias is not None,
+                               device=module.weight.device, dtype=module.compute_dtype)
+            linear.weight.copy_(module.dequantized_weight())
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+            _replace(model, name, linear.requires_grad_(False))
+    return model
+
+
+def has_fp8_layers(model: nn.Module) -> bool:
+    return any(isinstance(m, Fp8Linear) for m in model.modules())
+
+
+def use_fp8_layers_(model: nn.Module, names: list[str]) -> None:
+    """Swaps the named linear layers of a model built on the meta device for empty fp8 ones,
+    before a scaled-fp8 file is loaded into it."""
+    dtype = next(model.parameters()).dtype
+    for name in names:
+        linear = model.get_submodule(name)
+        with torch.device("meta"):
+            _replace(model, name, Fp8Linear(linear.in_features, linear.out_features, linear.bias is not None, dtype))
