@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .audio_encoder import AudioEncoder, load_audio_encoder
-from .dit import WanS2VTransformer, load_dit
+from .dit import WanS2VTransformer, fused, load_dit
 from .dit.fp8 import FP8, dequantize_dit_, has_fp8_layers, quantize_dit_
 from .errors import CheckpointError, InputError
 from .lora import merge_lora
@@ -90,15 +90,20 @@ def load_models(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | str = torch.bfloat16,
     offload: bool = False,
+    compile_elementwise: bool | None = None,
 ) -> LiveAvatarModels:
     """Loads the DiT (+ LoRA), umT5, Wan VAE and wav2vec2 from `files`.
 
     `dtype` is the DiT's and umT5's weight dtype; the VAE and wav2vec2 use it on GPUs and
     float32 on the CPU, where half-precision convolutions are slow. fp8 (`float8_e4m3fn`)
-    puts the DiT's linear layers in fp8 and the rest in bf16. Raises CheckpointError
+    puts the DiT's linear layers in fp8 and the rest in bf16. `compile_elementwise` turns the
+    compiled element-wise chains of `dit.fused` on or off for the process (None: leave as is).
+    Raises CheckpointError
     naming the file when one holds another network or the networks do not fit together.
     """
     device = torch.device(device)
+    if compile_elementwise is not None:
+        fused.set_compiled(compile_elementwise)
     dtype = _dtype(dtype)
     fp8 = dtype == FP8
     dtype = torch.bfloat16 if fp8 else dtype

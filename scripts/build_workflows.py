@@ -44,12 +44,13 @@ class Preset:
     guide_scale: float = 0.0
     offload: bool = True
     gpus: int = 1  # the presets run in ComfyUI's process; more is a setting of the machine
+    compile: bool = True  # fused GPU kernels pay off from 688*368 up
     note: str = ""
     extra: dict = field(default_factory=dict)
 
 
 PRESETS = (
-    Preset("liveavatar_preview", "Preview", "384*256", 10, 3, infer_frames=32,
+    Preset("liveavatar_preview", "Preview", "384*256", 10, 3, infer_frames=32, compile=False,
            note="A quick look: up to 10 clips of 32 frames at 384*256, 3 steps (about 12.7 s of video)."),
     Preset("liveavatar_standard", "Standard", "688*368", 100, 4,
            note="The official quality: up to 100 clips of 48 frames at 688*368, 4 steps (about 3 min 12 s)."),
@@ -73,11 +74,11 @@ COMMON_NOTE = (
 def _nodes(p: Preset) -> list[dict]:
     """(id, type, position, size, widgets, inputs {name: (type, from id, from slot)}, outputs [(name, type)])."""
     model = [MODEL_FILES["diffusion_model"], MODEL_FILES["lora"], 1.0, MODEL_FILES["text_encoder"],
-             MODEL_FILES["vae"], MODEL_FILES["audio_encoder"], "bf16", p.offload]
+             MODEL_FILES["vae"], MODEL_FILES["audio_encoder"], "bf16", p.offload, p.compile]
     sampler = [p.size, "exact", p.num_clip, p.steps, p.infer_frames, "euler", p.guide_scale, 42, "fixed", True,
                p.gpus]
     return [
-        dict(id=1, type="LoadLiveAvatarModel", pos=[40, 60], size=[360, 260], widgets=model, inputs={},
+        dict(id=1, type="LoadLiveAvatarModel", pos=[40, 60], size=[360, 290], widgets=model, inputs={},
              outputs=[("model", "LIVEAVATAR_MODEL")]),
         dict(id=2, type="LoadImage", pos=[40, 380], size=[320, 360], widgets=[PORTRAIT, "image"], inputs={},
              outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")]),
@@ -103,7 +104,7 @@ def _nodes(p: Preset) -> list[dict]:
 # Widget order of each node's inputs, for the API format (the UI format is positional).
 WIDGET_NAMES = {
     "LoadLiveAvatarModel": ["diffusion_model", "lora", "lora_strength", "text_encoder", "vae", "audio_encoder",
-                            "weight_dtype", "offload_model"],
+                            "weight_dtype", "offload_model", "compile"],
     "LoadImage": ["image", None],
     "LoadAudio": ["audio", None, None],
     "EncodeAudio": ["infer_frames"],

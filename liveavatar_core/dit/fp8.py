@@ -14,6 +14,7 @@ dequantised per call: the same numbers, slower, which is what the tests check.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -29,6 +30,7 @@ FP8_EXEMPT = re.compile(r"^(text_embedding|time_embedding|time_projection|head|c
 SCALED_FP8_MARKER = "scaled_fp8"
 
 
+@functools.lru_cache(maxsize=16)
 def has_fp8_matmul(device: torch.device) -> bool:
     """Whether `torch._scaled_mm` runs on `device` (compute capability 8.9 and up)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
@@ -43,6 +45,25 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def _quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = x.abs().amax().float().clamp_min(1e-12) / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+# "tensor" (the default): one input scale per call, which runs cuBLAS's fp8 kernels; on an
+# H200 a streaming block step took 192 ms this way against 274 ms with "row", a scale per
+# token, for the same latents after one clip (0.033 from bf16 either way).
+ACTIVATION_SCALINGS = ("row", "tensor")
+_activation_scaling = "tensor"
+
+
+def set_activation_scaling(kind: str) -> None:
+    global _activation_scaling
+    if kind not in ACTIVATION_SCALINGS:
+        raise ValueError(f"activation scaling must be one of {ACTIVATION_SCALINGS}, got {kind!r}")
+    _activation_scaling = kind
 
 
 class Fp8Linear(nn.Module):
@@ -75,8 +96,12 @@ class Fp8Linear(nn.Module):
         if not has_fp8_matmul(x.device) or self.in_features % 16 or self.out_features % 16:
             return F.linear(x, self.dequantized_weight(), self.bias)
         rows = x.reshape(-1, self.in_features)
-        x8, x_scale = fused.run(_quantize_rows, rows)
-        w_scale = self.scale_weight.reshape(1, 1).expand(1, self.out_features)
+        if _activation_scaling == "row":
+            x8, x_scale = fused.run(_quantize_rows, rows)
+            w_scale = self.scale_weight.reshape(1, 1).expand(1, self.out_features).contiguous()
+        else:
+            x8, x_scale = fused.run(_quantize_tensor, rows)
+            w_scale = self.scale_weight
         out = torch._scaled_mm(x8, self.weight.t(), scale_a=x_scale, scale_b=w_scale,
                                bias=self.bias, out_dtype=self.compute_dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
