@@ -131,11 +131,11 @@ def load_models(
             f"the VAE {Path(files.vae).name} has {vae.model.config.z_dim} latent channels but the diffusion "
             f"model expects {dit.config.in_dim}. Pick the Wan 2.1 VAE (wan_2.1_vae.safetensors)."
         )
-    return LiveAvatarModels(dit, vae, text_encoder, audio_encoder, device, offload, dtype, files)
+    return LiveAvatarModels(dit, vae, text_encoder, audio_encoder, device, offload, FP8 if fp8 else dtype, files)
 
 
-def load_dit_as(files: ModelFiles, home: torch.device, dtype: torch.dtype, fp8: bool) -> WanS2VTransformer:
-    """The DiT with the LoRA merged, its linear layers in fp8 or in `dtype` whatever the file
+def load_dit_as(files, home: torch.device, dtype: torch.dtype, fp8: bool) -> WanS2VTransformer:
+    """The DiT of `files` (anything with dit, lora and lora_strength) with the LoRA merged, its linear layers in fp8 or in `dtype` whatever the file
     holds. An fp8 run of a bf16 file is loaded on the CPU and quantised layer by layer into
     `home`, so the bf16 weights never need room on the GPU."""
     dit = load_dit(whole_checkpoint(files.dit), device="cpu" if fp8 else home, dtype=dtype)

@@ -254,15 +254,19 @@ def write_video(
     """Streams `chunks` into an mp4 with the audio muxed; returns the frame count written.
 
     The audio is shifted by `VIDEO_START_OFFSET` frames so it lines up with the first
-    generated frame. Every finished clip is on disk when the next starts: a run stopped or
-    failing at any point leaves a playable file with all clips before it (the exception
-    still propagates).
+    generated frame. Frames are encoded on a thread while the next ones are generated; a run
+    stopped or failing at any point leaves a playable file with every clip made before it
+    (the exception still propagates).
     """
+    from .background_writer import BackgroundWriter
     from .video_writer import StreamingVideoWriter
 
     width, height = parse_size(size)
     skip = round(VIDEO_START_OFFSET * sample_rate / FPS)
     with StreamingVideoWriter(path, FPS, width, height, waveform[..., skip:], sample_rate, crf=crf) as writer:
-        for chunk in chunks:
-            writer.write_frames(chunk.frames, clip_boundary=chunk.ends_clip)
+        # Encoding runs beside generation; leaving this block waits for it, so the file holds
+        # every chunk made before a stop or failure.
+        with BackgroundWriter(lambda chunk: writer.write_frames(chunk.frames, clip_boundary=chunk.ends_clip)) as background:
+            for chunk in chunks:
+                background.put(chunk)
         return writer.frames_written

@@ -8,18 +8,15 @@ later runs, so a rank that never decodes never holds the VAE.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from ..dit import WanS2VTransformer, load_dit
-from ..lora import merge_lora
+from ..dit import WanS2VTransformer
+from ..dit.fp8 import FP8
 from ..vae import WanVAE, load_vae
-
-logger = logging.getLogger(__name__)
 
 
 class ModelSource(Protocol):
@@ -36,20 +33,25 @@ class ModelFiles:
     vae: Path
     lora: Path | None = None
     lora_strength: float = 1.0  # LiveAvatar's LoRA is a distillation at full strength
-    dtype: torch.dtype = torch.bfloat16
+    dtype: torch.dtype = torch.bfloat16  # float8_e4m3fn: the DiT's linear layers in fp8, the rest bf16
+
+    @property
+    def fp8(self) -> bool:
+        return self.dtype == FP8
+
+    @property
+    def full_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.fp8 else self.dtype
 
     def load_dit(self, device: torch.device) -> WanS2VTransformer:
         # Imported here: `..models` brings in the text and audio encoders, which ranks never run.
-        from ..models import whole_checkpoint
+        from ..models import load_dit_as
 
-        dit = load_dit(whole_checkpoint(self.dit), device=device, dtype=self.dtype)
-        if self.lora is not None and self.lora_strength != 0:
-            logger.info("LiveAvatar LoRA: %s", merge_lora(dit, self.lora, self.lora_strength))
-        return dit
+        return load_dit_as(self, device, self.full_dtype, self.fp8)
 
     def load_vae(self, device: torch.device) -> WanVAE:
         # Half-precision convolutions are slow on the CPU (as in `models.load_models`).
-        return load_vae(self.vae, device=device, dtype=self.dtype if device.type == "cuda" else torch.float32)
+        return load_vae(self.vae, device=device, dtype=self.full_dtype if device.type == "cuda" else torch.float32)
 
 
 class RankModels:

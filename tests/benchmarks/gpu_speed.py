@@ -671,8 +671,9 @@ def part_e2e(bench: Bench, presets: list[str]) -> list[dict]:
         bench.reset_peak()
         with torch.inference_mode(), tempfile.TemporaryDirectory() as folder:
             t0 = time.perf_counter()
+            clip_peaks = {}
             chunks = stamped(pipeline.stream(image, features, context, bench.size(p), settings, num_clip=clips,
-                                             negative_context=negative), t0, stamps)
+                                             negative_context=negative), t0, stamps, clip_peaks)
             if writer:
                 waveform = torch.zeros(1, SAMPLE_RATE * frames // FPS)
                 path = Path(folder) / "e2e.mp4"
@@ -693,6 +694,9 @@ def part_e2e(bench: Bench, presets: list[str]) -> list[dict]:
             "fps": made / total,
             "fps after clip 0": later / (total - clip0_end) if later else None,
             "device peak GiB": bench.peak_gib(),
+            # Memory must not grow with the clip count: the peak after clip 2 and after the last.
+            "device peak GiB at clip 2": clip_peaks.get(2),
+            "device peak GiB at last clip": clip_peaks.get(clips),
             "host peak RSS GiB": peak_rss_gib(),
             "mp4 MB": file_mb,
         })
@@ -706,10 +710,13 @@ def part_e2e(bench: Bench, presets: list[str]) -> list[dict]:
     return rows
 
 
-def stamped(chunks, t0: float, stamps: list):
-    """Passes chunks on, noting (seconds since t0, frames, clip) of each as it arrives."""
+def stamped(chunks, t0: float, stamps: list, clip_peaks: dict | None = None):
+    """Passes chunks on, noting (seconds since t0, frames, clip) of each as it arrives, and
+    the device peak so far at the end of each clip into `clip_peaks` (clip number from 1)."""
     for chunk in chunks:
         stamps.append((time.perf_counter() - t0, chunk.frames.shape[0], chunk.clip))
+        if clip_peaks is not None and chunk.ends_clip and torch.cuda.is_available():
+            clip_peaks[chunk.clip + 1] = torch.cuda.max_memory_allocated() / GIB
         yield chunk
 
 
