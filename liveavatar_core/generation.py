@@ -23,7 +23,6 @@ from .errors import InputError
 from .models import LiveAvatarModels
 from .parallel import Job
 from .parallel.models import ModelFiles as WorkerModelFiles
-from .parallel.plan import planned_blocks
 from .parallel.shared_pools import release_shared_pool, shared_pool
 from .pipeline import (
     FPS,
@@ -35,6 +34,7 @@ from .pipeline import (
     frames_for_run,
     parse_size,
     plan_run,
+    planned_blocks,
     write_video,
 )
 from .sizing import SIZE_MODES, area_fit_size
@@ -181,7 +181,7 @@ class VideoJob:
     def _frames_here(self, progress, should_stop) -> Iterator[FrameChunk]:
         release_shared_pool()  # the workers' networks would crowd this process's GPU
         models = self.models
-        pipeline = StreamingPipeline(models.dit, models.vae, models.device)
+        pipeline = StreamingPipeline(models.dit, models.vae, models.device, kv_cache=models.kv_cache)
         with models.on_device("dit", "vae"):
             yield from pipeline.stream(
                 self.image,

@@ -25,6 +25,7 @@ from .dit import WanS2VTransformer, fused, load_dit
 from .dit.fp8 import FP8, dequantize_dit_, has_fp8_layers, quantize_dit_
 from .errors import CheckpointError, InputError
 from .lora import merge_lora
+from .streaming.sampler import KV_CACHE_PLACES
 from .text_encoder import TextEncoder, load_text_encoder
 from .vae import WanVAE, load_vae
 
@@ -58,6 +59,8 @@ class LiveAvatarModels:
     dtype: torch.dtype = torch.bfloat16  # the DiT's weights, as loaded
     # Where the networks came from: worker processes of a multi-GPU run load their own copies.
     files: ModelFiles | None = None
+    # Where the sampler's attention caches live: "device", or "host" memory (low VRAM).
+    kv_cache: str = "device"
 
     @property
     def home(self) -> torch.device:
@@ -91,6 +94,7 @@ def load_models(
     dtype: torch.dtype | str = torch.bfloat16,
     offload: bool = False,
     compile_elementwise: bool | None = None,
+    kv_cache: str = "device",
 ) -> LiveAvatarModels:
     """Loads the DiT (+ LoRA), umT5, Wan VAE and wav2vec2 from `files`.
 
@@ -98,10 +102,14 @@ def load_models(
     float32 on the CPU, where half-precision convolutions are slow. fp8 (`float8_e4m3fn`)
     puts the DiT's linear layers in fp8 and the rest in bf16. `compile_elementwise` turns the
     compiled element-wise chains of `dit.fused` on or off for the process (None: leave as is).
+    `kv_cache` "host" keeps the sampler's attention caches in host memory: with fp8 and
+    `offload` this is the low-VRAM mode.
     Raises CheckpointError
     naming the file when one holds another network or the networks do not fit together.
     """
     device = torch.device(device)
+    if kv_cache not in KV_CACHE_PLACES:
+        raise InputError(f"kv_cache must be one of {', '.join(KV_CACHE_PLACES)}, got {kv_cache!r}.")
     if compile_elementwise is not None:
         fused.set_compiled(compile_elementwise)
     dtype = _dtype(dtype)
@@ -131,7 +139,7 @@ def load_models(
             f"the VAE {Path(files.vae).name} has {vae.model.config.z_dim} latent channels but the diffusion "
             f"model expects {dit.config.in_dim}. Pick the Wan 2.1 VAE (wan_2.1_vae.safetensors)."
         )
-    return LiveAvatarModels(dit, vae, text_encoder, audio_encoder, device, offload, FP8 if fp8 else dtype, files)
+    return LiveAvatarModels(dit, vae, text_encoder, audio_encoder, device, offload, FP8 if fp8 else dtype, files, kv_cache)
 
 
 def load_dit_as(files, home: torch.device, dtype: torch.dtype, fp8: bool) -> WanS2VTransformer:

@@ -45,6 +45,8 @@ class Preset:
     offload: bool = True
     gpus: int = 1  # the presets run in ComfyUI's process; more is a setting of the machine
     compile: bool = True  # fused GPU kernels pay off from 688*368 up
+    weight_dtype: str = "bf16"
+    kv_cache: str = "gpu"
     note: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -54,6 +56,11 @@ PRESETS = (
            note="A quick look: up to 10 clips of 32 frames at 384*256, 3 steps (about 12.7 s of video)."),
     Preset("liveavatar_standard", "Standard", "688*368", 100, 4,
            note="The official quality: up to 100 clips of 48 frames at 688*368, 4 steps (about 3 min 12 s)."),
+    Preset("liveavatar_standard_low_vram", "Standard (low VRAM)", "688*368", 100, 4, weight_dtype="fp8_e4m3fn",
+           kv_cache="system RAM (low VRAM)",
+           note="The Standard preset for 24 GB cards: fp8 weights, networks in system RAM while idle, and the "
+                "attention caches (38 GB at this size) in system RAM, streamed to the GPU a layer at a time. "
+                "Needs about 48 GB of free system RAM; the same video as Standard with fp8 weights."),
     Preset("liveavatar_long", "Long", "688*368", 1000, 4, offload=False,
            note="Very long videos: up to 1000 clips (about 32 min). Every clip is decoded and written to the "
                 "mp4 as soon as it is made, so memory stays flat; weights stay on the GPU (no offload). "
@@ -74,7 +81,7 @@ COMMON_NOTE = (
 def _nodes(p: Preset) -> list[dict]:
     """(id, type, position, size, widgets, inputs {name: (type, from id, from slot)}, outputs [(name, type)])."""
     model = [MODEL_FILES["diffusion_model"], MODEL_FILES["lora"], 1.0, MODEL_FILES["text_encoder"],
-             MODEL_FILES["vae"], MODEL_FILES["audio_encoder"], "bf16", p.offload, p.compile]
+             MODEL_FILES["vae"], MODEL_FILES["audio_encoder"], p.weight_dtype, p.offload, p.compile, p.kv_cache]
     sampler = [p.size, "exact", p.num_clip, p.steps, p.infer_frames, "euler", p.guide_scale, 42, "fixed", True,
                p.gpus]
     return [
@@ -95,7 +102,7 @@ def _nodes(p: Preset) -> list[dict]:
                      "audio_features": ("LIVEAVATAR_AUDIO", 4, 0), "prompt": ("LIVEAVATAR_PROMPT", 5, 0)},
              outputs=[("video_stream", "LIVEAVATAR_VIDEO_STREAM")]),
         dict(id=7, type="OnlineVAEDecode", pos=[1290, 60], size=[360, 420],
-             widgets=["mp4", f"LiveAvatar/{p.title.lower()}", 19],
+             widgets=["mp4", f"LiveAvatar/{p.name.removeprefix('liveavatar_')}", 19],
              inputs={"video_stream": ("LIVEAVATAR_VIDEO_STREAM", 6, 0)},
              outputs=[("frames", "IMAGE"), ("audio", "AUDIO"), ("video", "VIDEO"), ("mp4_path", "STRING")]),
     ]
@@ -104,7 +111,7 @@ def _nodes(p: Preset) -> list[dict]:
 # Widget order of each node's inputs, for the API format (the UI format is positional).
 WIDGET_NAMES = {
     "LoadLiveAvatarModel": ["diffusion_model", "lora", "lora_strength", "text_encoder", "vae", "audio_encoder",
-                            "weight_dtype", "offload_model", "compile"],
+                            "weight_dtype", "offload_model", "compile", "kv_cache"],
     "LoadImage": ["image", None],
     "LoadAudio": ["audio", None, None],
     "EncodeAudio": ["infer_frames"],

@@ -23,7 +23,7 @@ from conftest import OFFICIAL_TINY, ROOT
 from liveavatar_core.dit import load_dit
 from liveavatar_core.errors import CheckpointError, DistributedError, InputError
 from liveavatar_core.parallel import Job, WorkerPool, plan_stages
-from liveavatar_core.parallel.plan import planned_blocks
+from liveavatar_core.pipeline import planned_blocks
 from liveavatar_core.pipeline import StreamingPipeline
 from liveavatar_core.streaming import GenerationCancelled, SamplerSettings
 from liveavatar_core.streaming.sampler import sink_distance

@@ -13,9 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import InputError
-from ..pipeline import VIDEO_START_OFFSET, RunPlan
-from ..streaming import SamplerSettings
-from ..vae import TEMPORAL_STRIDE
 
 
 @dataclass(frozen=True)
@@ -67,19 +64,3 @@ def plan_stages(world_size: int, sample_steps: int) -> StagePlan:
             stages.append(Stage(rank, range(first, first + count), rank == last))
             first += count
     return StagePlan(world_size, sample_steps, tuple(stages))
-
-
-def planned_blocks(run: RunPlan, settings: SamplerSettings) -> list[tuple[int, int]]:
-    """(clip, block) of every block the run computes, in order.
-
-    A single process stops as soon as the decoded frames reach the run's length; ranks that
-    never see the frames decide up front, from the causal VAE's counts: the run's first latent
-    frame decodes to one frame, every later one to four."""
-    work, frames = [], -VIDEO_START_OFFSET
-    for clip in range(run.clips):
-        for block, (_, latent_frames) in enumerate(settings.blocks()):
-            work.append((clip, block))
-            frames += TEMPORAL_STRIDE * latent_frames
-            if frames >= run.frames:
-                return work
-    return work

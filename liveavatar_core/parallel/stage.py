@@ -22,12 +22,21 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError
-from ..pipeline import BlockDecoder, FrameChunk, RunPlan, clip_features, encode_reference, fit_reference, plan_run
+from ..pipeline import (
+    BlockDecoder,
+    FrameChunk,
+    RunPlan,
+    clip_features,
+    encode_reference,
+    fit_reference,
+    plan_run,
+    planned_blocks,
+)
 from ..streaming import CausalDiT, CausalSampler, GenerationCancelled, SamplerSettings
 from . import messages
 from .messages import BLOCK, SINK, STOP, Message
 from .models import RankModels
-from .plan import StagePlan, planned_blocks
+from .plan import StagePlan
 
 
 @dataclass

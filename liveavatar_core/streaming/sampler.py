@@ -5,6 +5,9 @@ of 3 (the last one shorter when 3 does not divide). Each block is denoised in `s
 flow-matching steps; at step s it attends to the step-s keys/values of the blocks before it
 (one ring-buffer cache per step, one clip long) and to the sink. `guide_scale` > 0 adds a
 second branch (negative prompt, silenced audio) with caches and sink of its own.
+
+`kv_cache="host"` keeps those per-step caches in host memory instead of on the device
+(`host_caches`): the same numbers, for GPUs that cannot hold them.
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ import torch
 from ..errors import InputError
 from .caches import BlockKVCache, SinkCache
 from .causal_dit import CausalDiT
+from .host_caches import HostKVCache, KVStager
 from .solvers import SOLVERS, FlowSolver, flow_sigmas
 
 BLOCK_FRAMES = 3  # latent frames per block
 # The sink's lead over the current block is drawn from this range at every DiT call, as in
 # LiveAvatar's training; ours comes from the run's seed, so a seed gives one video.
 SINK_DISTANCE = (4, 30)
+# Where the per-step KV caches live: on the compute device, or in host memory (low VRAM).
+KV_CACHE_PLACES = ("device", "host")
 
 
 def sink_distance(seed: int, clip: int, block: int, step: int, bounds: tuple[int, int] = SINK_DISTANCE) -> int:
@@ -81,22 +87,30 @@ class Progress:
 class _Branch:
     """One guidance branch: its text, its sink and its per-step caches."""
 
-    def __init__(self, context: torch.Tensor, num_layers: int, steps: int, frames: int, tokens_per_frame: int, silent: bool):
+    def __init__(self, context: torch.Tensor, num_layers: int, steps: int, frames: int, tokens_per_frame: int, silent: bool,
+                 stager: KVStager | None = None):
         self.context = context
         self.silent = silent
         self.sink = SinkCache(num_layers)
-        self.caches = [BlockKVCache(num_layers, frames, tokens_per_frame) for _ in range(steps)]
+        if stager is None:
+            self.caches = [BlockKVCache(num_layers, frames, tokens_per_frame) for _ in range(steps)]
+        else:
+            self.caches = [HostKVCache(num_layers, frames, tokens_per_frame, stager) for _ in range(steps)]
 
 
 class CausalSampler:
-    def __init__(self, dit: CausalDiT, settings: SamplerSettings, device: torch.device | str = "cpu"):
+    def __init__(self, dit: CausalDiT, settings: SamplerSettings, device: torch.device | str = "cpu", kv_cache: str = "device"):
         settings.validate()
+        if kv_cache not in KV_CACHE_PLACES:
+            raise InputError(f"kv_cache must be one of {', '.join(KV_CACHE_PLACES)}, got {kv_cache!r}.")
         self.dit = dit
         self.settings = settings
         self.device = torch.device(device)
+        self.kv_cache = kv_cache
         self.sigmas = flow_sigmas(settings.sample_steps, settings.shift)
         self._branches: list[_Branch] = []
         self._latent_hw: tuple[int, int] | None = None
+        self._stager: KVStager | None = None
 
     def start(self, ref: torch.Tensor, motion: torch.Tensor, context: torch.Tensor, negative_context: torch.Tensor | None = None):
         """Prefills the sink(s). ref [1, 16, 1, h, w]; motion [1, 16, 19, h, w] latents;
@@ -111,11 +125,22 @@ class CausalSampler:
             if negative_context is None:
                 raise InputError("sample_guide_scale > 0 needs a negative prompt embedding (or set it to 0).")
             contexts.append((negative_context, True))
+        self.close()
         self._branches = []
+        stager = KVStager(self.device) if self.kv_cache == "host" else None  # shared by every branch and step
+        self._stager = stager
         for text, silent in contexts:
             embedded = model.embed_text([text.to(self.device)])
-            self._branches.append(_Branch(embedded, model.config.num_layers, s.sample_steps, s.latent_frames, tokens, silent))
+            self._branches.append(
+                _Branch(embedded, model.config.num_layers, s.sample_steps, s.latent_frames, tokens, silent, stager)
+            )
         self.replace_sink(ref, motion)
+
+    def close(self) -> None:
+        """Ends the run's cache transfers (host caches); the sampler can be started again."""
+        if self._stager is not None:
+            self._stager.finish()
+            self._stager = None
 
     def replace_sink(self, ref: torch.Tensor, motion: torch.Tensor) -> None:
         """(Re)fills every branch's sink, e.g. with the first generated frame after clip 0."""

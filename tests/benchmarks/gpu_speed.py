@@ -823,7 +823,8 @@ def fmt(value) -> str:
 def tables(runs: dict) -> str:
     """One markdown table per part, a row per preset, from the stored runs."""
     lines = []
-    for part in PARTS:
+    others = [part for part in dict.fromkeys(key.split("/")[0] for key in runs) if part not in PARTS]
+    for part in [*PARTS, *others]:
         keyed = [(key, run) for key, run in runs.items() if key.split("/")[0] == part]
         if not keyed:
             continue
@@ -853,7 +854,11 @@ def environment(bench: Bench | None) -> dict:
     return {"device": device, "torch": torch.__version__, "time": dt.datetime.now().strftime("%Y-%m-%d %H:%M")}
 
 
-def store(out: Path, name: str, runs: dict) -> tuple[Path, Path]:
+GPU_SPEED_NOTES = ("Random weights of the real 14B architecture (bf16); speed-up = ComfyUI's time / ours. "
+                   "`tests/benchmarks/gpu_speed.py` explains the FLOP count.")
+
+
+def store(out: Path, name: str, runs: dict, title: str | None = None, notes: str = GPU_SPEED_NOTES) -> tuple[Path, Path]:
     """Merges `runs` into <out>/<name>.json (a later run of a part/preset replaces the earlier)
     and rewrites <out>/<name>.md from everything stored."""
     out.mkdir(parents=True, exist_ok=True)
@@ -861,10 +866,8 @@ def store(out: Path, name: str, runs: dict) -> tuple[Path, Path]:
     stored = json.loads(json_path.read_text()) if json_path.exists() else {"runs": {}}
     stored["runs"].update(runs)
     json_path.write_text(json.dumps(stored, indent=1) + "\n")
-    title = f"# LiveAvatar GPU speed, {name.removeprefix('gpu_speed-')}"
-    notes = ("Random weights of the real 14B architecture (bf16); speed-up = ComfyUI's time / ours. "
-             "`tests/benchmarks/gpu_speed.py` explains the FLOP count.")
-    md_path.write_text(f"{title}\n\n{notes}\n\n{tables(stored['runs'])}")
+    title = title or f"LiveAvatar GPU speed, {name.removeprefix('gpu_speed-')}"
+    md_path.write_text(f"# {title}\n\n{notes}\n\n{tables(stored['runs'])}")
     return json_path, md_path
 
 

@@ -15,6 +15,9 @@
 # machine has is replaced.
 #
 #   bash tests/benchmarks/run_on_gpu.sh --parts dit --presets preview,standard,hd
+#   bash tests/benchmarks/run_on_gpu.sh tests/benchmarks/low_vram.py --clips 3
+#
+# A first argument ending in .py names another benchmark script to run the same way.
 #
 # PYTHON picks the interpreter (default python3); LIVEAVATAR_BENCH_SITE the install folder.
 set -euo pipefail
@@ -49,4 +52,9 @@ fi
 "$PYTHON" -c 'import diffusers' || { echo "diffusers does not import: put its wheel in $CARRY/" >&2; exit 1; }
 "$PYTHON" -c 'import av' 2>/dev/null || echo "PyAV does not import: the e2e part runs without the writer" >&2
 
-exec "$PYTHON" tests/benchmarks/gpu_speed.py "$@"
+SCRIPT=tests/benchmarks/gpu_speed.py
+if [[ "${1:-}" == *.py ]]; then
+    SCRIPT=$1
+    shift
+fi
+exec "$PYTHON" "$SCRIPT" "$@"
