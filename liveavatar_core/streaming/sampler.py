@@ -137,10 +137,16 @@ class CausalSampler:
         self.replace_sink(ref, motion)
 
     def close(self) -> None:
-        """Ends the run's cache transfers (host caches); the sampler can be started again."""
+        """Ends the run: waits for cache transfers and lets the caches go. Host caches are
+        pinned memory, which PyTorch keeps for reuse unless asked to return it; at 688*368
+        that is 38 GiB the rest of the machine wants back. Start again to run anew."""
+        self._branches = []
         if self._stager is not None:
             self._stager.finish()
             self._stager = None
+            if self.device.type == "cuda" and hasattr(torch._C, "_host_emptyCache"):
+                torch.cuda.current_stream(self.device).synchronize()
+                torch._C._host_emptyCache()
 
     def replace_sink(self, ref: torch.Tensor, motion: torch.Tensor) -> None:
         """(Re)fills every branch's sink, e.g. with the first generated frame after clip 0."""
