@@ -200,7 +200,7 @@ class VideoJob:
         # This process's DiT and VAE stay where they are: the workers load their own copies.
         pool = shared_pool(worker_model_files(self.models), self.gpus, self.models.device.type)
         job = Job(self.image, self.audio.features, self.prompt.positive, (self.width, self.height), self.settings,
-                  self.num_clip, self.prompt.negative, self.trim_to_audio)
+                  self.num_clip, self.prompt.negative, self.trim_to_audio, self.models.kv_cache)
         chunks = pool.run(job, should_stop)
         if progress is not None:
             chunks = _with_block_progress(chunks, planned_blocks(self.plan, self.settings), self.settings, progress)

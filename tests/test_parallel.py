@@ -23,8 +23,7 @@ from conftest import OFFICIAL_TINY, ROOT
 from liveavatar_core.dit import load_dit
 from liveavatar_core.errors import CheckpointError, DistributedError, InputError
 from liveavatar_core.parallel import Job, WorkerPool, plan_stages
-from liveavatar_core.pipeline import planned_blocks
-from liveavatar_core.pipeline import StreamingPipeline
+from liveavatar_core.pipeline import StreamingPipeline, planned_blocks
 from liveavatar_core.streaming import GenerationCancelled, SamplerSettings
 from liveavatar_core.streaming.sampler import sink_distance
 from liveavatar_core.vae import WanVAE
@@ -139,6 +138,10 @@ def test_block_plan_matches_where_one_process_stops(reference):
 def test_two_ranks_run_three_steps_and_cut_the_video_inside_a_clip(pool2, reference):
     """Rank 0 runs steps 0-1, rank 1 step 2 and the decode; 3 clips, cut in the third."""
     assert_same(list(pool2.run(make_job("euler_3_steps"))), reference("euler_3_steps"))
+
+
+def test_ranks_with_their_caches_in_host_memory_give_the_same_frames(pool2, reference):
+    assert_same(list(pool2.run(make_job("euler_3_steps", kv_cache="host"))), reference("euler_3_steps"))
 
 
 def test_two_ranks_with_guidance_and_dpmpp(pool2, reference):

@@ -66,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--sample-guide-scale", type=float, default=0.0)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--no-trim", action="store_true", help="keep the video running past the end of the audio")
+    run.add_argument("--kv-cache", choices=("device", "host"), default="device",
+                     help="where each rank keeps its attention caches: on its GPU, or in host memory (low VRAM)")
     out = p.add_argument_group("output and processes")
     out.add_argument("--output", required=True, help="the mp4 to write")
     out.add_argument("--crf", type=int, default=19)
@@ -139,7 +141,7 @@ def share_inputs(args, settings: SamplerSettings, source: int, rank: int, world:
         tensors = message.tensors
     image, features, context, *negative = tensors
     job = Job(image, features, context, args.size, settings, args.num_clip or None,
-              negative[0] if negative else None, not args.no_trim)
+              negative[0] if negative else None, not args.no_trim, args.kv_cache)
     return job, waveform
 
 

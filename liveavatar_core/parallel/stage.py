@@ -33,6 +33,7 @@ from ..pipeline import (
     planned_blocks,
 )
 from ..streaming import CausalDiT, CausalSampler, GenerationCancelled, SamplerSettings
+from ..streaming.sampler import KV_CACHE_PLACES
 from . import messages
 from .messages import BLOCK, SINK, STOP, Message
 from .models import RankModels
@@ -51,11 +52,14 @@ class Job:
     num_clip: int | None = None
     negative_context: torch.Tensor | None = None
     trim_to_audio: bool = True
+    kv_cache: str = "device"  # or "host": each rank keeps its steps' caches in host memory
 
     def plan(self) -> RunPlan:
         """Checks the inputs (InputError) and counts the run's clips and frames."""
         if self.settings.guide_scale > 0 and self.negative_context is None:
             raise InputError("sample_guide_scale > 0 needs a negative prompt embedding (or set it to 0).")
+        if self.kv_cache not in KV_CACHE_PLACES:
+            raise InputError(f"kv_cache must be one of {', '.join(KV_CACHE_PLACES)}, got {self.kv_cache!r}.")
         return plan_run(self.audio_features, self.size, self.settings, self.num_clip, self.trim_to_audio)
 
 
@@ -80,7 +84,7 @@ def run_stage(
     rolls = any(clip == 1 for clip, _ in work)
     last_block = len(settings.blocks()) - 1
     previous, following = plan.neighbours(rank)
-    sampler = CausalSampler(CausalDiT(models.dit()), settings, device) if stage.steps else None
+    sampler = CausalSampler(CausalDiT(models.dit()), settings, device, job.kv_cache) if stage.steps else None
     output = None
     if stage.decodes:
         pixels = fit_reference(job.image, run.width, run.height)
@@ -140,6 +144,8 @@ def run_stage(
         if output is not None and not output.finished:
             raise RuntimeError(f"the block plan ended with {output.frames_left} of {run.frames} frames missing")
     finally:
+        if sampler is not None:
+            sampler.close()
         if output is not None:
             output.close()
 
