@@ -63,12 +63,14 @@ def test_same_seed_gives_the_same_frames(pipeline, context):
     assert torch.equal(a, b)
 
 
-def test_stop_keeps_everything_finished_before_it(pipeline, context):
+@pytest.mark.parametrize("overlap_decode", [False, True], ids=["decode in line", "decode beside"])
+def test_stop_keeps_everything_finished_before_it(pipeline, context, overlap_decode):
+    runner = StreamingPipeline(pipeline.dit, pipeline.vae, overlap_decode=overlap_decode)
     seen = []
     calls = iter(range(10**6))
     with pytest.raises(GenerationCancelled):
-        for chunk in pipeline.stream(portrait(), features(64), context, SMALL, SamplerSettings(sample_steps=1, infer_frames=16),
-                                     should_stop=lambda: next(calls) >= 4):
+        for chunk in runner.stream(portrait(), features(64), context, SMALL, SamplerSettings(sample_steps=1, infer_frames=16),
+                                   should_stop=lambda: next(calls) >= 4):
             seen.append(chunk)
     assert [(c.clip, c.block) for c in seen] == [(0, 0), (0, 1), (1, 0), (1, 1)]
 
@@ -79,17 +81,6 @@ def test_decoding_beside_generation_gives_the_same_chunks(pipeline, context):
     beside, frames_beside = collect(overlapped, context, audio_frames=20)
     assert [(c.clip, c.block, c.ends_clip) for c in beside] == [(c.clip, c.block, c.ends_clip) for c in in_line]
     assert torch.equal(frames_beside, frames)
-
-
-def test_stop_with_decoding_beside_generation_keeps_every_finished_block(pipeline, context):
-    overlapped = StreamingPipeline(pipeline.dit, pipeline.vae, overlap_decode=True)
-    seen = []
-    calls = iter(range(10**6))
-    with pytest.raises(GenerationCancelled):
-        for chunk in overlapped.stream(portrait(), features(64), context, SMALL, SamplerSettings(sample_steps=1, infer_frames=16),
-                                       should_stop=lambda: next(calls) >= 4):
-            seen.append(chunk)
-    assert [(c.clip, c.block) for c in seen] == [(0, 0), (0, 1), (1, 0), (1, 1)]
 
 
 @pytest.mark.parametrize(
