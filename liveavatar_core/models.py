@@ -25,7 +25,7 @@ from .dit import WanS2VTransformer, fused, load_dit
 from .dit.fp8 import FP8, dequantize_dit_, has_fp8_layers, quantize_dit_
 from .errors import CheckpointError, InputError
 from .lora import merge_lora
-from .streaming.sampler import KV_CACHE_PLACES
+from .streaming.sampler import check_kv_cache
 from .text_encoder import TextEncoder, load_text_encoder
 from .vae import WanVAE, load_vae
 
@@ -108,8 +108,7 @@ def load_models(
     naming the file when one holds another network or the networks do not fit together.
     """
     device = torch.device(device)
-    if kv_cache not in KV_CACHE_PLACES:
-        raise InputError(f"kv_cache must be one of {', '.join(KV_CACHE_PLACES)}, got {kv_cache!r}.")
+    check_kv_cache(kv_cache)
     if compile_elementwise is not None:
         fused.set_compiled(compile_elementwise)
     dtype = _dtype(dtype)

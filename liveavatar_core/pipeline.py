@@ -262,7 +262,7 @@ class StreamingPipeline:
                         yield from decoder.submit(clip, block, latents)
                         if (clip, block) == last_block:
                             break
-                    if clip == 0 and run.clips > 1 and last_block[0] > 0:
+                    if clip == 0 and last_block[0] > 0:
                         yield from decoder.drain()  # the sink roll needs clip 0's frames
                         sampler.replace_sink(*output.rolled_sink())
             except GenerationCancelled:

@@ -60,7 +60,8 @@ PRESETS = (
            kv_cache="system RAM (low VRAM)",
            note="The Standard preset for 24 GB cards: fp8 weights, networks in system RAM while idle, and the "
                 "attention caches (38 GB at this size) in system RAM, streamed to the GPU a layer at a time. "
-                "Needs about 48 GB of free system RAM; the same video as Standard with fp8 weights."),
+                "The caches take about 40 GB of system RAM while a video runs; the same video as Standard "
+                "with fp8 weights."),
     Preset("liveavatar_long", "Long", "688*368", 1000, 4, offload=False,
            note="Very long videos: up to 1000 clips (about 32 min). Every clip is decoded and written to the "
                 "mp4 as soon as it is made, so memory stays flat; weights stay on the GPU (no offload). "

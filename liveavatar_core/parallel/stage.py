@@ -33,7 +33,7 @@ from ..pipeline import (
     planned_blocks,
 )
 from ..streaming import CausalDiT, CausalSampler, GenerationCancelled, SamplerSettings
-from ..streaming.sampler import KV_CACHE_PLACES
+from ..streaming.sampler import check_kv_cache
 from . import messages
 from .messages import BLOCK, SINK, STOP, Message
 from .models import RankModels
@@ -58,8 +58,7 @@ class Job:
         """Checks the inputs (InputError) and counts the run's clips and frames."""
         if self.settings.guide_scale > 0 and self.negative_context is None:
             raise InputError("sample_guide_scale > 0 needs a negative prompt embedding (or set it to 0).")
-        if self.kv_cache not in KV_CACHE_PLACES:
-            raise InputError(f"kv_cache must be one of {', '.join(KV_CACHE_PLACES)}, got {self.kv_cache!r}.")
+        check_kv_cache(self.kv_cache)
         return plan_run(self.audio_features, self.size, self.settings, self.num_clip, self.trim_to_audio)
 
 

@@ -12,6 +12,7 @@ second branch (negative prompt, silenced audio) with caches and sink of its own.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,6 +31,11 @@ BLOCK_FRAMES = 3  # latent frames per block
 SINK_DISTANCE = (4, 30)
 # Where the per-step KV caches live: on the compute device, or in host memory (low VRAM).
 KV_CACHE_PLACES = ("device", "host")
+
+
+def check_kv_cache(place: str) -> None:
+    if place not in KV_CACHE_PLACES:
+        raise InputError(f"kv_cache must be one of {', '.join(KV_CACHE_PLACES)}, got {place!r}.")
 
 
 def sink_distance(seed: int, clip: int, block: int, step: int, bounds: tuple[int, int] = SINK_DISTANCE) -> int:
@@ -92,17 +98,14 @@ class _Branch:
         self.context = context
         self.silent = silent
         self.sink = SinkCache(num_layers)
-        if stager is None:
-            self.caches = [BlockKVCache(num_layers, frames, tokens_per_frame) for _ in range(steps)]
-        else:
-            self.caches = [HostKVCache(num_layers, frames, tokens_per_frame, stager) for _ in range(steps)]
+        make_cache = BlockKVCache if stager is None else functools.partial(HostKVCache, stager=stager)
+        self.caches = [make_cache(num_layers, frames, tokens_per_frame) for _ in range(steps)]
 
 
 class CausalSampler:
     def __init__(self, dit: CausalDiT, settings: SamplerSettings, device: torch.device | str = "cpu", kv_cache: str = "device"):
         settings.validate()
-        if kv_cache not in KV_CACHE_PLACES:
-            raise InputError(f"kv_cache must be one of {', '.join(KV_CACHE_PLACES)}, got {kv_cache!r}.")
+        check_kv_cache(kv_cache)
         self.dit = dit
         self.settings = settings
         self.device = torch.device(device)
@@ -126,7 +129,6 @@ class CausalSampler:
                 raise InputError("sample_guide_scale > 0 needs a negative prompt embedding (or set it to 0).")
             contexts.append((negative_context, True))
         self.close()
-        self._branches = []
         stager = KVStager(self.device) if self.kv_cache == "host" else None  # shared by every branch and step
         self._stager = stager
         for text, silent in contexts:

@@ -9,6 +9,8 @@ throughout, end to end into an mp4 (`StreamingPipeline.stream` + `write_video`):
                                  memory capped with `torch.cuda.set_per_process_memory_fraction`
                                  (default 22 GiB), after the DiT went to the CPU and back as
                                  `offload_model` moves it for each video;
+   (`--host-uncapped` adds the host caches without the cap, decode in line: this tells what
+   the caches change from what the cap changes);
 4. text encoder under the cap:  umT5-XXL at its real size encodes one 512-token prompt alone on
                                  the GPU (with offload it never shares the GPU with the DiT).
 
