@@ -37,6 +37,7 @@ from .pipeline import (
     planned_blocks,
     write_video,
 )
+from .semantics import VideoSemantics
 from .sizing import SIZE_MODES, area_fit_size
 from .streaming import Progress, SamplerSettings
 
@@ -137,6 +138,7 @@ class VideoJob:
     plan: RunPlan
     trim_to_audio: bool = True
     gpus: int = 1  # 1: this process; more: that many warm worker processes, one per GPU
+    semantics: VideoSemantics = VideoSemantics()  # which official pipeline the video follows
 
     @property
     def width(self) -> int:
@@ -194,13 +196,14 @@ class VideoJob:
                 progress=progress,
                 should_stop=should_stop,
                 trim_to_audio=self.trim_to_audio,
+                semantics=self.semantics,
             )
 
     def _frames_from_workers(self, progress, should_stop) -> Iterator[FrameChunk]:
         # This process's DiT and VAE stay where they are: the workers load their own copies.
         pool = shared_pool(worker_model_files(self.models), self.gpus, self.models.device.type)
         job = Job(self.image, self.audio.features, self.prompt.positive, (self.width, self.height), self.settings,
-                  self.num_clip, self.prompt.negative, self.trim_to_audio, self.models.kv_cache)
+                  self.num_clip, self.prompt.negative, self.trim_to_audio, self.models.kv_cache, self.semantics)
         chunks = pool.run(job, should_stop)
         if progress is not None:
             chunks = _with_block_progress(chunks, planned_blocks(self.plan, self.settings), self.settings, progress)
@@ -279,6 +282,7 @@ def make_job(
     size_mode: str = "exact",
     trim_to_audio: bool = True,
     gpus: int = 1,
+    semantics: VideoSemantics | str | None = None,
 ) -> VideoJob:
     """Checks every input now, so a bad one fails before minutes of compute.
 
@@ -286,9 +290,11 @@ def make_job(
     centre-crop the image to `size`) or 'official_area' (`size` is an area budget; the
     image's aspect ratio decides the shape, as in the official CLI). gpus: 1 = this process;
     more = that many worker processes, one per GPU (CPU processes when the models run on the
-    CPU), kept warm between runs.
+    CPU), kept warm between runs. semantics: which official pipeline's conditioning and
+    decoding the video follows (`VideoSemantics` or its name; default `official-multi-gpu`).
     """
     settings.validate()
+    semantics = VideoSemantics.of(semantics)
     _check_gpus(models, gpus)
     if image.dim() == 4:
         image = image[0]
@@ -309,7 +315,7 @@ def make_job(
     if settings.guide_scale > 0 and prompt.negative is None:
         raise InputError("sample_guide_scale > 0 needs a negative prompt: encode it with EncodePrompt, or set the scale to 0.")
     plan = plan_run(audio.features, (width, height), settings, num_clip or None, trim_to_audio)
-    return VideoJob(models, image, audio, prompt, settings, plan, trim_to_audio, gpus)
+    return VideoJob(models, image, audio, prompt, settings, plan, trim_to_audio, gpus, semantics)
 
 
 @dataclass

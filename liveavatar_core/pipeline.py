@@ -2,19 +2,19 @@
 decoded frames out, clip by clip, with flat memory.
 
 Flow per run:
-1. The reference image is resized/cropped to the output size and VAE-encoded twice: as the
-   reference latent (5 copies encoded, the first latent dropped, as the official code does)
-   and as the motion context (73 copies -> 19 latents).
+1. The reference image is resized/cropped to the output size; the run's semantics (see
+   `semantics.py`: `official-multi-gpu` by default, or `official-single-gpu`) encode it into
+   the sink's reference and motion latents exactly as that official pipeline does.
 2. The sampler prefills its sink and generates clip after clip, block after block.
-3. Each finished block is decoded at once by the streaming VAE decoder (causal caches kept
-   between blocks) and handed to the caller; nothing per clip is kept afterwards.
-4. After clip 0, the sink rolls once (official online-decode behaviour): the first generated
-   latent frame becomes the reference and the last 73 frames (reference copies + clip 0)
-   become the motion context. Later clips see earlier ones through the KV caches.
+3. Each finished block is decoded at once by the semantics' streaming decode and handed to
+   the caller; nothing per clip is kept afterwards beyond the fixed motion window.
+4. After clip 0 the sink rolls (always in `official-multi-gpu`; with `sink_roll` in
+   `official-single-gpu`): the first generated latent frame becomes the reference. Later
+   clips see earlier ones through the KV caches.
 
-The causal VAE turns the first latent into one frame and every later latent into four, so the
-video starts 3 frames into clip 0 (official: clip 0 yields 45 frames, later clips 48). The
-audio that belongs to those 3 frames is skipped (`VIDEO_START_OFFSET`), keeping lips in sync.
+The video starts 3 frames into clip 0 (official: clip 0 yields 45 frames, later clips 48).
+The audio that belongs to those 3 frames is skipped (`VIDEO_START_OFFSET`), keeping lips in
+sync; the official code muxes the audio from t=0, 120 ms early.
 """
 
 from __future__ import annotations
@@ -30,28 +30,16 @@ import torch.nn.functional as F
 from .dit import WanS2VTransformer
 from .errors import InputError
 from .overlapped_decode import DecodeQueue
+from .semantics import MOTION_FRAMES, VIDEO_START_OFFSET, FrameChunk, VideoSemantics
 from .streaming import CausalDiT, CausalSampler, GenerationCancelled, Progress, SamplerSettings
 from .vae import TEMPORAL_STRIDE, WanVAE
 
 FPS = 25
-VIDEO_START_OFFSET = 3  # video frames of clip 0 the causal VAE does not produce
-MOTION_FRAMES = 73
-REF_ENCODE_COPIES = 5
 # Width*height the official CLI accepts; any multiple of 16 works for the networks.
 OFFICIAL_SIZES = (
     "720*1280", "1280*720", "480*832", "832*480", "704*1280", "1280*704",
     "1024*704", "704*1024", "720*400", "704*384", "688*368", "384*256",
 )
-
-
-@dataclass(frozen=True)
-class FrameChunk:
-    """Decoded frames [N, H, W, 3] float32 in 0..1 (ComfyUI's IMAGE layout) of one block."""
-
-    clip: int
-    block: int
-    frames: torch.Tensor
-    ends_clip: bool
 
 
 def parse_size(size: str | tuple[int, int]) -> tuple[int, int]:
@@ -131,8 +119,8 @@ def planned_blocks(run: RunPlan, settings: SamplerSettings) -> list[tuple[int, i
     """(clip, block) of every block the run computes, in order.
 
     A single process stops as soon as the decoded frames reach the run's length; ranks that
-    never see the frames decide up front, from the causal VAE's counts: the run's first latent
-    frame decodes to one frame, every later one to four."""
+    never see the frames decide up front, from the decode's counts: four frames per latent
+    frame, less the `VIDEO_START_OFFSET` frames clip 0 drops."""
     work, frames = [], -VIDEO_START_OFFSET
     for clip in range(run.clips):
         for block, (_, latent_frames) in enumerate(settings.blocks()):
@@ -147,60 +135,6 @@ def frames_for_run(audio_frames: int, clips: int, infer_frames: int, trim_to_aud
     """Frames a run of `clips` clips yields; when trimming, no more than the audio covers."""
     frames = output_frame_count(clips, infer_frames)
     return min(frames, max(1, audio_frames - VIDEO_START_OFFSET)) if trim_to_audio else frames
-
-
-def encode_reference(vae: WanVAE, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sink's first inputs: the reference latent and the motion context latents."""
-    ref = vae.encode(pixels.repeat(1, 1, REF_ENCODE_COPIES, 1, 1).to(vae.device))[:, :, 1:]
-    motion = vae.encode(pixels.repeat(1, 1, MOTION_FRAMES, 1, 1).to(vae.device))
-    return ref, motion
-
-
-class BlockDecoder:
-    """Clean block latents in, `FrameChunk`s out: the streaming VAE decode, the cut at the
-    run's length, and what the sink roll after clip 0 needs (its first latent and the last
-    `MOTION_FRAMES` frames in pixels, reference copies included)."""
-
-    def __init__(self, vae: WanVAE, pixels: torch.Tensor, frames: int, blocks_per_clip: int):
-        self.vae = vae
-        self.frames_left = frames
-        self.last_block = blocks_per_clip - 1
-        self._decoder = vae.streaming_decoder()
-        self._recent: torch.Tensor | None = pixels.repeat(1, 1, MOTION_FRAMES, 1, 1)
-        self._first_latent: torch.Tensor | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.frames_left <= 0
-
-    def decode(self, clip: int, block: int, latents: torch.Tensor) -> FrameChunk | None:
-        """The block's frames (None when the cut leaves none of them)."""
-        if clip == 0 and block == 0:
-            self._first_latent = latents[:, :, :1]
-        video = self._decoder.decode_next(latents.to(self.vae.device))
-        if clip == 0:
-            self._recent = torch.cat([self._recent, video.to(self._recent.device)], dim=2)[:, :, -MOTION_FRAMES:]
-        frames = _to_image(video)[: self.frames_left]
-        self.frames_left -= frames.shape[0]
-        if not frames.shape[0]:
-            return None
-        return FrameChunk(clip, block, frames, block == self.last_block or self.finished)
-
-    def rolled_sink(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(reference, motion) latents of the sink from clip 1 on; call once clip 0 is decoded."""
-        motion = self.vae.encode(self._recent.to(self.vae.device))
-        self._recent = None
-        return self._first_latent, motion
-
-    def close(self) -> None:
-        self._decoder.close()
-        self._recent = self._first_latent = None
-
-    def __enter__(self) -> BlockDecoder:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
 
 
 class StreamingPipeline:
@@ -236,35 +170,38 @@ class StreamingPipeline:
         progress: Callable[[Progress], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
         trim_to_audio: bool = True,
+        semantics: VideoSemantics | str | None = None,
     ) -> Iterator[FrameChunk]:
         """Yields decoded frames block by block.
 
         audio_features: [1, 25, audio_dim, frames] (one feature window per video frame at 25
         fps); num_clip: None = as many clips as the audio needs; clips past the end of the
         audio get silence. With `trim_to_audio`, the video stops where the audio stops.
+        semantics: which official pipeline's conditioning and decoding to reproduce
+        (`VideoSemantics`, or its name; default `official-multi-gpu`).
         Raises GenerationCancelled when `should_stop()` turns true (checked between blocks).
         """
+        semantics = VideoSemantics.of(semantics)
         run = plan_run(audio_features, size, settings, num_clip, trim_to_audio)
         sampler = CausalSampler(CausalDiT(self.dit), settings, self.device, self.kv_cache)
         pixels = fit_reference(image, run.width, run.height)
-        ref, motion = encode_reference(self.vae, pixels)
-        sampler.start(ref, motion, context, negative_context)
-
         last_block = planned_blocks(run, settings)[-1]
+        rolls = semantics.rolls_sink(last_block[0] + 1)
         with (
-            BlockDecoder(self.vae, pixels, run.frames, len(settings.blocks())) as output,
-            DecodeQueue(output.decode, self.device, self.overlap_decode) as decoder,
+            semantics.video(self.vae, pixels, run.frames, len(settings.blocks())) as video,
+            DecodeQueue(video.decode, self.device, self.overlap_decode) as decoder,
         ):
             try:
+                sampler.start(*video.sink_inputs(), context, negative_context)
                 for clip in range(last_block[0] + 1):
                     clip_audio = clip_features(audio_features, clip, settings.infer_frames)
                     for block, (_, latents) in enumerate(sampler.generate_clip(clip, clip_audio, progress, should_stop)):
                         yield from decoder.submit(clip, block, latents)
                         if (clip, block) == last_block:
                             break
-                    if clip == 0 and last_block[0] > 0:
+                    if clip == 0 and rolls:
                         yield from decoder.drain()  # the sink roll needs clip 0's frames
-                        sampler.replace_sink(*output.rolled_sink())
+                        sampler.replace_sink(*video.rolled_sink())
             except GenerationCancelled:
                 yield from decoder.drain()  # blocks finished before the stop are kept
                 raise
@@ -279,11 +216,6 @@ def clip_features(features: torch.Tensor, clip: int, frames: int) -> torch.Tenso
     if part.shape[-1] < frames:
         part = torch.cat([part, part.new_zeros(*part.shape[:-1], frames - part.shape[-1])], dim=-1)
     return part
-
-
-def _to_image(video: torch.Tensor) -> torch.Tensor:
-    """[1, 3, N, H, W] in -1..1 -> [N, H, W, 3] float32 in 0..1 on the CPU."""
-    return ((video[0].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0).cpu()
 
 
 def write_video(

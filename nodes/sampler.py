@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from liveavatar_core.generation import make_job
 from liveavatar_core.pipeline import OFFICIAL_SIZES
+from liveavatar_core.semantics import SEMANTICS, VideoSemantics
 from liveavatar_core.sizing import SIZE_MODES
 from liveavatar_core.streaming import SamplerSettings
+from liveavatar_core.streaming.sampler import NOISE_SOURCES
 from liveavatar_core.streaming.solvers import SOLVERS
 
 from .types import AUDIO_FEATURES, CATEGORY, MODEL_INPUT, PROMPT, VIDEO_STREAM
@@ -87,6 +89,21 @@ class LiveAvatarSampler:
                                "Works with offload_model on or off; on is best, so this process's own copy "
                                "waits in RAM instead of on the first GPU beside worker 0's. On a machine "
                                "without GPUs, N CPU processes are used (only useful for testing)."}),
+                "semantics": (list(SEMANTICS), {
+                    "default": SEMANTICS[0],
+                    "tooltip": "Which official LiveAvatar pipeline the video reproduces exactly (motion context, "
+                               "sink roll, decode). official-multi-gpu: the paper's real-time streaming path "
+                               "(any gpus value; cheap). official-single-gpu: the official single-GPU script; "
+                               "every clip re-decodes and re-encodes a 365-frame motion window (slower)."}),
+                "sink_roll": ("BOOLEAN", {
+                    "default": True,
+                    "tooltip": "official-single-gpu only: after clip 0, its first frame becomes the sink's "
+                               "reference (the official --enable_online_decode). Off = the official single-GPU "
+                               "script's default. official-multi-gpu always rolls."}),
+                "noise": (list(NOISE_SOURCES), {
+                    "default": NOISE_SOURCES[0],
+                    "tooltip": "cpu: the same noise for a seed on every machine. official: drawn as the "
+                               "official code does on a GPU, so a seed reproduces an official CLI video."}),
             }
         }
 
@@ -97,9 +114,11 @@ class LiveAvatarSampler:
         return True
 
     def prepare(self, model, image, audio_features, prompt, size, size_mode, num_clip, sample_steps, infer_frames,
-                sample_solver, sample_guide_scale, seed, trim_to_audio, gpus=1):
+                sample_solver, sample_guide_scale, seed, trim_to_audio, gpus=1, semantics=SEMANTICS[0],
+                sink_roll=True, noise=NOISE_SOURCES[0]):
         settings = SamplerSettings(sample_steps=sample_steps, infer_frames=infer_frames, sample_solver=sample_solver,
-                                   guide_scale=sample_guide_scale, seed=seed)
+                                   guide_scale=sample_guide_scale, seed=seed, noise=noise)
         job = make_job(model, image, audio_features, prompt, size, settings, num_clip=num_clip or None,
-                       size_mode=size_mode, trim_to_audio=trim_to_audio, gpus=gpus)
+                       size_mode=size_mode, trim_to_audio=trim_to_audio, gpus=gpus,
+                       semantics=VideoSemantics(semantics, sink_roll=sink_roll))
         return (job,)

@@ -47,6 +47,9 @@ class Preset:
     compile: bool = True  # fused GPU kernels pay off from 688*368 up
     weight_dtype: str = "bf16"
     kv_cache: str = "gpu"
+    semantics: str = "official-multi-gpu"  # the official streaming path the paper's figures come from
+    sink_roll: bool = True
+    noise: str = "cpu"
     note: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -75,7 +78,9 @@ COMMON_NOTE = (
     "\n\nPut the model files in ComfyUI's models folders (see the pack's README): diffusion_models, loras, "
     "text_encoders, vae, audio_encoders. Load your own portrait and speech in the two loaders. The video "
     "follows the audio: shorter speech gives a shorter video (num_clip is the upper limit; set "
-    "trim_to_audio off to render every clip). 25 fps, 48 frames = 1.92 s per clip."
+    "trim_to_audio off to render every clip). 25 fps: a clip of 48 frames is 1.92 s. The sampler's semantics "
+    "input picks the official pipeline the video reproduces exactly (official-multi-gpu here; "
+    "official-single-gpu is slower)."
 )
 
 
@@ -84,7 +89,7 @@ def _nodes(p: Preset) -> list[dict]:
     model = [MODEL_FILES["diffusion_model"], MODEL_FILES["lora"], 1.0, MODEL_FILES["text_encoder"],
              MODEL_FILES["vae"], MODEL_FILES["audio_encoder"], p.weight_dtype, p.offload, p.compile, p.kv_cache]
     sampler = [p.size, "exact", p.num_clip, p.steps, p.infer_frames, "euler", p.guide_scale, 42, "fixed", True,
-               p.gpus]
+               p.gpus, p.semantics, p.sink_roll, p.noise]
     return [
         dict(id=1, type="LoadLiveAvatarModel", pos=[40, 60], size=[360, 290], widgets=model, inputs={},
              outputs=[("model", "LIVEAVATAR_MODEL")]),
@@ -98,7 +103,7 @@ def _nodes(p: Preset) -> list[dict]:
                       ("num_frames", "INT")]),
         dict(id=5, type="EncodePrompt", pos=[450, 60], size=[400, 300], widgets=[PROMPT, ""],
              inputs={"model": ("LIVEAVATAR_MODEL", 1, 0)}, outputs=[("prompt", "LIVEAVATAR_PROMPT")]),
-        dict(id=6, type="LiveAvatarSampler", pos=[900, 60], size=[340, 410], widgets=sampler,
+        dict(id=6, type="LiveAvatarSampler", pos=[900, 60], size=[340, 490], widgets=sampler,
              inputs={"model": ("LIVEAVATAR_MODEL", 1, 0), "image": ("IMAGE", 2, 0),
                      "audio_features": ("LIVEAVATAR_AUDIO", 4, 0), "prompt": ("LIVEAVATAR_PROMPT", 5, 0)},
              outputs=[("video_stream", "LIVEAVATAR_VIDEO_STREAM")]),
@@ -118,7 +123,8 @@ WIDGET_NAMES = {
     "EncodeAudio": ["infer_frames"],
     "EncodePrompt": ["prompt", "negative_prompt"],
     "LiveAvatarSampler": ["size", "size_mode", "num_clip", "sample_steps", "infer_frames", "sample_solver",
-                          "sample_guide_scale", "seed", None, "trim_to_audio", "gpus"],
+                          "sample_guide_scale", "seed", None, "trim_to_audio", "gpus", "semantics", "sink_roll",
+                          "noise"],
     "OnlineVAEDecode": ["output", "filename_prefix", "crf"],
 }
 

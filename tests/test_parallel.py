@@ -24,6 +24,7 @@ from liveavatar_core.dit import load_dit
 from liveavatar_core.errors import CheckpointError, DistributedError, InputError
 from liveavatar_core.parallel import Job, WorkerPool, plan_stages
 from liveavatar_core.pipeline import StreamingPipeline, planned_blocks
+from liveavatar_core.semantics import VideoSemantics
 from liveavatar_core.streaming import GenerationCancelled, SamplerSettings
 from liveavatar_core.streaming.sampler import sink_distance
 from liveavatar_core.vae import WanVAE
@@ -44,22 +45,28 @@ class TinyModels:
         return WanVAE(AutoencoderKLWan(base_dim=8).eval().requires_grad_(False).to(device))
 
 
+MULTI_GPU, SINGLE_GPU = VideoSemantics("official-multi-gpu"), VideoSemantics("official-single-gpu")
 CASES = {
     # 2 clips: the sink roll is crossed; two branches; dpmpp_2m history travels between ranks.
-    "guided_dpmpp": (SamplerSettings(sample_steps=2, infer_frames=INFER, sample_solver="dpmpp_2m", guide_scale=5.0, seed=11), 32),
+    "guided_dpmpp": (SamplerSettings(sample_steps=2, infer_frames=INFER, sample_solver="dpmpp_2m", guide_scale=5.0, seed=11), 32,
+                     MULTI_GPU),
     # 3 clips, the video cut inside clip 2 (40 frames of audio); 3 steps on 2 ranks.
-    "euler_3_steps": (SamplerSettings(sample_steps=3, infer_frames=INFER, seed=12), 40),
+    "euler_3_steps": (SamplerSettings(sample_steps=3, infer_frames=INFER, seed=12), 40, MULTI_GPU),
+    # The official multi-GPU layout: 4 euler steps, 3 clips.
+    "official_4_steps": (SamplerSettings(sample_steps=4, infer_frames=INFER, seed=13), 48, MULTI_GPU),
+    # The single-GPU semantics over processes: motion windows re-encoded on the decoding rank.
+    "single_gpu": (SamplerSettings(sample_steps=2, infer_frames=INFER, seed=14), 40, SINGLE_GPU),
 }
 
 
 def make_job(case: str, **overrides) -> Job:
-    settings, audio_frames = CASES[case]
+    settings, audio_frames, semantics = CASES[case]
     context = load_file(str(OFFICIAL_TINY / "golden.safetensors"))["context"]
     negative = context.flip(0) if settings.guide_scale > 0 else None
     image = torch.rand(120, 90, 3, generator=torch.Generator().manual_seed(5))
     features = torch.randn(1, 25, 32, audio_frames, generator=torch.Generator().manual_seed(6))
     inputs = {"image": image, "audio_features": features, "context": context, "size": SIZE, "settings": settings,
-              "negative_context": negative}
+              "negative_context": negative, "semantics": semantics}
     return Job(**(inputs | overrides))
 
 
@@ -76,7 +83,7 @@ def reference():
             try:
                 pipeline = StreamingPipeline(models.load_dit("cpu"), models.load_vae("cpu"))
                 done[case] = list(pipeline.stream(job.image, job.audio_features, job.context, job.size, job.settings,
-                                                  negative_context=job.negative_context))
+                                                  negative_context=job.negative_context, semantics=job.semantics))
             finally:
                 torch.set_num_threads(threads)
         return done[case]
@@ -148,13 +155,23 @@ def test_two_ranks_with_guidance_and_dpmpp(pool2, reference):
     assert_same(list(pool2.run(make_job("guided_dpmpp"))), reference("guided_dpmpp"))
 
 
+def test_two_ranks_give_the_official_multi_gpu_video_of_one_process(pool2, reference):
+    assert_same(list(pool2.run(make_job("official_4_steps"))), reference("official_4_steps"))
+
+
+def test_two_ranks_give_the_official_single_gpu_video_of_one_process(pool2, reference):
+    """The decoding rank re-encodes the motion window and sends the rolled sink to rank 0."""
+    assert_same(list(pool2.run(make_job("single_gpu"))), reference("single_gpu"))
+
+
 def test_three_ranks_one_step_each_and_a_decoding_rank(pool3, reference):
     assert_same(list(pool3.run(make_job("guided_dpmpp"))), reference("guided_dpmpp"))
 
 
-def test_five_ranks_for_two_steps_leave_two_idle(reference):
+def test_five_ranks_for_two_steps_leave_two_idle_and_five_for_four_steps_are_the_official_layout(reference):
     for pool in make_pool(5):
         assert_same(list(pool.run(make_job("guided_dpmpp"))), reference("guided_dpmpp"))
+        assert_same(list(pool.run(make_job("official_4_steps"))), reference("official_4_steps"))
 
 
 # -- stopping and failures ----------------------------------------------------------------------------

@@ -28,7 +28,9 @@ import torch
 
 from ..errors import DistributedError, InputError, LiveAvatarError
 from ..pipeline import FPS, write_video
+from ..semantics import SEMANTICS, VideoSemantics
 from ..streaming import SamplerSettings
+from ..streaming.sampler import NOISE_SOURCES
 from ..streaming.solvers import SOLVERS
 from . import messages
 from .group import join, leave, rank_device, resolve_device_kind
@@ -66,6 +68,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--sample-guide-scale", type=float, default=0.0)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--no-trim", action="store_true", help="keep the video running past the end of the audio")
+    run.add_argument("--semantics", choices=SEMANTICS, default=SEMANTICS[0],
+                     help="which official pipeline's motion context, sink roll and decode to reproduce")
+    run.add_argument("--no-sink-roll", action="store_true",
+                     help="official-single-gpu only: keep the first sink (the official script without "
+                          "--enable_online_decode)")
+    run.add_argument("--noise", choices=NOISE_SOURCES, default="cpu",
+                     help="cpu: the same noise on every machine; official: as the official code draws it")
     run.add_argument("--kv-cache", choices=("device", "host"), default="device",
                      help="where each rank keeps its attention caches: on its GPU, or in host memory (low VRAM)")
     out = p.add_argument_group("output and processes")
@@ -90,7 +99,7 @@ def main(argv=None) -> int:
     try:
         settings = SamplerSettings(
             sample_steps=args.sample_steps, infer_frames=args.infer_frames, sample_solver=args.sample_solver,
-            guide_scale=args.sample_guide_scale, seed=args.seed,
+            guide_scale=args.sample_guide_scale, seed=args.seed, noise=args.noise,
         )
         settings.validate()
         plan = plan_stages(world, settings.sample_steps)
@@ -141,7 +150,8 @@ def share_inputs(args, settings: SamplerSettings, source: int, rank: int, world:
         tensors = message.tensors
     image, features, context, *negative = tensors
     job = Job(image, features, context, args.size, settings, args.num_clip or None,
-              negative[0] if negative else None, not args.no_trim, args.kv_cache)
+              negative[0] if negative else None, not args.no_trim, args.kv_cache,
+              VideoSemantics(args.semantics, sink_roll=not args.no_sink_roll))
     return job, waveform
 
 

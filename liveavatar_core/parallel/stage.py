@@ -5,9 +5,9 @@ a block's noise, runs its steps and sends the latents (with the solver's history
 rank runs its own steps with its own KV caches and sink; the last rank decodes and yields the
 frames. While rank r works on block b, rank r+1 works on block b-1.
 
-The sink's inputs flow back: the decoding rank encodes the reference (and, once clip 0 is
-decoded, the rolled sink) and sends them to every rank with steps, which prefill their own
-sinks. Caches, sink distances and noise follow `CausalSampler` exactly, so the frames equal
+The sink's inputs flow back: the decoding rank encodes the reference and motion as the run's
+semantics say (and, once clip 0 is decoded, the rolled sink) and sends them to every rank with
+steps, which prefill their own sinks. Caches, sink distances and noise follow `CausalSampler` exactly, so the frames equal
 `StreamingPipeline.stream`'s for the same inputs.
 
 A stop request is seen by rank 0 between blocks: it sends STOP down instead of a block, the
@@ -22,16 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError
-from ..pipeline import (
-    BlockDecoder,
-    FrameChunk,
-    RunPlan,
-    clip_features,
-    encode_reference,
-    fit_reference,
-    plan_run,
-    planned_blocks,
-)
+from ..pipeline import FrameChunk, RunPlan, clip_features, fit_reference, plan_run, planned_blocks
+from ..semantics import VideoSemantics
 from ..streaming import CausalDiT, CausalSampler, GenerationCancelled, SamplerSettings
 from ..streaming.sampler import check_kv_cache
 from . import messages
@@ -53,12 +45,14 @@ class Job:
     negative_context: torch.Tensor | None = None
     trim_to_audio: bool = True
     kv_cache: str = "device"  # or "host": each rank keeps its steps' caches in host memory
+    semantics: VideoSemantics = VideoSemantics()
 
     def plan(self) -> RunPlan:
         """Checks the inputs (InputError) and counts the run's clips and frames."""
         if self.settings.guide_scale > 0 and self.negative_context is None:
             raise InputError("sample_guide_scale > 0 needs a negative prompt embedding (or set it to 0).")
         check_kv_cache(self.kv_cache)
+        self.semantics.validate()
         return plan_run(self.audio_features, self.size, self.settings, self.num_clip, self.trim_to_audio)
 
 
@@ -80,14 +74,14 @@ def run_stage(
         return
     settings = job.settings
     work = planned_blocks(run, settings)
-    rolls = any(clip == 1 for clip, _ in work)
+    rolls = job.semantics.rolls_sink(work[-1][0] + 1)
     last_block = len(settings.blocks()) - 1
     previous, following = plan.neighbours(rank)
     sampler = CausalSampler(CausalDiT(models.dit()), settings, device, job.kv_cache) if stage.steps else None
     output = None
     if stage.decodes:
         pixels = fit_reference(job.image, run.width, run.height)
-        output = BlockDecoder(models.vae(), pixels, run.frames, len(settings.blocks()))
+        output = job.semantics.video(models.vae(), pixels, run.frames, len(settings.blocks()))
 
     def share_sink(make):
         """The decoding rank makes the sink's inputs; every rank with steps gets them."""
@@ -106,7 +100,7 @@ def run_stage(
         raise GenerationCancelled(f"stopped before clip {clip + 1}, block {block + 1}")
 
     try:
-        ref, motion = share_sink(lambda: encode_reference(output.vae, pixels))
+        ref, motion = share_sink(output.sink_inputs if output is not None else None)
         if sampler is not None:
             sampler.start(ref, motion, job.context, job.negative_context)
         for clip, block in work:

@@ -31,6 +31,10 @@ BLOCK_FRAMES = 3  # latent frames per block
 SINK_DISTANCE = (4, 30)
 # Where the per-step KV caches live: on the compute device, or in host memory (low VRAM).
 KV_CACHE_PLACES = ("device", "host")
+# How each clip's noise is drawn: "cpu", a CPU generator in float32 (the same numbers on every
+# machine), or "official", as the official pipelines draw it (a generator on the compute
+# device, in the model's dtype), so a seed reproduces an official CLI video on a GPU.
+NOISE_SOURCES = ("cpu", "official")
 
 
 def check_kv_cache(place: str) -> None:
@@ -60,6 +64,7 @@ class SamplerSettings:
     seed: int = 0
     shift: float = 3.0
     sink_distance: tuple[int, int] = SINK_DISTANCE
+    noise: str = "cpu"
 
     def validate(self) -> None:
         if self.infer_frames <= 0 or self.infer_frames % 4:
@@ -70,6 +75,8 @@ class SamplerSettings:
             raise InputError(f"sample_solver must be one of {', '.join(SOLVERS)}, got {self.sample_solver!r}.")
         if self.guide_scale < 0:
             raise InputError(f"sample_guide_scale must be >= 0 (0 turns guidance off), got {self.guide_scale}.")
+        if self.noise not in NOISE_SOURCES:
+            raise InputError(f"noise must be one of {', '.join(NOISE_SOURCES)}, got {self.noise!r}.")
 
     @property
     def latent_frames(self) -> int:
@@ -156,10 +163,15 @@ class CausalSampler:
             self.dit.prefill_sink(branch.sink, ref.to(self.device), motion.to(self.device), branch.context)
 
     def clip_noise(self, clip: int) -> torch.Tensor:
+        """The clip's starting latents [1, 16, latent_frames, h, w] float32, from seed + clip."""
         height, width = self._latent_hw
-        generator = torch.Generator().manual_seed(self.settings.seed + clip)
-        shape = (1, self.dit.config.in_dim, self.settings.latent_frames, height, width)
-        return torch.randn(shape, generator=generator, dtype=torch.float32)
+        shape = (self.dit.config.in_dim, self.settings.latent_frames, height, width)
+        if self.settings.noise == "official":
+            device, dtype = self.device, self.dit.model.dtype
+        else:
+            device, dtype = torch.device("cpu"), torch.float32
+        generator = torch.Generator(device).manual_seed(self.settings.seed + clip)
+        return torch.randn(shape, generator=generator, dtype=dtype, device=device)[None].float()
 
     def new_solver(self, history: torch.Tensor | None = None) -> FlowSolver:
         """A block's solver; `history` continues one whose earlier steps ran elsewhere."""
