@@ -12,7 +12,9 @@ Parts (each fits well inside 10 minutes on one 80 GB GPU, so they can run as sep
 - vae:    streaming decode of one clip and the encodes of the reference and motion context
           (full-size `AutoencoderKLWan`, random weights).
 - e2e:    `StreamingPipeline.stream` over a few clips, into an mp4 when PyAV is installed:
-          frames per second, first-frame latency (models already loaded), peak memory.
+          frames per second, first-frame latency (models already loaded), peak memory; once
+          per `--semantics` (official-multi-gpu, official-single-gpu: what the single-GPU
+          semantics' motion windows cost per clip).
 - load:   the 14B DiT written to one safetensors file on local disk, then `load_dit` in a fresh
           process: wall time, peak host RSS, device peak (needs ~33 GB of free disk).
 
@@ -63,9 +65,11 @@ sys.path.insert(0, str(ROOT))
 
 from liveavatar_core.dit import S2VConfig, WanS2VTransformer, fused, load_dit, save_dit  # noqa: E402
 from liveavatar_core.dit.fp8 import quantize_dit_, set_activation_scaling  # noqa: E402
-from liveavatar_core.pipeline import FPS, MOTION_FRAMES, StreamingPipeline, parse_size, write_video  # noqa: E402
+from liveavatar_core.pipeline import FPS, StreamingPipeline, parse_size, write_video  # noqa: E402
+from liveavatar_core.semantics import MOTION_FRAMES, REFERENCE_COPIES  # noqa: E402
 from liveavatar_core.streaming import CausalDiT, CausalSampler, SamplerSettings  # noqa: E402
 from liveavatar_core.streaming.sampler import BLOCK_FRAMES  # noqa: E402
+from liveavatar_core.vae import latent_frame_count  # noqa: E402
 from liveavatar_core.vae import WanVAE  # noqa: E402
 
 GIB = 2**30
@@ -142,12 +146,12 @@ class Bench:
         """Milliseconds between two marks (call after `sync`)."""
         return start.elapsed_time(end) if self.cuda else (end - start) * 1000
 
-    def measure(self, fn) -> list[float]:
-        """Milliseconds of each of `iters` calls after `warmup` untimed ones."""
+    def measure(self, fn, iters: int | None = None) -> list[float]:
+        """Milliseconds of each of `iters` (default: the run's) calls after `warmup` untimed ones."""
         for _ in range(self.warmup):
             fn()
         marks = []
-        for _ in range(self.iters):
+        for _ in range(self.iters if iters is None else iters):
             start = self.mark()
             fn()
             marks.append((start, self.mark()))
@@ -620,6 +624,13 @@ def part_vae(bench: Bench, presets: list[str]) -> list[dict]:
             ref = motion[:, :, :5]
             motion_ms = statistics.median(bench.measure(partial(vae.encode, motion)))
             ref_ms = statistics.median(bench.measure(partial(vae.encode, ref)))
+            # official-single-gpu's extra work per clip: the 365-frame window re-encoded, and the
+            # clip decoded behind its 92 motion latents.
+            window = motion.repeat(1, 1, REFERENCE_COPIES, 1, 1)
+            window_ms = statistics.median(bench.measure(partial(vae.encode, window), iters=2))
+            prefix = bench.randn(1, 16, latent_frame_count(window.shape[2]), h, w, seed=4)
+            prefix_ms = statistics.median(bench.measure(lambda: vae.streaming_decoder().decode_next(prefix), iters=2))
+            del window, prefix
             rows.append({
                 "part": "vae", "preset": name,
                 "decode clip ms (steady)": decode_ms,
@@ -627,6 +638,8 @@ def part_vae(bench: Bench, presets: list[str]) -> list[dict]:
                 "decode clip 0 ms": clip_ms[0],
                 f"encode motion ({MOTION_FRAMES} frames) ms": motion_ms,
                 "encode reference (5 frames) ms": ref_ms,
+                "single-gpu: encode 365-frame window ms": window_ms,
+                "single-gpu: decode 92-latent prefix ms": prefix_ms,
                 "device peak GiB": bench.peak_gib(),
             })
             print(f"vae {name}: decode {decode_ms:.0f} ms/clip, encode motion {motion_ms:.0f} ms", flush=True)
@@ -649,10 +662,12 @@ def part_e2e(bench: Bench, presets: list[str]) -> list[dict]:
     vae = build_vae(bench)
     clips = bench.args.e2e_clips if bench.args.e2e_clips is not None else bench.clips
     rows = []
-    for name, variant in [(n, v) for n in presets for v in bench.variants]:
+    semantics_list = bench.args.semantics.split(",")
+    for name, variant, semantics in [(n, v, s) for n in presets for v in bench.variants for s in semantics_list]:
         pipeline = StreamingPipeline(variant_models(variant), vae, bench.device)
         p = PRESETS[name]
-        row = {"part": "e2e", "preset": name, "variant": variant, "clips": clips, "writer": writer}
+        row = {"part": "e2e", "preset": name, "variant": variant, "semantics": semantics, "clips": clips,
+               "writer": writer}
         note = check_room(bench, p, extra_gib=2.0)
         if note:
             rows.append({**row, "note": note})
@@ -673,7 +688,7 @@ def part_e2e(bench: Bench, presets: list[str]) -> list[dict]:
             t0 = time.perf_counter()
             clip_peaks = {}
             chunks = stamped(pipeline.stream(image, features, context, bench.size(p), settings, num_clip=clips,
-                                             negative_context=negative), t0, stamps, clip_peaks)
+                                             negative_context=negative, semantics=semantics), t0, stamps, clip_peaks)
             if writer:
                 waveform = torch.zeros(1, SAMPLE_RATE * frames // FPS)
                 path = Path(folder) / "e2e.mp4"
@@ -701,7 +716,7 @@ def part_e2e(bench: Bench, presets: list[str]) -> list[dict]:
             "mp4 MB": file_mb,
         })
         rows.append(row)
-        print(f"e2e {name} [{variant}]: {made} frames in {total:.1f} s = {row['fps']:.1f} fps, first frame after "
+        print(f"e2e {name} [{variant}, {semantics}]: {made} frames in {total:.1f} s = {row['fps']:.1f} fps, first frame after "
               f"{stamps[0][0]:.2f} s", flush=True)
         del pipeline
         bench.release()
@@ -893,6 +908,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, help="untimed repetitions first (default 2; tiny 1)")
     parser.add_argument("--clips", type=int, help="clips of the stream and vae parts (default 3; tiny 2)")
     parser.add_argument("--e2e-clips", type=int, help="clips of the e2e part (default: --clips)")
+    parser.add_argument("--semantics", default="official-multi-gpu",
+                        help="comma list of the e2e part's semantics (official-multi-gpu, official-single-gpu)")
     parser.add_argument("--load-dir", help="folder for the load part's file (default: the temp folder)")
     parser.add_argument("--keep-file", action="store_true", help="keep the load part's file")
     parser.add_argument("--force", action="store_true", help="run presets whose caches look too big for the GPU")
