@@ -891,7 +891,8 @@ def rows_to_runs(rows: list[dict], env: dict, tiny: bool) -> dict:
     for row in rows:
         values = {k: v for k, v in row.items() if k not in ("part", "preset", "variant")}
         variant = f" ({row['variant']})" if row.get("variant") else ""
-        runs[f"{row['part']}/{row['preset']}{variant}"] = {**env, "tiny": tiny, "values": values}
+        semantics = f" [{row['semantics']}]" if row.get("semantics") else ""
+        runs[f"{row['part']}/{row['preset']}{variant}{semantics}"] = {**env, "tiny": tiny, "values": values}
     return runs
 
 
