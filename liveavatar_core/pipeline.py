@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .dit import WanS2VTransformer
 from .errors import InputError
+from .finite import check_latents_finite
 from .overlapped_decode import DecodeQueue
 from .streaming import CausalDiT, CausalSampler, GenerationCancelled, Progress, SamplerSettings
 from .vae import TEMPORAL_STRIDE, WanVAE
@@ -176,6 +177,7 @@ class BlockDecoder:
     def decode(self, clip: int, block: int, latents: torch.Tensor) -> FrameChunk | None:
         """The block's frames (None when the cut leaves none of them)."""
         if clip == 0 and block == 0:
+            check_latents_finite(latents, "the first block")  # before a black video is written
             self._first_latent = latents[:, :, :1]
         video = self._decoder.decode_next(latents.to(self.vae.device))
         if clip == 0:

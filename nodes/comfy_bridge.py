@@ -31,6 +31,20 @@ def model_path(folder: str, name: str, input_name: str) -> Path:
     return Path(path)
 
 
+def model_file_stamps(files: dict[str, str]) -> str:
+    """Size and modification time of each picked file ({folder: name}); see `file_stamps`."""
+    import folder_paths
+
+    from liveavatar_core.file_stamps import file_stamp
+    from liveavatar_core.models import whole_checkpoint
+
+    stamps = []
+    for folder, name in files.items():
+        path = folder_paths.get_full_path(folder, name) if isinstance(name, str) else None
+        stamps.append(file_stamp(whole_checkpoint(path) if path else None))
+    return "|".join(stamps)
+
+
 def compute_device():
     import comfy.model_management
 

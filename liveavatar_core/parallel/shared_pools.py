@@ -32,7 +32,8 @@ def shared_pool(models: ModelSource, world_size: int, device: str = "auto") -> W
     kind = resolve_device_kind(device, world_size)
     # CPU workers share out this process's threads (one each when it has one, as in tests).
     cpu_threads = max(1, torch.get_num_threads() // world_size) if kind == "cpu" else None
-    key = (models, world_size, kind, cpu_threads)
+    stamp = models.stamp() if hasattr(models, "stamp") else None  # files replaced on disk: fresh workers
+    key = (models, stamp, world_size, kind, cpu_threads)
     with _lock:
         if _pool is not None and _key == key:
             return _pool
