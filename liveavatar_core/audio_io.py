@@ -57,7 +57,7 @@ def load_audio(path: str | os.PathLike) -> torch.Tensor:
         except Exception as err:  # damaged data after a valid header, or no samples to resample
             _refuse_empty(soundfile.info(str(path)).frames, f"audio file {path}")
             raise InputError(f"audio file {path} could not be decoded ({type(err).__name__}: {err}). "
-                             "Re-export it as .wav or .flac.") from err
+                             "Re-export it as .wav or .flac.") from None
     return _checked(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)), f"audio file {path}")
 
 
@@ -159,7 +159,7 @@ def _decode_with_pyav(path: Path, soundfile_error: Exception) -> np.ndarray:
         raise InputError(
             f"audio file {path} could not be decoded ({type(soundfile_error).__name__}: {soundfile_error}; "
             f"{type(err).__name__}: {err}). Convert it to .wav or .flac."
-        ) from err
+        ) from None
     if not chunks:
         _refuse_empty(0, f"audio file {path}")
     return to_16k_mono(np.concatenate(chunks, axis=-1), rate, f"audio file {path}").numpy()

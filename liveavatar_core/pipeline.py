@@ -61,7 +61,7 @@ def parse_size(size: str | tuple[int, int]) -> tuple[int, int]:
         try:
             width, height = (int(v) for v in size.lower().replace("x", "*").split("*"))
         except ValueError as err:
-            raise InputError(f"size must look like '688*368' (width*height), got {size!r}.") from err
+            raise InputError(f"size must look like '688*368' (width*height), got {size!r}.") from None
     else:
         width, height = size
     if width <= 0 or height <= 0 or width % 16 or height % 16:

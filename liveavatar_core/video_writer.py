@@ -99,7 +99,7 @@ class StreamingVideoWriter:
         try:
             self._file = open(self.path, "wb")
         except OSError as err:
-            raise InputError(f"Cannot write {self.path} ({err.strerror}); choose a writable output path.") from err
+            raise InputError(f"Cannot write {self.path} ({err.strerror}); choose a writable output path.") from None
 
         self._frames_written = 0
         self._fragments_written = 0
@@ -326,7 +326,7 @@ def read_video_info(path: str | os.PathLike) -> dict:
     try:
         return _decoded_info(path)
     except av.error.FFmpegError as err:
-        raise InputError(f"{path} is not a readable video ({err}); it may be empty or damaged.") from err
+        raise InputError(f"{path} is not a readable video ({err}); it may be empty or damaged.") from None
 
 
 def _decoded_info(path: Path) -> dict:
