@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .dit import WanS2VTransformer
 from .errors import InputError
 from .finite import check_latents_finite
+from .limits import check_size
 from .overlapped_decode import DecodeQueue
 from .streaming import CausalDiT, CausalSampler, GenerationCancelled, Progress, SamplerSettings
 from .vae import TEMPORAL_STRIDE, WanVAE
@@ -69,6 +70,7 @@ def parse_size(size: str | tuple[int, int]) -> tuple[int, int]:
             f"size {width}*{height} is not a multiple of 16 in both directions; pick one of the "
             f"official sizes ({', '.join(OFFICIAL_SIZES)}) or round to multiples of 16."
         )
+    check_size(width, height)
     return width, height
 
 

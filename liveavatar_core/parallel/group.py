@@ -50,6 +50,25 @@ def resolve_device_kind(kind: str, world_size: int) -> str:
     return "cuda"
 
 
+CPU_WORKERS_FLAG = "LIVEAVATAR_CPU_WORKERS"
+
+
+def check_cpu_workers(processes: int) -> None:
+    """CPU worker processes only make sense for tests (each is far slower than one GPU): they
+    need LIVEAVATAR_CPU_WORKERS=1, and never more of them than there are cores."""
+    if processes <= 1:
+        return
+    if os.environ.get(CPU_WORKERS_FLAG) != "1":
+        raise InputError(
+            f"gpus = {processes}, but no CUDA GPU is in use here (ComfyUI runs on the CPU). Set gpus to 1; "
+            f"worker processes need one GPU each (CPU workers are for tests only: {CPU_WORKERS_FLAG}=1)."
+        )
+    cores = os.cpu_count() or 1
+    if processes > cores:
+        raise InputError(f"gpus = {processes} CPU worker processes, but this machine has {cores} CPU cores: "
+                         f"set gpus to at most {cores}.")
+
+
 def rank_device(kind: str, local_rank: int) -> torch.device:
     if kind == "cuda":
         torch.cuda.set_device(local_rank)
