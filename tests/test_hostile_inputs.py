@@ -89,8 +89,9 @@ def write_hostile_models(models: Path, sentinel: Path) -> None:
     (dit_dir / "garbage_dit.safetensors").write_bytes(b"this is not a model\n" * 50)
     dit("nan_dit.safetensors", lambda s: s["blocks.0.ffn.0.weight"].view(-1)[7:9].fill_(float("nan")))
     dit("inf_dit.safetensors", lambda s: s["head.head.weight"].view(-1)[0:1].fill_(float("inf")))
-    # Finite but so large that the first block overflows: caught on the latents, not at load.
-    dit("overflow_dit.safetensors", lambda s: s["head.head.weight"].mul_(1e36))
+    # Finite, but the output layer's modulation sits at the largest bf16 value, so scaling the
+    # features by it overflows into inf and NaN: caught on the first block's latents, not at load.
+    dit("overflow_dit.safetensors", lambda s: s["head.modulation"].fill_(torch.finfo(torch.bfloat16).max))
     dit("heads3_dit.safetensors", num_heads=3)
     dit("heads0_dit.safetensors", num_heads=0)
     dit("headsneg_dit.safetensors", num_heads=-4)
