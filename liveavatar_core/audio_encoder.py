@@ -163,7 +163,7 @@ def _config_json(folder: Path | None) -> Wav2Vec2Config | None:
     try:
         model_type = json.loads(file.read_text()).get("model_type")
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{file}: not valid JSON ({err}). Download config.json again.") from err
+        raise CheckpointError(f"{file}: not valid JSON ({err}). Download config.json again.") from None
     return Wav2Vec2Config.from_json_file(str(file)) if model_type == "wav2vec2" else None
 
 

@@ -12,6 +12,8 @@ refused with an `InputError`; silence is not (the pipeline decides what silence 
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from pathlib import Path
 
@@ -28,6 +30,8 @@ MIN_SAMPLES = 720
 RESAMPLE_QUALITY = "soxr_hq"  # librosa.load's default, used by the official pipeline
 SILENCE_PEAK = 1e-4  # about -80 dBFS
 MAX_CHANNELS = 32  # more than this means time and channels were swapped
+FULL_SCALE = 1.0  # float audio plays in -1..1
+logger = logging.getLogger(__name__)
 
 
 def load_audio(path: str | os.PathLike) -> torch.Tensor:
@@ -57,7 +61,7 @@ def load_audio(path: str | os.PathLike) -> torch.Tensor:
         except Exception as err:  # damaged data after a valid header, or no samples to resample
             _refuse_empty(soundfile.info(str(path)).frames, f"audio file {path}")
             raise InputError(f"audio file {path} could not be decoded ({type(err).__name__}: {err}). "
-                             "Re-export it as .wav or .flac.") from err
+                             "Re-export it as .wav or .flac.") from None
     return _checked(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)), f"audio file {path}")
 
 
@@ -111,6 +115,19 @@ def audio_dict_to_16k_mono(audio: dict, name: str = "audio") -> torch.Tensor:
     return to_16k_mono(audio["waveform"], int(audio["sample_rate"]), name)
 
 
+def limit_peak(track: torch.Tensor, name: str = "audio") -> torch.Tensor:
+    """The track scaled down to a peak of full scale (1.0) when it is louder: such samples
+    would be clipped into distortion by the AAC encoder and by every player. The speech
+    features do not change (wav2vec2 normalises its input); a warning says what was done."""
+    peak = float(track.abs().max()) if track.numel() else 0.0
+    if peak <= FULL_SCALE:
+        return track
+    logger.warning("%s peaks at %.1f dBFS, above full scale: the video's sound is scaled down by %.1f dB "
+                   "to avoid distortion. Lower the volume before LiveAvatar to control this yourself.",
+                   name, 20 * math.log10(peak), 20 * math.log10(peak))
+    return track / peak
+
+
 def audio_duration_s(waveform: torch.Tensor | np.ndarray, sample_rate: int = SAMPLE_RATE) -> float:
     """Length in seconds of a waveform whose last axis is time."""
     return waveform.shape[-1] / float(sample_rate)
@@ -159,7 +176,7 @@ def _decode_with_pyav(path: Path, soundfile_error: Exception) -> np.ndarray:
         raise InputError(
             f"audio file {path} could not be decoded ({type(soundfile_error).__name__}: {soundfile_error}; "
             f"{type(err).__name__}: {err}). Convert it to .wav or .flac."
-        ) from err
+        ) from None
     if not chunks:
         _refuse_empty(0, f"audio file {path}")
     return to_16k_mono(np.concatenate(chunks, axis=-1), rate, f"audio file {path}").numpy()

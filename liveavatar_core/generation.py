@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
-from .audio_io import is_silent, to_16k_mono
+from .audio_io import is_silent, limit_peak, to_16k_mono
 from .errors import InputError
+from .limits import check_frames_fit
 from .models import LiveAvatarModels
 from .parallel import Job
+from .parallel.group import check_cpu_workers
 from .parallel.models import ModelFiles as WorkerModelFiles
 from .parallel.shared_pools import release_shared_pool, shared_pool
 from .pipeline import (
@@ -113,7 +115,7 @@ def _playable_track(waveform: torch.Tensor) -> torch.Tensor:
         track = track[0]
     if track.dim() == 1:
         track = track[None]
-    return track if track.shape[0] <= 2 else track.mean(dim=0, keepdim=True)
+    return limit_peak(track if track.shape[0] <= 2 else track.mean(dim=0, keepdim=True))
 
 
 def encode_prompt(models: LiveAvatarModels, prompt: str, negative_prompt: str | None = None) -> PromptEmbeddings:
@@ -259,6 +261,8 @@ def _check_gpus(models: LiveAvatarModels, gpus: int) -> None:
         visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if gpus > visible:
             raise InputError(_too_few_gpus_message(gpus, visible))
+    else:
+        check_cpu_workers(gpus)
 
 
 def _too_few_gpus_message(gpus: int, visible: int) -> str:
@@ -342,6 +346,8 @@ def render(
     """
     if mp4_path is None and not keep_frames:
         raise InputError("nothing to render into: ask for the mp4, the frames, or both.")
+    if keep_frames:
+        check_frames_fit(job.frame_count, job.width, job.height)
     kept = torch.empty(job.frame_count, job.height, job.width, 3) if keep_frames else None
     done, last = 0, None
 

@@ -24,6 +24,7 @@ from .audio_encoder import AudioEncoder, load_audio_encoder
 from .dit import WanS2VTransformer, fused, load_dit
 from .dit.fp8 import FP8, dequantize_dit_, has_fp8_layers, quantize_dit_
 from .errors import CheckpointError, InputError
+from .finite import require_finite
 from .lora import merge_lora
 from .streaming.sampler import check_kv_cache
 from .text_encoder import TextEncoder, load_text_encoder
@@ -109,6 +110,7 @@ def load_models(
     """
     device = torch.device(device)
     check_kv_cache(kv_cache)
+    require_finite("lora_strength", files.lora_strength, "Give a number from -2 to 2; 1.0 is what LiveAvatar was trained for.")
     if compile_elementwise is not None:
         fused.set_compiled(compile_elementwise)
     dtype = _dtype(dtype)

@@ -29,8 +29,9 @@ import torch.nn.functional as F
 
 from .dit import WanS2VTransformer
 from .errors import InputError
+from .limits import check_size
 from .overlapped_decode import DecodeQueue
-from .semantics import MOTION_FRAMES, VIDEO_START_OFFSET, FrameChunk, VideoSemantics
+from .semantics import VIDEO_START_OFFSET, FrameChunk, VideoSemantics
 from .streaming import CausalDiT, CausalSampler, GenerationCancelled, Progress, SamplerSettings
 from .vae import TEMPORAL_STRIDE, WanVAE
 
@@ -47,8 +48,8 @@ def parse_size(size: str | tuple[int, int]) -> tuple[int, int]:
     if isinstance(size, str):
         try:
             width, height = (int(v) for v in size.lower().replace("x", "*").split("*"))
-        except ValueError as err:
-            raise InputError(f"size must look like '688*368' (width*height), got {size!r}.") from err
+        except ValueError:
+            raise InputError(f"size must look like '688*368' (width*height), got {size!r}.") from None
     else:
         width, height = size
     if width <= 0 or height <= 0 or width % 16 or height % 16:
@@ -56,6 +57,7 @@ def parse_size(size: str | tuple[int, int]) -> tuple[int, int]:
             f"size {width}*{height} is not a multiple of 16 in both directions; pick one of the "
             f"official sizes ({', '.join(OFFICIAL_SIZES)}) or round to multiples of 16."
         )
+    check_size(width, height)
     return width, height
 
 

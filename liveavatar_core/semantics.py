@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InputError
+from .finite import check_latents_finite
 from .vae import WanVAE
 
 MULTI_GPU = "official-multi-gpu"
@@ -119,6 +120,7 @@ class OfficialVideo:
     def decode(self, clip: int, block: int, latents: torch.Tensor) -> FrameChunk | None:
         """The block's frames (None when the cut leaves none of them)."""
         if clip == 0 and block == 0:
+            check_latents_finite(latents, "the first block")  # before a black video is written
             self._first_latent = latents[:, :, :1]
         video = self._decode_block(clip, block, latents.to(self.vae.device))
         if clip == 0 and block == 0:

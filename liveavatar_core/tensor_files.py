@@ -1,23 +1,30 @@
 """Lazy access to the tensors of a checkpoint, whatever its file layout.
 
 Supported layouts: one `.safetensors` file, a sharded set described by a
-`*.safetensors.index.json`, a folder holding either, and `.pth`/`.pt`/`.bin` pickles read
-with `torch.load(weights_only=True)` (never arbitrary code). Tensors are read one at a time,
-so a caller can move each into its final dtype/device before the next is touched: peak host
-RAM stays near one copy of the weights.
+`*.safetensors.index.json`, a folder holding either, and `.pth`/`.pt`/`.bin` pickles in
+`torch.save`'s zip format, read with `torch.load(weights_only=True)` (never arbitrary code).
+Tensors are read one at a time, so a caller can move each into its final dtype/device before
+the next is touched: peak host RAM stays near one copy of the weights.
+
+Every tensor `get` returns is the caller's own memory, never a view of a mapped file: a model
+file replaced, rewritten or truncated on disk after loading cannot change or crash a loaded
+model. Each floating tensor is checked for NaN/inf as it is read, so a damaged file is named
+at load time instead of giving a black video.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import os
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .errors import CheckpointError
+from .safetensors_reader import SafetensorsFile
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
@@ -53,23 +60,28 @@ class TensorFile:
         path, key = self._locations[name]
         if path in self._pickles:
             return tuple(self._pickles[path][key].shape)
-        return tuple(self._handle(path).get_slice(key).get_shape())
+        return tuple(self._handle(path).shape(key))
 
     def get(self, name: str) -> torch.Tensor:
+        """The tensor, in memory of its own (see the module's note), checked to be finite."""
         path, key = self._locations[name]
         if path in self._pickles:
-            return self._pickles[path][key]
-        try:
-            return self._handle(path).get_tensor(key)
-        except SafetensorError as err:  # damaged data after a valid header
-            raise CheckpointError(_damaged(path, err)) from err
+            value = self._pickles[path][key].clone()  # loaded memory-mapped: copy out of the mapping
+        else:
+            value = self._handle(path).read(key)
+        if value.is_floating_point() and not all_finite(value):
+            raise CheckpointError(
+                f"{path}: the tensor {key!r} holds NaN or infinite values, so the model would make black or "
+                "broken frames. The file is damaged or was saved from a diverged run: download it again."
+            )
+        return value
 
     def metadata(self) -> dict[str, str]:
         """The `__metadata__` strings of the first safetensors file (empty for pickles)."""
         for path, _ in self._locations.values():
             if path in self._pickles:
                 return {}
-            return dict(self._handle(path).metadata() or {})
+            return dict(self._handle(path).metadata)
         return {}
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -108,9 +120,9 @@ class TensorFile:
 
         return self.renamed(strip)
 
-    def _handle(self, path: str):
+    def _handle(self, path: str) -> SafetensorsFile:
         if path not in self._handles:
-            self._handles[path] = _open_safetensors(path)
+            self._handles[path] = SafetensorsFile(path)
         return self._handles[path]
 
 
@@ -125,7 +137,7 @@ def open_tensor_file(path: str | os.PathLike) -> TensorFile:
     if name.endswith(".index.json"):
         return _open_sharded(path)
     if name.endswith(".safetensors"):
-        handle = _open_safetensors(str(path))
+        handle = SafetensorsFile(str(path))
         view = TensorFile(str(path), {k: (str(path), k) for k in handle.keys()}, {})
         view._handles[str(path)] = handle
         return view
@@ -156,7 +168,7 @@ def _open_sharded(index_path: Path) -> TensorFile:
     except (OSError, ValueError, KeyError) as err:
         raise CheckpointError(
             f"{index_path}: not a valid safetensors index ({err}). Download the index file again."
-        ) from err
+        ) from None
     folder = index_path.parent
     missing = sorted({f for f in weight_map.values() if not (folder / f).exists()})
     if missing:
@@ -168,22 +180,26 @@ def _open_sharded(index_path: Path) -> TensorFile:
     return TensorFile(str(index_path), locations, {})
 
 
-def _open_safetensors(path: str):
-    try:
-        return safe_open(path, framework="pt", device="cpu")
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(_damaged(path, err)) from err
-
-
 def _open_pickle(path: Path) -> TensorFile:
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path}: not a PyTorch zip checkpoint. This file is in the legacy pickle format (saved before "
+            "PyTorch 1.6 or with _use_new_zipfile_serialization=False), or it is not a checkpoint at all; "
+            "its pickle could run code, so it is not opened. Use the .safetensors release of this model, "
+            "or re-save the weights with a current torch.save."
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # torch raises many types for damaged or unsafe pickles
+    except pickle.UnpicklingError:
         raise CheckpointError(
-            f"{path}: could not be read as a weights-only PyTorch checkpoint ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}). The file is damaged or holds code; "
-            "download it again, or use the .safetensors release."
-        ) from err
+            f"{path}: holds objects other than tensors (its pickle would run code or build classes), so it "
+            "is not loaded. Use the .safetensors release of this model, or a file that holds only weights."
+        ) from None
+    except Exception as err:  # torch raises many types for damaged zips
+        raise CheckpointError(
+            f"{path}: could not be read as a PyTorch checkpoint ({type(err).__name__}). The file is damaged "
+            "or cut off: download it again, or use the .safetensors release."
+        ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -191,17 +207,12 @@ def _open_pickle(path: Path) -> TensorFile:
     return TensorFile(str(path), {k: (str(path), k) for k in state}, {str(path): state})
 
 
-def _damaged(path: str, err: Exception) -> str:
-    return (
-        f"{path}: the safetensors file is damaged or incomplete ({err}). "
-        "It was probably cut off while downloading: download it again."
-    )
-
-
-def _st_dtype(name: str) -> torch.dtype:
-    table = {
-        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-        "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
-        "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-    }
-    return table[name]
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite, in one reduction: a float32 sum is finite exactly when no
+    value is NaN/inf, unless finite values overflow it, which the exact check then settles."""
+    if tensor.numel() == 0:
+        return True
+    values = tensor if tensor.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else tensor.float()
+    if torch.isfinite(values.sum(dtype=torch.float64 if values.dtype == torch.float64 else torch.float32)):
+        return True
+    return bool(torch.isfinite(values).all())

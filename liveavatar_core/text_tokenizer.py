@@ -82,7 +82,7 @@ class PromptTokenizer:
             raise CheckpointError(
                 f"{folder}: could not read a tokenizer from this folder ({err}). Use the "
                 "google/umt5-xxl folder of the Wan2.2-S2V-14B download."
-            ) from err
+            ) from None
         return cls(backend, text_len, str(folder))
 
     @classmethod
@@ -91,7 +91,7 @@ class PromptTokenizer:
         try:
             backend = sentencepiece.SentencePieceProcessor(model_proto=model)
         except (RuntimeError, TypeError) as err:
-            raise CheckpointError(f"{source}: holds no valid sentencepiece tokenizer ({err}).") from err
+            raise CheckpointError(f"{source}: holds no valid sentencepiece tokenizer ({err}).") from None
         return cls(backend, text_len, source)
 
     def __call__(self, texts: Sequence[str], pad_to_text_len: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -223,7 +223,7 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]], label: str) -> UMT5Co
         raise CheckpointError(
             f"{label}: the umT5 text encoder's first layer is incomplete (no {err}). The file is "
             f"damaged or cut off: download it again. {WRONG_FILE_FIX}"
-        ) from err
+        ) from None
     layers = {int(m.group(1)) for n in shapes if (m := re.match(r"encoder\.block\.(\d+)\.", n))}
     return UMT5Config(
         vocab_size=vocab,

@@ -1,6 +1,8 @@
 """Streaming MP4 output: each clip goes to disk, with its audio, as soon as it is decoded.
 
-A run that is stopped, crashes or is killed leaves a playable MP4 holding every finished clip.
+A run that is stopped, crashes or is killed leaves a playable MP4 holding every finished clip,
+and a run killed before its first clip leaves no MP4 at all: the file appears, by a rename,
+only once its header and first fragment are on disk.
 The file is a fragmented MP4 (H.264 yuv420p + AAC): a header (ftyp+moov) and then one fragment
 (moof+mdat) per clip, each starting on a keyframe.
 
@@ -57,7 +59,7 @@ _LIMITED_RANGE = 1
 class StreamingVideoWriter:
     """Writes frames to an MP4 clip by clip; a clip is on disk when `write_frames` returns.
 
-    path:         the .mp4 to create (overwritten).
+    path:         the .mp4 to create (replaced once the first clip is ready).
     fps:          frames per second (int, float or Fraction).
     width/height: frame size in pixels; both must be even (yuv420p halves the chroma planes).
     audio:        waveform float [C, T] (C = 1 or 2; [T] and [1, C, T] accepted) or None. It is
@@ -96,10 +98,11 @@ class StreamingVideoWriter:
             raise InputError(
                 f"Cannot write {self.path}: the folder {self.path.parent} does not exist; create it first."
             )
-        try:
-            self._file = open(self.path, "wb")
-        except OSError as err:
-            raise InputError(f"Cannot write {self.path} ({err.strerror}); choose a writable output path.") from err
+        if not os.access(self.path.parent, os.W_OK) or self.path.is_dir():
+            raise InputError(f"Cannot write {self.path} (not writable); choose a writable output path.")
+        # The first fragment goes to a hidden file that is renamed into place once it is whole.
+        self._partial = self.path.with_name(f".{self.path.name}.partial")
+        self._file = None
 
         self._frames_written = 0
         self._fragments_written = 0
@@ -149,9 +152,13 @@ class StreamingVideoWriter:
 
         wanted = _FRAGMENT_BOXES | (_HEADER_BOXES if self._fragments_written == 0 else set())
         boxes = [(kind, data) for kind, data in _mp4_boxes(clip.buffer.getvalue()) if kind in wanted]
-        self._file.write(b"".join(data for _, data in boxes))
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        data = b"".join(data for _, data in boxes)
+        if self._file is None:
+            self._create_file(data)
+        else:
+            self._file.write(data)
+            self._file.flush()
+            os.fsync(self._file.fileno())
         self._fragments_written += sum(kind == b"moof" for kind, _ in boxes)
 
     def close(self) -> None:
@@ -162,9 +169,9 @@ class StreamingVideoWriter:
             self.flush_clip()
         finally:
             self._closed = True
-            self._file.close()
-            if self._frames_written == 0:
-                self.path.unlink(missing_ok=True)
+            if self._file is not None:
+                self._file.close()
+            self._partial.unlink(missing_ok=True)
 
     def __enter__(self) -> StreamingVideoWriter:
         return self
@@ -183,6 +190,26 @@ class StreamingVideoWriter:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError(f"The video writer for {self.path} is closed.")
+
+    def _create_file(self, first: bytes) -> None:
+        """Writes the header and first fragment to the hidden file, syncs it, renames it into
+        place and keeps it open for the fragments that follow."""
+        try:
+            with open(self._partial, "wb") as file:
+                file.write(first)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(self._partial, self.path)
+            self._file = open(self.path, "ab")
+        except OSError as err:
+            self._partial.unlink(missing_ok=True)
+            raise InputError(f"Cannot write {self.path} ({err.strerror}); choose a writable output path "
+                             "with free space.") from None
+
+    @property
+    def created(self) -> bool:
+        """Whether the file exists yet (it does once the first clip is on disk)."""
+        return self._file is not None
 
     def _encode_frame(self, rgb: np.ndarray) -> None:
         if self._clip is None:
@@ -326,7 +353,7 @@ def read_video_info(path: str | os.PathLike) -> dict:
     try:
         return _decoded_info(path)
     except av.error.FFmpegError as err:
-        raise InputError(f"{path} is not a readable video ({err}); it may be empty or damaged.") from err
+        raise InputError(f"{path} is not a readable video ({err}); it may be empty or damaged.") from None
 
 
 def _decoded_info(path: Path) -> dict:

@@ -31,6 +31,20 @@ def model_path(folder: str, name: str, input_name: str) -> Path:
     return Path(path)
 
 
+def model_file_stamps(files: dict[str, str]) -> str:
+    """Size and modification time of each picked file ({folder: name}); see `file_stamps`."""
+    import folder_paths
+
+    from liveavatar_core.file_stamps import file_stamp
+    from liveavatar_core.models import whole_checkpoint
+
+    stamps = []
+    for folder, name in files.items():
+        path = folder_paths.get_full_path(folder, name) if isinstance(name, str) else None
+        stamps.append(file_stamp(whole_checkpoint(path) if path else None))
+    return "|".join(stamps)
+
+
 def compute_device():
     import comfy.model_management
 
@@ -84,16 +98,36 @@ class NodeProgress:
         self.preview = ("JPEG", Image.fromarray(last), self.PREVIEW_SIZE)
 
 
-def new_output_file(prefix: str, width: int, height: int, extension: str) -> tuple[Path, str, str]:
-    """A fresh file in ComfyUI's output folder: (path, file name, subfolder)."""
+def new_output_file(prefix: str, width: int, height: int, extension: str,
+                    default_prefix: str = "LiveAvatar/avatar") -> tuple[Path, str, str]:
+    """A fresh file name in ComfyUI's output folder: (path, file name, subfolder). The prefix is
+    checked first (see `output_names`); the file itself is made by the writer."""
     import folder_paths
 
+    from liveavatar_core.output_names import checked_prefix
+
+    prefix = checked_prefix(prefix, default_prefix)
     folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
         prefix, folder_paths.get_output_directory(), width, height
     )
     os.makedirs(folder, exist_ok=True)
     file = f"{name}_{counter:05}_.{extension}"
     return Path(folder) / file, file, subfolder
+
+
+def show_output_on_node(ui: dict) -> None:
+    """Shows `ui` (as a node's {"ui": ...} would) on the running node, for a node that is about
+    to raise: ComfyUI records no outputs of a failed node, but the canvas shows this one."""
+    try:
+        from server import PromptServer
+
+        server = PromptServer.instance
+        node = server.last_node_id
+        if server.client_id is not None and node is not None:
+            server.send_sync("executed", {"node": node, "display_node": node, "output": ui,
+                                          "prompt_id": server.last_prompt_id}, server.client_id)
+    except Exception:  # showing is a courtesy: the node's own error matters more
+        pass
 
 
 def video_from_file(path: Path):

@@ -3,6 +3,7 @@ an mp4 written clip by clip and/or frames for other image nodes."""
 
 from __future__ import annotations
 
+from liveavatar_core.errors import LiveAvatarError
 from liveavatar_core.generation import render
 from liveavatar_core.pipeline import FPS
 from liveavatar_core.streaming import GenerationCancelled
@@ -58,11 +59,18 @@ class OnlineVAEDecode:
         mp4 = file = subfolder = None
         if output != "frames":
             mp4, file, subfolder = comfy_bridge.new_output_file(filename_prefix, job.width, job.height, "mp4")
+        saved = {"filename": file, "subfolder": subfolder, "type": "output"}
         try:
             result = render(job, mp4, keep_frames=output != "mp4", progress=progress.on_step,
                             should_stop=comfy_bridge.cancel_requested, on_frames=progress.on_frames, crf=crf)
         except GenerationCancelled:
+            self._show_kept(mp4, saved)
             raise comfy_bridge.interrupted_error() from None
+        except LiveAvatarError as err:
+            if not self._show_kept(mp4, saved):
+                raise
+            # The same error, naming the playable file with every clip finished before it.
+            raise type(err)(f"{err} The clips made before it are kept in {mp4}.") from None
         audio = {"waveform": job.rendered_audio(result.frames_written)[None].contiguous(),
                  "sample_rate": job.audio.sample_rate}
         if mp4 is None:
@@ -72,5 +80,15 @@ class OnlineVAEDecode:
         outputs = (result.frames, audio, video, "" if mp4 is None else str(mp4))
         if mp4 is None:
             return outputs
-        saved = {"filename": file, "subfolder": subfolder, "type": "output"}
-        return {"ui": {"images": [saved], "animated": (True,)}, "result": outputs}
+        return {"ui": self._ui(saved), "result": outputs}
+
+    @staticmethod
+    def _ui(saved: dict) -> dict:
+        return {"images": [saved], "animated": (True,)}
+
+    def _show_kept(self, mp4, saved: dict) -> bool:
+        """After a stop or failure: shows the kept partial mp4 on the node, if one was made."""
+        if mp4 is None or not mp4.exists():
+            return False
+        comfy_bridge.show_output_on_node(self._ui(saved))
+        return True

@@ -78,6 +78,14 @@ class LoadLiveAvatarModel:
         }
 
     @classmethod
+    def IS_CHANGED(cls, diffusion_model, lora, text_encoder, vae, audio_encoder, **_):
+        # ComfyUI reuses the loaded model while this value stays the same: a file replaced on
+        # disk (other size or modification time) is loaded again.
+        return comfy_bridge.model_file_stamps({"diffusion_models": diffusion_model, "loras": lora,
+                                               "text_encoders": text_encoder, "vae": vae,
+                                               "audio_encoders": audio_encoder})
+
+    @classmethod
     def VALIDATE_INPUTS(cls, diffusion_model, lora, text_encoder, vae, audio_encoder):
         # Names outside the folder lists (API prompts, files added since start-up) are checked
         # when loading, where the error can say which folder the file belongs in.

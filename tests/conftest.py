@@ -16,6 +16,8 @@ OFFICIAL_TINY = FIXTURES / "official_tiny"
 COMFYUI_DIR = Path(os.environ.get("LIVEAVATAR_COMFYUI", ROOT / ".venv" / "ComfyUI"))
 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+# The tests run worker processes on the CPU (the ComfyUI servers they start inherit this).
+os.environ.setdefault("LIVEAVATAR_CPU_WORKERS", "1")
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

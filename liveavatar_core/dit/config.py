@@ -60,27 +60,51 @@ class S2VConfig:
         return cls(**data)
 
 
+REQUIRED_TENSORS = (
+    "patch_embedding.weight", "casual_audio_encoder.weights", "blocks.0.ffn.0.weight", "head.head.weight",
+    "time_embedding.0.weight", "text_embedding.0.weight", "casual_audio_encoder.encoder.conv1_local.conv.weight",
+)
+RIGHT_FILE = "Pick the Wan2.2-S2V-14B checkpoint (official shards or ComfyUI's wan2.2_s2v_14B_*.safetensors)."
+
+
 def config_from_shapes(
-    shapes: dict[str, tuple[int, ...]], label: str, hints: dict | None = None
+    shapes: dict[str, tuple[int, ...]], label: str, hints: dict | None = None, hints_source: str = ""
 ) -> S2VConfig:
     """Reads the configuration off the tensor shapes of a Wan2.2-S2V checkpoint.
 
-    `hints` (an official `config.json`, or the config stored in a file's metadata) supplies
-    what shapes cannot tell: the head count and the audio-injection layers.
+    `hints` (an official `config.json`, or the config stored in a file's metadata, named by
+    `hints_source` in errors) supplies what shapes cannot tell: the head count and the
+    audio-injection layers. Every value is checked against the shapes here, so a bad config
+    fails at load with one message, not seconds later deep in the first forward pass.
     """
     hints = hints or {}
-    required = ("patch_embedding.weight", "casual_audio_encoder.weights", "blocks.0.ffn.0.weight")
-    missing = [k for k in required if k not in shapes]
+    source = hints_source or "the model's config"
+    if "patch_embedding.weight" not in shapes or "casual_audio_encoder.weights" not in shapes:
+        raise CheckpointError(
+            f"{label}: this is not a Wan2.2-S2V / LiveAvatar diffusion model (no 'patch_embedding.weight' or "
+            f"'casual_audio_encoder.weights'). {RIGHT_FILE}"
+        )
+    missing = [k for k in REQUIRED_TENSORS if k not in shapes]
     if missing:
         raise CheckpointError(
-            f"{label}: this is not a Wan2.2-S2V / LiveAvatar diffusion model (no {missing[0]!r}). "
-            "Pick the Wan2.2-S2V-14B checkpoint (official shards or ComfyUI's wan2.2_s2v_14B_*.safetensors)."
+            f"{label}: the diffusion model lacks {len(missing)} required tensor(s), e.g. {missing[:3]}; the file "
+            f"is incomplete or was cut down. Download it again. {RIGHT_FILE}"
         )
     dim, in_dim, *patch = shapes["patch_embedding.weight"]
     num_layers = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k)))
     num_injectors = len({m.group(1) for k in shapes if (m := re.match(r"audio_injector\.injector\.(\d+)\.", k))})
     conv1_local = shapes["casual_audio_encoder.encoder.conv1_local.conv.weight"]
-    num_heads = int(hints.get("num_heads", dim // HEAD_DIM))
+
+    def bad(field: str, value, why: str, fix: str) -> CheckpointError:
+        return CheckpointError(f"{source}: {field} = {value!r} {why}. {fix}")
+
+    num_heads = _positive_int(hints.get("num_heads", dim // HEAD_DIM), "num_heads", bad,
+                              f"Set num_heads so that {dim} / num_heads is even (the released models use "
+                              f"{HEAD_DIM} channels per head: {max(1, dim // HEAD_DIM)}).")
+    if dim % num_heads or (dim // num_heads) % 2:
+        raise bad("num_heads", num_heads, f"does not split the model width {dim} into heads of an even size",
+                  f"Set num_heads to a divisor of {dim} leaving an even head size (e.g. {max(1, dim // HEAD_DIM)}), "
+                  "or use the config.json that came with this model.")
     inject = hints.get("audio_inject_layers")
     if inject is None:
         if (num_layers, num_injectors) != (40, len(WAN22_S2V_14B_INJECT_LAYERS)):
@@ -90,11 +114,25 @@ def config_from_shapes(
                 "config.json next to the file."
             )
         inject = WAN22_S2V_14B_INJECT_LAYERS
+    if not isinstance(inject, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in inject):
+        raise bad("audio_inject_layers", inject, "is not a list of block numbers",
+                  "Use the config.json that came with this model.")
     if len(inject) != num_injectors:
         raise CheckpointError(
             f"{label}: the config lists {len(inject)} audio-injection layers but the file holds "
             f"{num_injectors} injectors. The config.json belongs to another model."
         )
+    if len(set(inject)) != len(inject) or any(not 0 <= i < num_layers for i in inject):
+        raise bad("audio_inject_layers", list(inject), f"names blocks outside 0..{num_layers - 1} or twice",
+                  "Use the config.json that came with this model.")
+    text_len = _positive_int(hints.get("text_len", 512), "text_len", bad, "Use 512, umT5's length in Wan2.2.")
+    motion_frames = _positive_int(hints.get("motion_frames", 73), "motion_frames", bad, "Use 73, as Wan2.2-S2V.")
+    eps = hints.get("eps", 1e-6)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise bad("eps", eps, "is not a small positive number", "Use 1e-6, as Wan2.2-S2V.")
+    if dim < 4 or conv1_local[0] % (dim // 4):
+        raise CheckpointError(f"{label}: the audio encoder's conv1_local {conv1_local} does not fit the width {dim}. "
+                              f"The file is damaged or of another model. {RIGHT_FILE}")
     return S2VConfig(
         dim=dim,
         ffn_dim=shapes["blocks.0.ffn.0.weight"][0],
@@ -105,12 +143,20 @@ def config_from_shapes(
         patch_size=tuple(patch),
         freq_dim=shapes["time_embedding.0.weight"][1],
         text_dim=shapes["text_embedding.0.weight"][1],
-        text_len=int(hints.get("text_len", 512)),
+        text_len=text_len,
         audio_dim=conv1_local[1],
         num_audio_layers=shapes["casual_audio_encoder.weights"][1],
         num_audio_token=conv1_local[0] // (dim // 4),
         audio_inject_layers=tuple(int(i) for i in inject),
         cond_dim=shapes["cond_encoder.weight"][1] if "cond_encoder.weight" in shapes else 0,
-        motion_frames=int(hints.get("motion_frames", 73)),
-        eps=float(hints.get("eps", 1e-6)),
+        motion_frames=motion_frames,
+        eps=float(eps),
     )
+
+
+def _positive_int(value, field: str, bad, fix: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        if isinstance(value, float) and value.is_integer() and value > 0:
+            return int(value)
+        raise bad(field, value, "is not a positive whole number", fix)
+    return value

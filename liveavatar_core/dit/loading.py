@@ -19,17 +19,34 @@ DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 CONFIG_METADATA_KEY = "liveavatar_dit_config"
 
 
-def _config_hints(path: Path, tensors: TensorFile) -> dict:
+def _config_hints(path: Path, tensors: TensorFile) -> tuple[dict, str]:
     """What shapes cannot tell (heads, injection layers), from wherever the release keeps it:
-    an official `config.json` beside the weights, or a config stored in the file's metadata."""
+    an official `config.json` beside the weights, or a config stored in the file's metadata.
+    Returns the hints and where they came from (for error messages)."""
     metadata = tensors.metadata()
     if CONFIG_METADATA_KEY in metadata:
-        return json.loads(metadata[CONFIG_METADATA_KEY])
+        source = f"the {CONFIG_METADATA_KEY!r} metadata of {tensors.label}"
+        return _json_object(metadata[CONFIG_METADATA_KEY], source, "Write the file again (save_dit) or remove "
+                            "that metadata and put the model's config.json next to it."), source
     folder = path if path.is_dir() else path.parent
     config_file = folder / "config.json"
     if config_file.exists():
-        return json.loads(config_file.read_text())
-    return {}
+        try:
+            text = config_file.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{config_file}: could not be read ({err}). Download config.json again.") from None
+        return _json_object(text, str(config_file), "Download the model's config.json again."), str(config_file)
+    return {}, ""
+
+
+def _json_object(text: str, source: str, fix: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise CheckpointError(f"{source} is not valid JSON ({err.args[0]}). {fix}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{source} is not a JSON object of settings. {fix}")
+    return value
 
 
 def _drop_fp8_extras(name: str) -> str | None:
@@ -40,7 +57,8 @@ def _drop_fp8_extras(name: str) -> str | None:
 def open_dit_file(path: str | Path) -> tuple[TensorFile, S2VConfig]:
     path = Path(path)
     tensors = open_tensor_file(path).without_prefix(DIT_PREFIXES).renamed(_drop_fp8_extras)
-    config = config_from_shapes(tensors.shapes(), tensors.label, _config_hints(path, tensors))
+    hints, source = _config_hints(path, tensors)
+    config = config_from_shapes(tensors.shapes(), tensors.label, hints, source)
     return tensors, config
 
 

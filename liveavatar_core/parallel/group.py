@@ -50,6 +50,28 @@ def resolve_device_kind(kind: str, world_size: int) -> str:
     return "cuda"
 
 
+CPU_WORKERS_FLAG = "LIVEAVATAR_CPU_WORKERS"
+# Each CPU worker holds its own copy of the networks: a few prove the pipeline, more only fill
+# the machine's memory.
+MAX_CPU_WORKERS = 4
+
+
+def check_cpu_workers(processes: int) -> None:
+    """CPU worker processes only make sense for tests (each is far slower than one GPU): they
+    need LIVEAVATAR_CPU_WORKERS=1, and at most MAX_CPU_WORKERS of them."""
+    if processes <= 1:
+        return
+    if os.environ.get(CPU_WORKERS_FLAG) != "1":
+        raise InputError(
+            f"gpus = {processes}, but no CUDA GPU is in use here (ComfyUI runs on the CPU). Set gpus to 1; "
+            f"worker processes need one GPU each (CPU workers are for tests only: {CPU_WORKERS_FLAG}=1)."
+        )
+    if processes > MAX_CPU_WORKERS:
+        raise InputError(f"gpus = {processes} CPU worker processes: at most {MAX_CPU_WORKERS} run on the CPU "
+                         f"(they are for tests, each holds a copy of the models). Set gpus to at most "
+                         f"{MAX_CPU_WORKERS}, or to 1.")
+
+
 def rank_device(kind: str, local_rank: int) -> torch.device:
     if kind == "cuda":
         torch.cuda.set_device(local_rank)

@@ -35,6 +35,14 @@ class ModelFiles:
     lora_strength: float = 1.0  # LiveAvatar's LoRA is a distillation at full strength
     dtype: torch.dtype = torch.bfloat16  # float8_e4m3fn: the DiT's linear layers in fp8, the rest bf16
 
+    def stamp(self) -> str:
+        """Sizes and modification times of the files: a warm pool whose files changed on disk
+        is replaced rather than reused (see `shared_pools`)."""
+        from ..file_stamps import file_stamp
+        from ..models import whole_checkpoint
+
+        return "|".join(file_stamp(p) for p in (whole_checkpoint(self.dit), self.vae, self.lora))
+
     @property
     def fp8(self) -> bool:
         return self.dtype == FP8

@@ -72,11 +72,16 @@ class WorkerPool:
         self._procs: list = []
         self._job_id = 0
         self._busy = False
+        self.idle_since = time.monotonic()  # when the last run ended (or the pool was made)
 
     # -- life cycle ---------------------------------------------------------------------------
     @property
     def running(self) -> bool:
         return bool(self._procs) and all(p.is_alive() for p in self._procs)
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
 
     @property
     def pids(self) -> list[int]:
@@ -191,6 +196,7 @@ class WorkerPool:
             self._busy = False
             if len(done) < self.world_size and self.running:
                 self._wind_down(job_id, done)
+            self.idle_since = time.monotonic()
 
     def _wind_down(self, job_id: int, done: set) -> None:
         """An abandoned run: stop it and wait for every rank to finish, or tear down."""

@@ -12,9 +12,11 @@ frees them.
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
 import os
 import pickle
 import queue
+import threading
 import traceback
 from datetime import timedelta
 
@@ -29,6 +31,7 @@ from .plan import plan_stages
 from .stage import run_stage
 
 POLL_S = 1.0
+EXIT_PARENT_GONE = 3
 
 
 def worker_main(
@@ -43,6 +46,7 @@ def worker_main(
     join_timeout_s: float,
     cpu_threads: int | None,
 ) -> None:
+    exit_with_parent()
     if device_kind == "cpu" and cpu_threads:
         torch.set_num_threads(cpu_threads)
     try:
@@ -73,6 +77,22 @@ def worker_main(
     # Nothing is left to save: skipping the interpreter's teardown of torch saves seconds.
     _flush(events)
     os._exit(0)
+
+
+def exit_with_parent() -> None:
+    """Ends this worker as soon as the process that started it is gone (killed, crashed), even
+    in the middle of a job or a join: otherwise it would hold its memory (GPU memory on GPUs)
+    with nobody left to use it. The parent's sentinel is a pipe that closes when it dies, also
+    under forkserver, where the OS parent is the fork server."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(EXIT_PARENT_GONE)
+
+    threading.Thread(target=watch, name="liveavatar-parent-watchdog", daemon=True).start()
 
 
 def _next_request(jobs):

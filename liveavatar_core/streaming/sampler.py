@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError
+from ..finite import require_finite
 from .caches import BlockKVCache, SinkCache
 from .causal_dit import CausalDiT
 from .host_caches import HostKVCache, KVStager
@@ -73,6 +74,8 @@ class SamplerSettings:
             raise InputError(f"sample_steps must be between 1 and 50 (the distilled model uses 3-5), got {self.sample_steps}.")
         if self.sample_solver not in SOLVERS:
             raise InputError(f"sample_solver must be one of {', '.join(SOLVERS)}, got {self.sample_solver!r}.")
+        require_finite("sample_guide_scale", self.guide_scale, "Give a number from 0 (off, the official setting) to 20.")
+        require_finite("shift", self.shift, "Give a positive number (3 is LiveAvatar's).")
         if self.guide_scale < 0:
             raise InputError(f"sample_guide_scale must be >= 0 (0 turns guidance off), got {self.guide_scale}.")
         if self.noise not in NOISE_SOURCES:

@@ -629,7 +629,7 @@ def part_vae(bench: Bench, presets: list[str]) -> list[dict]:
             window = motion.repeat(1, 1, REFERENCE_COPIES, 1, 1)
             window_ms = statistics.median(bench.measure(partial(vae.encode, window), iters=2))
             prefix = bench.randn(1, 16, latent_frame_count(window.shape[2]), h, w, seed=4)
-            prefix_ms = statistics.median(bench.measure(lambda: vae.streaming_decoder().decode_next(prefix), iters=2))
+            prefix_ms = statistics.median(bench.measure(partial(decode_from_scratch, vae, prefix), iters=2))
             del window, prefix
             rows.append({
                 "part": "vae", "preset": name,
@@ -647,6 +647,11 @@ def part_vae(bench: Bench, presets: list[str]) -> list[dict]:
     del vae
     bench.release()
     return rows
+
+
+def decode_from_scratch(vae, latents):
+    with vae.streaming_decoder() as decoder:
+        return decoder.decode_next(latents)
 
 
 def part_e2e(bench: Bench, presets: list[str]) -> list[dict]:
