@@ -61,7 +61,7 @@ PRESETS = (
            note="The official quality: up to 100 clips of 48 frames at 688*368, 4 steps (about 3 min 12 s)."),
     Preset("liveavatar_standard_low_vram", "Standard (low VRAM)", "688*368", 100, 4, weight_dtype="fp8_e4m3fn",
            kv_cache="system RAM (low VRAM)",
-           note="The Standard preset for 24 GB cards: fp8 weights, networks in system RAM while idle, and the "
+           note="The Standard preset for 24 GB cards (up to 100 clips of 48 frames at 688*368, 4 steps): fp8 weights, networks in system RAM while idle, and the "
                 "attention caches (38 GB at this size) in system RAM, streamed to the GPU a layer at a time. "
                 "The caches take about 40 GB of system RAM while a video runs; the same video as Standard "
                 "with fp8 weights."),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import threading
 import wave
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from build_workflows import API_DIR, PRESETS, UI_DIR, render_all
+from build_workflows import API_DIR, PRESETS, UI_DIR, WIDGET_NAMES, render_all
 from comfyui_client import ComfyUIServer, PromptRejected, copy_example_media
 from liveavatar_core.default_models import DEFAULT_FILES, write_default_models
 from liveavatar_core.video_writer import read_video_info
@@ -91,6 +92,33 @@ def test_object_info_lists_the_five_nodes_with_tooltips(server):
 def test_committed_workflows_are_what_the_builder_writes():
     for path, text in render_all().items():
         assert path.read_text() == text, f"{path.name} is stale: run scripts/build_workflows.py"
+
+
+def test_each_workflow_note_states_its_own_settings():
+    """What a preset's Note promises (clips, frames, size, steps, guidance, length, semantics)
+    is what its sampler's widgets do."""
+    names = WIDGET_NAMES["LiveAvatarSampler"]
+    for preset in PRESETS:
+        workflow = json.loads((UI_DIR / f"{preset.name}.json").read_text())
+        note = next(n for n in workflow["nodes"] if n["type"] == "Note")["widgets_values"][0]
+        sampler = next(n for n in workflow["nodes"] if n["type"] == "LiveAvatarSampler")
+        widgets = {name: value for name, value in zip(names, sampler["widgets_values"]) if name}
+        clips = re.search(r"up to (\d+) clips", note)
+        assert clips and int(clips[1]) == widgets["num_clip"], preset.name
+        for size in re.findall(r"\b(\d+\*\d+)\b", note):
+            assert size == widgets["size"], f"{preset.name}: the note says {size}"
+        for frames in re.findall(r"clips of (\d+) frames", note):
+            assert int(frames) == widgets["infer_frames"], preset.name
+        for steps in re.findall(r"(\d+) steps", note):
+            assert int(steps) == widgets["sample_steps"], preset.name
+        for guidance in re.findall(r"guidance (\d+(?:\.\d+)?)", note):
+            assert float(guidance) == widgets["sample_guide_scale"], preset.name
+        seconds = (widgets["num_clip"] * widgets["infer_frames"] - 3) / 25
+        for minutes, secs in re.findall(r"about (?:(\d+) min)? ?(?:(\d+(?:\.\d+)?) s)?", note):
+            if minutes or secs:
+                stated = int(minutes or 0) * 60 + float(secs or 0)
+                assert abs(stated - seconds) < 60 if not secs else abs(stated - seconds) < 1, (preset.name, stated, seconds)
+        assert f"({widgets['semantics']} here" in note, preset.name
 
 
 def test_ui_workflows_match_object_info(server):

@@ -14,6 +14,7 @@ refills, decode) is the project's. Every block's latents and every clip's frames
 
 from __future__ import annotations
 
+import copy
 import json
 import types
 
@@ -22,9 +23,11 @@ import torch
 from safetensors import safe_open
 
 from conftest import FIXTURES, OFFICIAL_TINY, relative_error
+from liveavatar_core.errors import InputError
 from liveavatar_core.models import load_dit_as
 from liveavatar_core.pipeline import StreamingPipeline
 from liveavatar_core.semantics import VideoSemantics
+from liveavatar_core.streaming import CausalDiT
 from liveavatar_core.streaming import sampler as sampler_module
 from liveavatar_core.streaming.sampler import CausalSampler, SamplerSettings
 from liveavatar_core.vae import load_vae
@@ -99,3 +102,36 @@ def test_streaming_video_equals_the_official_pipeline(monkeypatch, tiny_models, 
     assert max(block_errors.values()) <= LATENT_TOLERANCE, block_errors
     assert frame_counts == meta["frames_per_clip"]
     assert max(frame_errors) <= FRAME_TOLERANCE, frame_errors
+
+
+@pytest.mark.parametrize("noise", ["cpu", "official"])
+def test_a_seed_draws_the_official_clip_noise(tiny_models, noise):
+    """On a CPU in float32 both noise sources draw what the official code drew for the seed;
+    `official` draws in the model's dtype on its device (bfloat16 on GPUs)."""
+    meta, golden = load_golden("multi_gpu")
+    dit, _ = tiny_models
+    sampler = CausalSampler(CausalDiT(dit), SamplerSettings(infer_frames=meta["infer_frames"], seed=meta["seed"], noise=noise))
+    sampler._latent_hw = tuple(meta["latent_hw"])
+    for clip in range(meta["clips"]):
+        assert torch.equal(sampler.clip_noise(clip)[0], golden[f"inputs/noise_clip{clip}"])
+
+
+def test_official_noise_follows_the_model_dtype(tiny_models):
+    dit, _ = tiny_models
+    half = CausalDiT(copy.deepcopy(dit).to(torch.bfloat16))
+    sampler = CausalSampler(half, SamplerSettings(infer_frames=24, seed=3, noise="official"))
+    sampler._latent_hw = (8, 8)
+    expected = torch.randn(16, 6, 8, 8, generator=torch.Generator().manual_seed(3 + 1), dtype=torch.bfloat16)
+    assert torch.equal(sampler.clip_noise(1)[0], expected.float())
+    sampler = CausalSampler(half, SamplerSettings(infer_frames=24, seed=3, noise="cpu"))
+    sampler._latent_hw = (8, 8)
+    assert not torch.equal(sampler.clip_noise(1)[0], expected.float())  # cpu noise stays float32
+
+
+@pytest.mark.parametrize("semantics", ["official", VideoSemantics("official-single-gpu", sink_roll="yes")])
+def test_unknown_semantics_are_refused_before_any_compute(tiny_models, semantics):
+    dit, vae = tiny_models
+    stream = StreamingPipeline(dit, vae).stream(torch.rand(64, 64, 3), torch.zeros(1, 25, 32, 24), torch.zeros(7, 64),
+                                                (64, 64), SamplerSettings(infer_frames=24), semantics=semantics)
+    with pytest.raises(InputError, match="semantics must be one of|sink_roll must be"):
+        next(stream)
