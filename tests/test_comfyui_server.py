@@ -4,17 +4,20 @@ API and websocket, with the shipped workflows and the embedded small model."""
 from __future__ import annotations
 
 import copy
+import io
 import json
 import re
 import threading
+import urllib.request
 import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from build_workflows import API_DIR, PRESETS, UI_DIR, WIDGET_NAMES, render_all
-from comfyui_client import ComfyUIServer, PromptRejected, copy_example_media
+from comfyui_client import PACK_NAME, ComfyUIServer, PromptRejected, copy_example_media
 from liveavatar_core.default_models import DEFAULT_FILES, write_default_models
 from liveavatar_core.video_writer import read_video_info
 
@@ -133,6 +136,23 @@ def test_ui_workflows_match_object_info(server):
         for link_id, src, src_slot, dst, dst_slot, kind in workflow["links"]:
             source = next(n for n in workflow["nodes"] if n["id"] == src)
             assert info[source["type"]]["output"][src_slot] == kind
+
+
+def test_template_browser_lists_the_presets_with_thumbnails(server):
+    """What the frontend's template browser fetches: the list, then per template its JSON and
+    `<name>.jpg` (the only thumbnail name it asks for a custom node's template)."""
+    templates = server.get("/api/workflow_templates")
+    assert sorted(templates.get(PACK_NAME, [])) == sorted(p.name for p in PRESETS)
+    for preset in PRESETS:
+        base = f"{server.url}/api/workflow_templates/{PACK_NAME}/{preset.name}"
+        with urllib.request.urlopen(base + ".json", timeout=30) as response:
+            assert json.loads(response.read())["nodes"], preset.name
+        with urllib.request.urlopen(base + ".jpg", timeout=30) as response:
+            assert response.status == 200 and response.headers["Content-Type"] == "image/jpeg"
+            body = response.read()
+        assert len(body) < 60_000, f"{preset.name}.jpg is {len(body)} bytes"
+        with Image.open(io.BytesIO(body)) as image:
+            assert image.format == "JPEG" and image.width == image.height >= 256
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.title)
