@@ -67,10 +67,6 @@ class EncodedAudio:
     def frames(self) -> int:
         return self.features.shape[-1]
 
-    @property
-    def seconds(self) -> float:
-        return self.track.shape[-1] / self.sample_rate
-
     def clips_needed(self, infer_frames: int) -> int:
         return clips_for_frames(self.frames, infer_frames)
 

@@ -175,11 +175,6 @@ class DequantizedTensors:
                 hidden.add(name)
         self._names = [n for n in tensors.keys() if n not in hidden]
 
-    @property
-    def scaled_names(self) -> list[str]:
-        """The weights that carry a scale."""
-        return sorted(self._scales)
-
     def keys(self) -> list[str]:
         return list(self._names)
 

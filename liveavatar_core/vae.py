@@ -135,10 +135,6 @@ class StreamingDecoder:
         self._chunk_shape: tuple[int, ...] | None = None
 
     @property
-    def latent_frames_decoded(self) -> int:
-        return self._latent_frames
-
-    @property
     def frames_decoded(self) -> int:
         return video_frame_count(self._latent_frames)
 

@@ -52,13 +52,6 @@ class S2VConfig:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
 
-    @classmethod
-    def from_json(cls, text: str) -> "S2VConfig":
-        data = json.loads(text)
-        names = {f.name for f in dataclasses.fields(cls)}
-        data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names}
-        return cls(**data)
-
 
 REQUIRED_TENSORS = (
     "patch_embedding.weight", "casual_audio_encoder.weights", "blocks.0.ffn.0.weight", "head.head.weight",

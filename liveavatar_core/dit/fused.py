@@ -28,10 +28,6 @@ def set_compiled(enabled: bool) -> None:
     _compile_enabled = enabled
 
 
-def compiled_enabled() -> bool:
-    return _compile_enabled
-
-
 def _per_token(rows: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
     return rows if segment_ids is None else rows[:, segment_ids]
 

@@ -104,12 +104,11 @@ class WanS2VTransformer(nn.Module):
         ph, pw = self.config.patch_size[1:]
         return video_grid(first_frame, frames, height // ph, width // pw, device)
 
-    def embed_sink(self, ref: torch.Tensor, motion: torch.Tensor, ref_index: int | None = None):
+    def embed_sink(self, ref: torch.Tensor, motion: torch.Tensor):
         """Reference latent [B, C, 1, H, W] and motion latents [B, C, T_m, H, W] ->
         (tokens [B, N, dim] with their mask embeddings added, positions [N, 3])."""
         ph, pw = self.config.patch_size[1:]
         height, width = ref.shape[-2:]
-        ref_index = self.config.ref_rope_index if ref_index is None else ref_index
         ref_tokens = self.patch_embedding(ref.to(self.dtype)).flatten(2).transpose(1, 2)
         motion_tokens = self.frame_packer(motion)
         tokens = torch.cat(
@@ -121,7 +120,7 @@ class WanS2VTransformer(nn.Module):
         )
         positions = torch.cat(
             [
-                grid_positions([ref_index], np.arange(height // ph), np.arange(width // pw)),
+                grid_positions([self.config.ref_rope_index], np.arange(height // ph), np.arange(width // pw)),
                 self.frame_packer.positions(height, width),
             ]
         )

@@ -55,10 +55,6 @@ class SinkCache:
         self.positions: torch.Tensor | None = None  # [tokens, 3] at the prefill (ref at its base index)
         self.ref_tokens = 0
 
-    @property
-    def ready(self) -> bool:
-        return self.positions is not None
-
     def store(self, layer: int, raw_keys: torch.Tensor, values: torch.Tensor) -> None:
         self.raw_keys[layer], self.values[layer] = raw_keys, values
 
