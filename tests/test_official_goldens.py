@@ -84,6 +84,7 @@ def run_with_official_draws(monkeypatch, dit, vae, meta, golden, semantics):
     return latents, video
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_streaming_video_equals_the_official_pipeline(monkeypatch, tiny_models, name):
     meta, golden = load_golden(name)
