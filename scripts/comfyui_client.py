@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -44,9 +43,12 @@ def prepare_base(base: Path) -> Path:
 
 
 def copy_example_media(base: Path) -> None:
-    for file in (ROOT / "workflows" / "media").iterdir():
-        if file.is_file():
-            shutil.copy2(file, base / "input" / file.name)
+    """The presets' example portrait and speech into the base folder's input/ (as users do)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from liveavatar_core.example_media import copy_example_media as copy_into
+
+    copy_into(base / "input")
 
 
 class ComfyUIServer:

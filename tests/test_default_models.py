@@ -3,6 +3,8 @@ loaders, the networks fit together and run, files are reproducible, the media de
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -121,3 +123,22 @@ def test_example_media_decode():
         assert image.size == (512, 640) and image.mode == "RGB"
     for path in (PORTRAIT, SPEECH):
         assert path.stat().st_size < MAX_MEDIA_BYTES
+
+
+def test_example_media_command_fills_an_input_folder(tmp_path, capsys):
+    from liveavatar_core.example_media import main as copy_media
+
+    input_dir = tmp_path / "ComfyUI" / "input"
+    copy_media(["--input-dir", str(input_dir)])
+    names = {path.name for path in input_dir.iterdir()}
+    assert names == {PORTRAIT.name, SPEECH.name}
+    assert (input_dir / SPEECH.name).read_bytes() == SPEECH.read_bytes()
+    assert str(input_dir / PORTRAIT.name) in capsys.readouterr().out
+    # Every file the API presets load is now in input/.
+    for workflow in (ROOT / "workflows" / "api").glob("*_api.json"):
+        for node in json.loads(workflow.read_text()).values():
+            if node["class_type"] in ("LoadImage", "LoadAudio"):
+                name = node["inputs"].get("image") or node["inputs"].get("audio")
+                assert (input_dir / name).is_file(), f"{workflow.name} loads {name}"
+    copy_media(["--input-dir", str(input_dir)])  # a second run leaves the folder as it is
+    assert {path.name for path in input_dir.iterdir()} == names
