@@ -103,6 +103,7 @@ class OfficialVideo:
         self.last_block = blocks_per_clip - 1
         self._first_latent: torch.Tensor | None = None
         self._motion: torch.Tensor | None = None
+        self._decoder = None
 
     @property
     def finished(self) -> bool:
@@ -135,10 +136,21 @@ class OfficialVideo:
     def _decode_block(self, clip: int, block: int, latents: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _start_decoder(self, prefix: torch.Tensor) -> None:
+        """A fresh streaming decoder that has consumed `prefix` (whose frames neither official
+        pipeline keeps), so the latents after it decode as the official code decodes them."""
+        if self._decoder is not None:
+            self._decoder.close()
+        self._decoder = self.vae.streaming_decoder()
+        self._decoder.decode_next(prefix)
+
     def _after_block(self, clip: int, block: int, video: torch.Tensor) -> None:
         pass
 
     def close(self) -> None:
+        if self._decoder is not None:
+            self._decoder.close()
+            self._decoder = None
         self._first_latent = self._motion = None
 
     def __enter__(self) -> OfficialVideo:
@@ -151,10 +163,6 @@ class OfficialVideo:
 class MultiGpuVideo(OfficialVideo):
     """`official-multi-gpu`: one streaming decode of the whole video behind 7 motion latents."""
 
-    def __init__(self, *args):
-        super().__init__(*args)
-        self._decoder = None
-
     def sink_inputs(self):
         ref = self.vae.encode(self.pixels)
         self._motion = self.vae.encode(self.pixels.repeat(1, 1, MOTION_FRAMES, 1, 1))
@@ -162,15 +170,8 @@ class MultiGpuVideo(OfficialVideo):
 
     def _decode_block(self, clip, block, latents):
         if self._decoder is None:
-            self._decoder = self.vae.streaming_decoder()
-            self._decoder.decode_next(self._motion[:, :, :PRIMING_LATENTS])  # primes its caches; frames unused
+            self._start_decoder(self._motion[:, :, :PRIMING_LATENTS])
         return self._decoder.decode_next(latents)
-
-    def close(self):
-        if self._decoder is not None:
-            self._decoder.close()
-            self._decoder = None
-        super().close()
 
 
 class SingleGpuVideo(OfficialVideo):
@@ -180,7 +181,6 @@ class SingleGpuVideo(OfficialVideo):
     def __init__(self, *args):
         super().__init__(*args)
         self._history: torch.Tensor | None = None  # [1, 3, 365, H, W] in -1..1
-        self._decoder = None
         self._clip_video: list[torch.Tensor] = []
 
     def sink_inputs(self):
@@ -192,10 +192,7 @@ class SingleGpuVideo(OfficialVideo):
 
     def _decode_block(self, clip, block, latents):
         if block == 0:
-            if self._decoder is not None:
-                self._decoder.close()
-            self._decoder = self.vae.streaming_decoder()
-            self._decoder.decode_next(self._motion)  # the prefix: official keeps only the clip's frames
+            self._start_decoder(self._motion)  # official: decode(cat[motion, clip]), the clip's frames kept
             self._clip_video = []
         return self._decoder.decode_next(latents)
 
@@ -209,9 +206,6 @@ class SingleGpuVideo(OfficialVideo):
             self._motion = self.vae.encode(self._history)
 
     def close(self):
-        if self._decoder is not None:
-            self._decoder.close()
-            self._decoder = None
         self._history = None
         self._clip_video = []
         super().close()

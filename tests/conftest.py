@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
+import wave
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,6 +26,15 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||a - e|| / ||e|| in float64: the figure every equality test asserts on."""
     actual, expected = actual.double(), expected.double()
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int = 16000) -> None:
+    """A 16-bit mono WAV of `samples` (clipped to -1..1), as a user's recording would be."""
+    with wave.open(str(path), "wb") as file:
+        file.setnchannels(1)
+        file.setsampwidth(2)
+        file.setframerate(rate)
+        file.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ import json
 import re
 import threading
 import urllib.request
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from PIL import Image
 
 from build_workflows import API_DIR, PRESETS, UI_DIR, WIDGET_NAMES, render_all
 from comfyui_client import PACK_NAME, ComfyUIServer, PromptRejected, copy_example_media
+from conftest import write_wav
 from liveavatar_core.default_models import DEFAULT_FILES, write_default_models
 from liveavatar_core.video_writer import read_video_info
 
@@ -224,14 +224,6 @@ def test_interrupt_stops_within_a_block_and_keeps_a_playable_mp4(server):
     assert info["frames"] == 45 and info["width"] == 688
     assert abs(info["audio_duration_s"] - 45 / 25) <= 1 / 25
     assert server.run(api_workflow("liveavatar_preview", num_clip=1)).ok, "the server did not recover"
-
-
-def write_wav(path: Path, samples: np.ndarray, rate: int = 16000) -> None:
-    with wave.open(str(path), "wb") as file:
-        file.setnchannels(1)
-        file.setsampwidth(2)
-        file.setframerate(rate)
-        file.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
 
 
 @pytest.mark.parametrize(

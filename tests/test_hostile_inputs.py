@@ -17,7 +17,6 @@ import pickle
 import signal
 import threading
 import time
-import wave
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from comfyui_client import ComfyUIServer, PromptRejected, copy_example_media
+from conftest import write_wav
 from liveavatar_core.default_models import DEFAULT_FILES, TINY_DIT, write_default_models
 from liveavatar_core.dit.config import config_from_shapes
 from liveavatar_core.dit.loading import CONFIG_METADATA_KEY, load_dit
@@ -110,14 +110,6 @@ def write_hostile_models(models: Path, sentinel: Path) -> None:
     with open(vae_dir / "evil_legacy_vae.pth", "wb") as file:
         pickle.dump({"weight": Evil(sentinel)}, file)
     (vae_dir / "dit_as_vae.safetensors").write_bytes(data)
-
-
-def write_wav(path: Path, samples: np.ndarray, rate: int = 16000) -> None:
-    with wave.open(str(path), "wb") as file:
-        file.setnchannels(1)
-        file.setsampwidth(2)
-        file.setframerate(rate)
-        file.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
 
 
 def speech(seconds: float, rate: int = 16000, peak: float = 0.5) -> np.ndarray:
