@@ -1,9 +1,13 @@
-"""A tiny default model set with RANDOM weights, for trying the node pack without downloads.
+"""The tiny default model set, trained by the pack itself, for trying it without downloads.
 
-These weights are random: a run with them shows that the whole pipeline works (files load,
-shapes fit, clips stream, video and audio come out in sync), not a face: the video is
-coloured noise. For real avatars, download the real files (see "Model files" in the README)
-and put them in the same ComfyUI folders:
+The five files in `default_model/` ship with the pack; `write_default_models` copies them into
+a ComfyUI `models/` folder. `scripts/train_default_model.py` made them (command, seed and data
+recipe in its docstring): the VAE and the DiT were trained on synthetic talking cartoon faces,
+the DiT through our own streaming sampler. It is a small model with little training: through
+the pipeline the video shows a blurred likeness of the given portrait (its layout and main
+colours; correlation with the portrait about 0.4-0.6 at 128*128, where random weights gave
+about 0), but the mouth does not yet follow the speech. For real avatars, download the real
+files (see "Model files" in the README) and put them in the same ComfyUI folders:
 `diffusion_models/` (Wan2.2-S2V-14B), `loras/` (liveavatar.safetensors), `text_encoders/`
 (umT5-XXL), `vae/` (Wan 2.1 VAE) and `audio_encoders/` (wav2vec2-large english).
 
@@ -11,28 +15,33 @@ Every file has the real architecture, the real tensor names and the real file la
 one ComfyUI's repackaged files use), only with tiny widths and depths, so each one goes
 through the same loaders as the full-size release:
 
-- DiT: dim 32 (one head of 32), ffn 64, 2 blocks, an audio injector after each, written by
-  `save_dit` (config in the metadata), without a prefix, bfloat16.
-- LoRA: PEFT pairs `base_model.model.<module>.lora_A/B.weight`, rank 4, no alpha tensors
-  (so `merge_lora` uses the released scale, alpha / rank = 0.5), float32.
+- DiT: dim 128 (4 heads of 32), ffn 256, 4 blocks, an audio injector after each, written by
+  `save_dit` (config in the metadata), without a prefix, bfloat16. Trained.
+- LoRA: PEFT pairs `base_model.model.<module>.lora_A/B.weight`, rank 4, no alpha tensors,
+  float32, with zero up-projections (PEFT's initial state): merging it changes nothing.
 - umT5: d_model 48 (= the DiT's text_dim), 2 layers, 2 heads of 24, with its own
-  sentencepiece model (trained on a built-in English text) as `spiece_model`, float16.
-- VAE: Wan 2.1 layout, base width 1 (the smallest that builds; the full-resolution stages
-  dominate the run time), 16 latent channels, bfloat16.
+  sentencepiece model (trained on a built-in English text) as `spiece_model`, float16;
+  seeded random weights (`text_encoder_state(0)`), which the DiT was trained with.
+- VAE: Wan 2.1 layout, base width 4, 16 latent channels, bfloat16. Trained, its output
+  layers scaled so the official latent normalisation gives unit-variance latents.
 - wav2vec2: hidden size 64 (= the DiT's audio_dim; 64 features per head is fixed), 2 layers
-  (3 hidden states = the DiT's audio layers), float16.
+  (3 hidden states = the DiT's audio layers), float16; seeded random weights
+  (`audio_encoder_state(0)`), which the DiT was trained with.
 
-Run `python -m liveavatar_core.default_models --models-dir ComfyUI/models` to write them.
-The same seed gives the same bytes.
+Run `python -m liveavatar_core.default_models --models-dir ComfyUI/models` to copy them.
+The builders below (`tiny_dit`, `lora_state`, `text_encoder_state`, `vae_state`,
+`audio_encoder_state`) give the seeded random networks the training starts from.
 """
 
 from __future__ import annotations
 
 import argparse
+import filecmp
 import io
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -50,6 +59,8 @@ DEFAULT_FILES = {
     "vae": "wan_tiny_vae.safetensors",
     "audio_encoders": "wav2vec2_tiny.safetensors",
 }
+# The trained files (scripts/train_default_model.py made them), copied out by `write_default_models`.
+SHIPPED_DIR = Path(__file__).resolve().parent / "default_model"
 # Identifies our files in the metadata (the DiT is recognised by its stored config instead).
 MARKER_KEY = "liveavatar_default_model"
 FORMAT_VERSION = 1
@@ -58,17 +69,17 @@ TEXT_DIM = 48
 AUDIO_DIM = 64
 AUDIO_LAYERS = 2
 TINY_DIT = S2VConfig(
-    dim=32,
-    ffn_dim=64,
-    num_heads=1,
-    num_layers=2,
+    dim=128,
+    ffn_dim=256,
+    num_heads=4,
+    num_layers=4,
     text_dim=TEXT_DIM,
     audio_dim=AUDIO_DIM,
     num_audio_layers=AUDIO_LAYERS + 1,
-    audio_inject_layers=(0, 1),
+    audio_inject_layers=(0, 1, 2, 3),
 )
 UMT5_HEADS, UMT5_FF, UMT5_LAYERS, UMT5_BUCKETS = 2, 96, 2, 32
-VAE_BASE_DIM = 1
+VAE_BASE_DIM = 4
 LORA_RANK = 4
 LORA_TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
 SPIECE_VOCAB = 320  # an upper bound: the trainer stops where the text runs out of pieces
@@ -282,39 +293,20 @@ def default_model_paths(models_dir: str | os.PathLike) -> dict[str, Path]:
     return {folder: root / folder / name for folder, name in DEFAULT_FILES.items()}
 
 
-def write_default_models(models_dir: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
-    """Writes the five tiny files under `models_dir` (ComfyUI's `models/` folder layout) and
-    returns {folder: path}. The same seed gives byte-identical files."""
+def write_default_models(models_dir: str | os.PathLike) -> dict[str, Path]:
+    """Copies the five shipped files under `models_dir` (ComfyUI's `models/` folder layout) and
+    returns {folder: path}. Nothing is downloaded: the files ship with the pack."""
     paths = default_model_paths(models_dir)
-    for path in paths.values():
+    for folder, path in paths.items():
         path.parent.mkdir(parents=True, exist_ok=True)
-    dit = tiny_dit(seed)
-    _save(lora_state(dit, seed), paths["loras"], seed)
-    _write_atomically(paths["diffusion_models"], lambda tmp: save_dit(dit.to(torch.bfloat16), tmp))
-    _save(text_encoder_state(seed), paths["text_encoders"], seed)
-    _save(vae_state(seed), paths["vae"], seed)
-    _save(audio_encoder_state(seed), paths["audio_encoders"], seed)
+        _write_atomically(path, lambda tmp, folder=folder: shutil.copyfile(SHIPPED_DIR / DEFAULT_FILES[folder], tmp))
     return paths
 
 
-def has_default_models(models_dir: str | os.PathLike, seed: int | None = None) -> bool:
-    """Whether `models_dir` already holds all five files of this version (and of `seed`, if
-    given), judged from their headers only."""
+def has_default_models(models_dir: str | os.PathLike) -> bool:
+    """Whether `models_dir` already holds all five shipped files, byte for byte."""
     for folder, path in default_model_paths(models_dir).items():
-        try:
-            with safe_open(str(path), "pt") as handle:
-                metadata = handle.metadata() or {}
-        except (OSError, SafetensorError):  # missing, or not a safetensors file
-            return False
-        if folder == "diffusion_models":
-            if metadata.get(CONFIG_METADATA_KEY) != TINY_DIT.to_json():
-                return False
-            continue
-        try:
-            marker = json.loads(metadata.get(MARKER_KEY, "null")) or {}
-        except ValueError:
-            return False
-        if marker.get("version") != FORMAT_VERSION or (seed is not None and marker.get("seed") != seed):
+        if not (path.is_file() and filecmp.cmp(path, SHIPPED_DIR / DEFAULT_FILES[folder], shallow=False)):
             return False
     return True
 
@@ -322,18 +314,17 @@ def has_default_models(models_dir: str | os.PathLike, seed: int | None = None) -
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m liveavatar_core.default_models",
-        description="Write the tiny random-weight LiveAvatar models into a ComfyUI models folder.",
+        description="Copy the tiny default LiveAvatar models (trained by the pack) into a ComfyUI models folder.",
     )
     parser.add_argument("--models-dir", required=True, help="ComfyUI's models folder (e.g. ComfyUI/models)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-existing", action="store_true", help="do nothing when the files are already there")
     args = parser.parse_args(argv)
-    if args.skip_existing and has_default_models(args.models_dir, args.seed):
+    if args.skip_existing and has_default_models(args.models_dir):
         print(f"The tiny default models are already in {args.models_dir}.")
         return
-    for path in write_default_models(args.models_dir, args.seed).values():
+    for path in write_default_models(args.models_dir).values():
         print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
-    print("These weights are random: they show that the pipeline runs, not a face.")
+    print("A tiny model for trying the pack: a blurred likeness of the portrait, not a real avatar.")
 
 
 if __name__ == "__main__":

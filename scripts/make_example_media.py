@@ -191,11 +191,14 @@ def _expand_stops(utterance):
     return out
 
 
-def synthesise_speech() -> np.ndarray:
-    """4 s of speech-like sound at 16 kHz, float32 in [-1, 1]."""
-    rng = np.random.default_rng(SEED)
-    segments = _expand_stops(UTTERANCE)
-    total = int(RATE * DURATION_S)
+def synthesise_speech(utterance=UTTERANCE, duration_s: float = DURATION_S, seed: int = SEED,
+                      phrase_pitch=PHRASE_PITCH) -> np.ndarray:
+    """Speech-like sound at 16 kHz, float32 in [-1, 1]; by default the 4 s example track.
+    `utterance`: (phone, ms, stress) segments as `UTTERANCE`; `phrase_pitch`: (start, end)
+    pitch in Hz of each phrase."""
+    rng = np.random.default_rng(seed)
+    segments = _expand_stops(utterance)
+    total = int(RATE * duration_s)
 
     voice = np.zeros(total)  # loudness of the glottal source
     aspiration = np.zeros(total)
@@ -244,8 +247,8 @@ def synthesise_speech() -> np.ndarray:
     formants = [_smooth(np.interp(times, anchors_t, anchors_f[:, k]), 30) for k in range(3)]
 
     # Intonation: declination per phrase, a bump on stressed vowels, slow jitter.
-    f0 = np.full(total, PHRASE_PITCH[0][0], dtype=float)
-    for (start, end), (high, low) in zip(phrases, PHRASE_PITCH):
+    f0 = np.full(total, phrase_pitch[0][0], dtype=float)
+    for (start, end), (high, low) in zip(phrases, phrase_pitch):
         inside = (times >= start) & (times < end + 0.3)
         progress = np.clip((times[inside] - start) / (end - start), 0, 1)
         f0[inside] = high + (low - high) * progress**1.5

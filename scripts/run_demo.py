@@ -1,8 +1,8 @@
 """The main job on the embedded default model: starts a real ComfyUI with this pack, runs the
 Preview workflow through the HTTP API and prints where the mp4 is.
 
-The default model is small and random (written by `liveavatar_core.default_models`): the video
-shows that the whole pipeline runs, not a real face. Put the real weights in the models folders
+The default model is tiny and trained by the pack (copied by `liveavatar_core.default_models`):
+the video shows a blurred likeness of the portrait, not a real avatar. Put the real weights in the models folders
 (README) and pick them in the workflow's loader for real videos.
 
     python scripts/run_demo.py [--base out/demo] [--preset liveavatar_preview] [--num-clip N]
@@ -37,7 +37,7 @@ def main() -> None:
     base = args.base.resolve()
     models = base / "models"
     if not has_default_models(models):
-        print(f"writing the embedded default model to {models}")
+        print(f"copying the embedded default model to {models}")
         write_default_models(models)
     prompt = json.loads((ROOT / "workflows" / "api" / f"{args.preset}_api.json").read_text())
     for node in prompt.values():

@@ -1,4 +1,4 @@
-"""The tiny random default models and the example media: every file loads with the pack's own
+"""The tiny default models (shipped, trained by the pack) and the example media: every file loads with the pack's own
 loaders, the networks fit together and run, files are reproducible, the media decode."""
 
 from __future__ import annotations
@@ -10,11 +10,14 @@ import pytest
 import torch
 from conftest import ROOT
 from PIL import Image
+from safetensors.torch import load_file
 
 from liveavatar_core.audio_encoder import load_audio_encoder
 from liveavatar_core.audio_io import SAMPLE_RATE, load_audio
 from liveavatar_core.default_models import (
     DEFAULT_FILES,
+    audio_encoder_state,
+    text_encoder_state,
     TINY_DIT,
     has_default_models,
     lora_state,
@@ -38,7 +41,7 @@ MAX_MEDIA_BYTES = 300 * 1024
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models")
-    write_default_models(folder, seed=0)
+    write_default_models(folder)
     return folder
 
 
@@ -62,8 +65,11 @@ def loaded(models_dir):
 def test_files_sit_in_comfyui_model_folders(models_dir, capsys):
     for folder, name in DEFAULT_FILES.items():
         assert (models_dir / folder / name).is_file()
-    assert has_default_models(models_dir) and has_default_models(models_dir, seed=0)
-    assert not has_default_models(models_dir, seed=1)
+    assert has_default_models(models_dir)
+    damaged = models_dir.parent / "damaged"
+    write_default_models(damaged)
+    (damaged / "vae" / DEFAULT_FILES["vae"]).write_bytes(b"not a model")
+    assert not has_default_models(damaged)
     assert not has_default_models(models_dir / "elsewhere")
     main(["--models-dir", str(models_dir), "--skip-existing"])
     assert "already" in capsys.readouterr().out
@@ -103,13 +109,18 @@ def test_lora_merges_into_the_dit(loaded):
     # q, k, v, o of self- and cross-attention and ffn.0/2 per block, q, k, v, o per injector.
     assert report.merged == 10 * TINY_DIT.num_layers + 4 * len(TINY_DIT.audio_inject_layers)
     assert report.replaced == 0
-    assert not torch.equal(dit.blocks[0].self_attn.q.weight, before)
+    # The shipped LoRA has PEFT's zero up-projections: merged, it leaves the trained DiT as it is.
+    assert torch.equal(dit.blocks[0].self_attn.q.weight, before)
 
 
-def test_same_seed_gives_the_same_bytes(models_dir, tmp_path):
-    again = write_default_models(tmp_path, seed=0)
+def test_shipped_encoders_are_the_seeded_builders(models_dir, tmp_path):
+    again = write_default_models(tmp_path)
     for folder, path in again.items():
         assert path.read_bytes() == (models_dir / folder / DEFAULT_FILES[folder]).read_bytes(), folder
+    # The DiT was trained on these umT5 and wav2vec2: the builders of seed 0 remake them exactly.
+    for folder, state in (("text_encoders", text_encoder_state(0)), ("audio_encoders", audio_encoder_state(0))):
+        shipped = load_file(str(models_dir / folder / DEFAULT_FILES[folder]))
+        assert sorted(shipped) == sorted(state) and all(torch.equal(shipped[k], state[k]) for k in state), folder
     other = lora_state(tiny_dit(seed=1), seed=1)
     first = lora_state(tiny_dit(seed=0), seed=0)
     assert not all(torch.equal(other[k], first[k]) for k in first)
