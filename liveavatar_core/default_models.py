@@ -4,9 +4,9 @@ The five files in `default_model/` ship with the pack; `write_default_models` co
 a ComfyUI `models/` folder. `scripts/train_default_model.py` made them (command, seed and data
 recipe in its docstring): the VAE and the DiT were trained on synthetic talking cartoon faces,
 the DiT through our own streaming sampler. It is a small model with little training: through
-the pipeline the video shows a blurred likeness of the given portrait (its layout and main
-colours; correlation with the portrait about 0.4-0.6 at 128*128, where random weights gave
-about 0), but the mouth does not yet follow the speech. For real avatars, download the real
+the pipeline the video shows a blurred silhouette of the given portrait's layout (hair above,
+shoulders below; correlation with the portrait 0.43-0.56 at 128*128, where random weights gave
+about 0), without its colours, eyes or mouth, and the mouth does not follow the speech. For real avatars, download the real
 files (see "Model files" in the README) and put them in the same ComfyUI folders:
 `diffusion_models/` (Wan2.2-S2V-14B), `loras/` (liveavatar.safetensors), `text_encoders/`
 (umT5-XXL), `vae/` (Wan 2.1 VAE) and `audio_encoders/` (wav2vec2-large english).
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     for path in write_default_models(args.models_dir).values():
         print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
-    print("A tiny model for trying the pack: a blurred likeness of the portrait, not a real avatar.")
+    print("A tiny model for trying the pack: a blurred silhouette of the portrait, not a real avatar.")
 
 
 if __name__ == "__main__":

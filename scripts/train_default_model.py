@@ -7,8 +7,8 @@ talking faces, so the pipeline's first run shows the portrait talking.
 The shipped files were made on one H200 with time limits instead of step counts
 (`--vae-steps 100000 --dit-steps 100000 --vae-seconds 130 --dit-seconds 270 --faces 600
 --utterances 96 --workers 15`): 589 VAE steps and 168 DiT steps in 411 s; the step counts
-above repeat that run by steps (its schedule ran on elapsed time, close to steps at a steady speed) (the learning rate follows whichever of steps and
-seconds runs out first, so a time-limited run on another machine ends elsewhere). The loss
+above repeat that run by steps (its schedule ran on elapsed time, close to steps at a
+steady speed; the learning rate follows whichever of steps and seconds runs out first). The loss
 was still falling: more DiT steps are what the model needs most. What it makes, all in the
 real files' formats and tensor names:
 
