@@ -21,7 +21,8 @@ through the same loaders as the full-size release:
   float32, with zero up-projections (PEFT's initial state): merging it changes nothing.
 - umT5: d_model 48 (= the DiT's text_dim), 2 layers, 2 heads of 24, with its own
   sentencepiece model (trained on a built-in English text) as `spiece_model`, float16;
-  seeded random weights (`text_encoder_state(0)`), which the DiT was trained with.
+  seeded random weights (`text_encoder_state(0)`), which the DiT was trained with (the
+  tokenizer's pieces depend on the sentencepiece version, one reason the files ship).
 - VAE: Wan 2.1 layout, base width 4, 16 latent channels, bfloat16. Trained, its output
   layers scaled so the official latent normalisation gives unit-variance latents.
 - wav2vec2: hidden size 64 (= the DiT's audio_dim; 64 features per head is fixed), 2 layers
