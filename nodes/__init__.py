@@ -2,6 +2,7 @@
 
 from .decode import OnlineVAEDecode
 from .encode import EncodeAudio, EncodePrompt
+from .live_routes import add_routes
 from .loader import LoadLiveAvatarModel
 from .postprocess import LiveAvatarStreamFaceRestore, LiveAvatarStreamUpscale
 from .sampler import LiveAvatarSampler
@@ -11,3 +12,5 @@ _NODES = (LoadLiveAvatarModel, EncodeAudio, EncodePrompt, LiveAvatarSampler, Liv
 
 NODE_CLASS_MAPPINGS = {node.__name__: node for node in _NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {node.__name__: node.DISPLAY_NAME for node in _NODES}
+
+add_routes()  # the live view, where ComfyUI's server runs
