@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import statistics
 import threading
 import time
 import urllib.request
@@ -144,6 +145,15 @@ def test_live_view_plays_while_the_run_renders_and_ends_with_it(server, browser)
     outcome: dict = {}
     waiter = threading.Thread(target=lambda: outcome.update(done=server.wait(ws, prompt_id)), daemon=True)
     waiter.start()
+    on_disk: list[float] = []  # when each clip's fragment was first listed, ms
+
+    def watch_disk():
+        while "done" not in outcome:
+            listed = server.get(f"/liveavatar/live/{run_id}/segments.json")["segments"]
+            on_disk.extend([time.time() * 1000] * (len(listed) - len(on_disk)))
+            time.sleep(0.1)
+
+    threading.Thread(target=watch_disk, daemon=True).start()
     try:
         # Playing while the run is still going: the position advances between two looks.
         browser.wait_for(f"window.liveAvatarLive.id === '{run_id}' && window.liveAvatarLive.appended >= 1 && "
@@ -163,6 +173,10 @@ def test_live_view_plays_while_the_run_renders_and_ends_with_it(server, browser)
         ws.close()
     final = page_state(browser)
     assert final["id"] == run_id and final["state"] == "finished" and final["error"] is None
+    appended_at = browser.evaluate("window.liveAvatarLive.appendedAt")
+    delays = [next(at for count, at in appended_at if count > index) - seen for index, seen in enumerate(on_disk)]
+    print(f"live view: clips in the page {statistics.median(delays):.0f} ms (median), {max(delays):.0f} ms (max) "
+          "after their fragment was on disk")
     mp4 = mp4_of(server, outcome["done"])
     frames = read_video_info(mp4)["frames"]
     assert final["time"] == pytest.approx(frames / 25, abs=0.1)  # played to the last frame
