@@ -231,15 +231,17 @@ LIVE_RUNS = LiveRuns()  # this process's renders (ComfyUI renders one prompt at 
 
 
 @contextlib.contextmanager
-def watched(path: str | Path, fps: float, width: int, height: int, runs: LiveRuns = LIVE_RUNS):
+def watched(path: str | Path, fps: float, width: int, height: int, runs: LiveRuns = LIVE_RUNS,
+            cancel_errors: tuple[type[BaseException], ...] = ()):
     """Lists a render in `runs` while the block runs; its end is marked when the block is left
-    (after the writer has closed the file): finished, cancelled or failed."""
+    (after the writer has closed the file): finished, cancelled (GenerationCancelled or one of
+    `cancel_errors`, e.g. the host's own interrupt) or failed."""
     from .streaming import GenerationCancelled
 
     run = runs.start(path, fps, width, height)
     try:
         yield run
-    except GenerationCancelled:
+    except (GenerationCancelled, *cancel_errors):
         runs.end(run, CANCELLED)
         raise
     except BaseException:

@@ -93,7 +93,7 @@ class OnlineVAEDecode:
         if mp4 is None:
             yield
             return
-        with watched(mp4, FPS, job.width, job.height) as run:
+        with watched(mp4, FPS, job.width, job.height, cancel_errors=live_routes.cancel_errors()) as run:
             live_routes.announce(run.id)
             yield
 

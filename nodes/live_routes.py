@@ -71,6 +71,13 @@ def add_routes() -> bool:
     return True
 
 
+def cancel_errors() -> tuple[type[BaseException], ...]:
+    """What ComfyUI raises when the user presses Cancel (its progress bar raises it too)."""
+    import comfy.model_management
+
+    return (comfy.model_management.InterruptProcessingException,)
+
+
 def announce(run_id: str) -> None:
     """Shows the live view's address on the running node (as text under it)."""
     try:

@@ -58,13 +58,17 @@ def test_the_playlist_plays_in_ffmpeg_and_ends_only_with_the_run(tmp_path):
     assert segment_list(run)["state"] == FINISHED and len(segment_list(run)["segments"]) == 3
 
 
+class HostInterrupt(Exception):
+    """What a host such as ComfyUI raises on Cancel from its own progress bar."""
+
+
 @pytest.mark.parametrize("error, state", [(None, FINISHED), (GenerationCancelled(), CANCELLED),
-                                          (InputError("disk full"), FAILED)])
+                                          (HostInterrupt(), CANCELLED), (InputError("disk full"), FAILED)])
 def test_a_watched_render_is_marked_by_how_it_ended(tmp_path, error, state):
     runs = LiveRuns()
 
     def render():
-        with watched(tmp_path / "a.mp4", FPS, SIZE, SIZE, runs) as run:
+        with watched(tmp_path / "a.mp4", FPS, SIZE, SIZE, runs, cancel_errors=(HostInterrupt,)) as run:
             assert runs.get("latest") is run and run.state == RUNNING
             if error is not None:
                 raise error
