@@ -24,7 +24,8 @@ from tiny_upscaler import write_tiny_esrgan
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-OUR_NODES = ("LoadLiveAvatarModel", "EncodeAudio", "EncodePrompt", "LiveAvatarSampler", "OnlineVAEDecode")
+OUR_NODES = ("LoadLiveAvatarModel", "EncodeAudio", "EncodePrompt", "LiveAvatarSampler", "LiveAvatarStreamUpscale",
+             "LiveAvatarStreamFaceRestore", "OnlineVAEDecode")
 SOCKET_TYPES = {"LIVEAVATAR_MODEL", "LIVEAVATAR_AUDIO", "LIVEAVATAR_PROMPT", "LIVEAVATAR_VIDEO_STREAM", "IMAGE",
                 "AUDIO", "MASK", "VIDEO", "LATENT", "UPSCALE_MODEL"}
 WIDGET_FOR_FOLDER = {"diffusion_models": "diffusion_model", "loras": "lora", "text_encoders": "text_encoder",
@@ -84,7 +85,7 @@ def widget_count(spec: dict) -> int:
     return count
 
 
-def test_object_info_lists_the_five_nodes_with_tooltips(server):
+def test_object_info_lists_our_nodes_with_tooltips(server):
     info = server.object_info()
     for name in OUR_NODES:
         spec = info[name]
