@@ -1,4 +1,4 @@
-"""Writes the four preset workflows, in the canvas (UI) format and the HTTP API format.
+"""Writes the preset workflows, in the canvas (UI) format and the HTTP API format.
 
 Both formats come from one description per preset, so they cannot drift apart; the tests
 check the committed files against this script and against a running ComfyUI's /object_info.
@@ -52,6 +52,8 @@ class Preset:
     noise: str = "cpu"
     note: str = ""
     extra: dict = field(default_factory=dict)
+    upscale_model: str | None = None  # set: a Stream Upscale node with this model between sampler and decode
+    rescale_factor: float = 1.0
 
 
 PRESETS = (
@@ -69,6 +71,13 @@ PRESETS = (
            note="Very long videos: up to 1000 clips (about 32 min). Every clip is decoded and written to the "
                 "mp4 as soon as it is made, so memory stays flat; weights stay on the GPU (no offload). "
                 "Cancel keeps a playable mp4 of every finished clip."),
+    Preset("liveavatar_long_upscale", "Long + upscale", "688*368", 1000, 4, offload=False,
+           upscale_model="RealESRGAN_x2plus.pth",
+           note="The Long preset with every block upscaled as soon as it is decoded: up to 1000 clips (about "
+                "32 min) at 688*368, 4 steps, written at twice the width and height by RealESRGAN x2 (put it in "
+                "models/upscale_models, or pick another upscale model; rescale_factor resizes its output). "
+                "Memory stays flat for any length. Watch it while it renders at /liveavatar/live/latest/ "
+                "on the ComfyUI address."),
     Preset("liveavatar_hd", "HD", "704*384", 50, 5, guide_scale=5.0,
            note="The sharpest: up to 50 clips at 704*384, 5 steps, guidance 5 (negative prompt + silenced "
                 "audio; twice the compute per step)."),
@@ -90,7 +99,7 @@ def _nodes(p: Preset) -> list[dict]:
              MODEL_FILES["vae"], MODEL_FILES["audio_encoder"], p.weight_dtype, p.offload, p.compile, p.kv_cache]
     sampler = [p.size, "exact", p.num_clip, p.steps, p.infer_frames, "euler", p.guide_scale, 42, "fixed", True,
                p.gpus, p.semantics, p.sink_roll, p.noise]
-    return [
+    nodes = [
         dict(id=1, type="LoadLiveAvatarModel", pos=[40, 60], size=[360, 290], widgets=model, inputs={},
              outputs=[("model", "LIVEAVATAR_MODEL")]),
         dict(id=2, type="LoadImage", pos=[40, 380], size=[320, 360], widgets=[PORTRAIT, "image"], inputs={},
@@ -107,11 +116,23 @@ def _nodes(p: Preset) -> list[dict]:
              inputs={"model": ("LIVEAVATAR_MODEL", 1, 0), "image": ("IMAGE", 2, 0),
                      "audio_features": ("LIVEAVATAR_AUDIO", 4, 0), "prompt": ("LIVEAVATAR_PROMPT", 5, 0)},
              outputs=[("video_stream", "LIVEAVATAR_VIDEO_STREAM")]),
-        dict(id=7, type="OnlineVAEDecode", pos=[1290, 60], size=[360, 420],
-             widgets=["mp4", f"LiveAvatar/{p.name.removeprefix('liveavatar_')}", 19],
-             inputs={"video_stream": ("LIVEAVATAR_VIDEO_STREAM", 6, 0)},
-             outputs=[("frames", "IMAGE"), ("audio", "AUDIO"), ("video", "VIDEO"), ("mp4_path", "STRING")]),
     ]
+    stream_from, decode_x = 6, 1290
+    if p.upscale_model:
+        nodes += [
+            dict(id=8, type="UpscaleModelLoader", pos=[1290, 300], size=[320, 80], widgets=[p.upscale_model],
+                 inputs={}, outputs=[("UPSCALE_MODEL", "UPSCALE_MODEL")]),
+            dict(id=9, type="LiveAvatarStreamUpscale", pos=[1290, 60], size=[320, 110], widgets=[p.rescale_factor],
+                 inputs={"video_stream": ("LIVEAVATAR_VIDEO_STREAM", 6, 0), "upscale_model": ("UPSCALE_MODEL", 8, 0)},
+                 outputs=[("video_stream", "LIVEAVATAR_VIDEO_STREAM")]),
+        ]
+        stream_from, decode_x = 9, 1660
+    nodes.append(dict(  # last: it runs the stream
+        id=7, type="OnlineVAEDecode", pos=[decode_x, 60], size=[360, 420],
+        widgets=["mp4", f"LiveAvatar/{p.name.removeprefix('liveavatar_')}", 19],
+        inputs={"video_stream": ("LIVEAVATAR_VIDEO_STREAM", stream_from, 0)},
+        outputs=[("frames", "IMAGE"), ("audio", "AUDIO"), ("video", "VIDEO"), ("mp4_path", "STRING")]))
+    return nodes
 
 
 # Widget order of each node's inputs, for the API format (the UI format is positional).
@@ -126,6 +147,8 @@ WIDGET_NAMES = {
                           "sample_guide_scale", "seed", None, "trim_to_audio", "gpus", "semantics", "sink_roll",
                           "noise"],
     "OnlineVAEDecode": ["output", "filename_prefix", "crf"],
+    "UpscaleModelLoader": ["model_name"],
+    "LiveAvatarStreamUpscale": ["rescale_factor"],
 }
 
 

@@ -49,6 +49,8 @@ def settings_lines(preset: Preset) -> list[str]:
         extras.append("weights stay on the GPU")
     if preset.guide_scale:
         extras.append(f"guidance {preset.guide_scale:g}")
+    if preset.upscale_model:
+        extras.append("every block upscaled 2x")
     if preset.infer_frames != 48:
         extras.append(f"{preset.infer_frames}-frame clips")
     return [first, "  ·  ".join(extras)] if extras else [first]

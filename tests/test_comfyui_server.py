@@ -20,15 +20,18 @@ from comfyui_client import PACK_NAME, ComfyUIServer, PromptRejected, copy_exampl
 from conftest import write_wav
 from liveavatar_core.default_models import DEFAULT_FILES, write_default_models
 from liveavatar_core.video_writer import read_video_info
+from tiny_upscaler import write_tiny_esrgan
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-OUR_NODES = ("LoadLiveAvatarModel", "EncodeAudio", "EncodePrompt", "LiveAvatarSampler", "OnlineVAEDecode")
+OUR_NODES = ("LoadLiveAvatarModel", "EncodeAudio", "EncodePrompt", "LiveAvatarSampler", "LiveAvatarStreamUpscale",
+             "LiveAvatarStreamFaceRestore", "OnlineVAEDecode")
 SOCKET_TYPES = {"LIVEAVATAR_MODEL", "LIVEAVATAR_AUDIO", "LIVEAVATAR_PROMPT", "LIVEAVATAR_VIDEO_STREAM", "IMAGE",
-                "AUDIO", "MASK", "VIDEO", "LATENT"}
+                "AUDIO", "MASK", "VIDEO", "LATENT", "UPSCALE_MODEL"}
 WIDGET_FOR_FOLDER = {"diffusion_models": "diffusion_model", "loras": "lora", "text_encoders": "text_encoder",
                      "vae": "vae", "audio_encoders": "audio_encoder"}
 SPEECH_SECONDS_FRAMES = 100  # the example speech is 4 s = 100 frames at 25 fps
+TINY_UPSCALER = "tiny_2x.safetensors"  # a 2x ESRGAN with random weights, for the Long + upscale preset
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +39,7 @@ def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfyui")
     with ComfyUIServer(base) as running:
         write_default_models(base / "models")
+        write_tiny_esrgan(base / "models" / "upscale_models" / TINY_UPSCALER)
         copy_example_media(base)
         yield running
 
@@ -46,6 +50,9 @@ def small_model(prompt: dict) -> dict:
     loader = next(n for n in prompt.values() if n["class_type"] == "LoadLiveAvatarModel")
     for folder, widget in WIDGET_FOR_FOLDER.items():
         loader["inputs"][widget] = DEFAULT_FILES[folder]
+    for node in prompt.values():
+        if node["class_type"] == "UpscaleModelLoader":
+            node["inputs"]["model_name"] = TINY_UPSCALER
     return prompt
 
 
@@ -78,7 +85,7 @@ def widget_count(spec: dict) -> int:
     return count
 
 
-def test_object_info_lists_the_five_nodes_with_tooltips(server):
+def test_object_info_lists_our_nodes_with_tooltips(server):
     info = server.object_info()
     for name in OUR_NODES:
         spec = info[name]
@@ -157,11 +164,15 @@ def test_template_browser_lists_the_presets_with_thumbnails(server):
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.title)
 def test_preset_workflow_makes_an_mp4_with_audio(server, preset):
-    execution = server.run(api_workflow(preset.name, num_clip=2))
+    prompt = api_workflow(preset.name, num_clip=2)
+    width, height = (int(v) for v in preset.size.split("*"))
+    if preset.upscale_model:  # the tiny upscaler is slow at full size on a CPU: a small video, upscaled 2x
+        node_of(prompt, "LiveAvatarSampler")["inputs"]["size"] = "64*64"
+        width, height = 128, 128
+    execution = server.run(prompt)
     assert execution.ok, execution.error()
     mp4 = output_file(server, execution, "7")
     info = read_video_info(mp4)
-    width, height = (int(v) for v in preset.size.split("*"))
     frames = 2 * preset.infer_frames - 3
     assert (info["width"], info["height"], info["frames"]) == (width, height, frames)
     assert info["fps"] == 25
