@@ -54,7 +54,6 @@ class OnlineVAEDecode:
 
     def decode(self, video_stream, output, filename_prefix, crf):
         job = video_stream
-        comfy_bridge.make_room_on(job.models.device)
         progress = comfy_bridge.NodeProgress(job.total_steps)
         mp4 = file = subfolder = None
         if output != "frames":
