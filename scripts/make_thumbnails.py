@@ -51,6 +51,8 @@ def settings_lines(preset: Preset) -> list[str]:
         extras.append(f"guidance {preset.guide_scale:g}")
     if preset.infer_frames != 48:
         extras.append(f"{preset.infer_frames}-frame clips")
+    if preset.core_loaders:
+        extras.append("umT5, VAE, wav2vec2 from core nodes")
     return [first, "  ·  ".join(extras)] if extras else [first]
 
 

@@ -23,9 +23,11 @@ from liveavatar_core.video_writer import read_video_info
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-OUR_NODES = ("LoadLiveAvatarModel", "EncodeAudio", "EncodePrompt", "LiveAvatarSampler", "OnlineVAEDecode")
+OUR_NODES = ("LoadLiveAvatarModel", "EncodeAudio", "EncodePrompt", "LiveAvatarPromptFromConditioning",
+             "LiveAvatarSampler", "OnlineVAEDecode")
 SOCKET_TYPES = {"LIVEAVATAR_MODEL", "LIVEAVATAR_AUDIO", "LIVEAVATAR_PROMPT", "LIVEAVATAR_VIDEO_STREAM", "IMAGE",
-                "AUDIO", "MASK", "VIDEO", "LATENT"}
+                "AUDIO", "MASK", "VIDEO", "LATENT", "CONDITIONING", "CLIP", "VAE", "AUDIO_ENCODER",
+                "AUDIO_ENCODER_OUTPUT"}
 WIDGET_FOR_FOLDER = {"diffusion_models": "diffusion_model", "loras": "lora", "text_encoders": "text_encoder",
                      "vae": "vae", "audio_encoders": "audio_encoder"}
 SPEECH_SECONDS_FRAMES = 100  # the example speech is 4 s = 100 frames at 25 fps
@@ -46,7 +48,28 @@ def small_model(prompt: dict) -> dict:
     loader = next(n for n in prompt.values() if n["class_type"] == "LoadLiveAvatarModel")
     for folder, widget in WIDGET_FOR_FOLDER.items():
         loader["inputs"][widget] = DEFAULT_FILES[folder]
+    return tiny_core_loaders(prompt) if "vae_model" in loader["inputs"] else prompt
+
+
+def tiny_core_loaders(prompt: dict) -> dict:
+    """The core-loaders workflow runnable with the small model: core Load VAE reads the tiny VAE
+    (so ours takes the VAE from it), but core Load CLIP and Load Audio Encoder only recognise
+    full-size umT5 and wav2vec2 files, so those two come from the LiveAvatar loader here."""
+    ids = {n["class_type"]: i for i, n in prompt.items()}
+    prompt[ids["VAELoader"]]["inputs"]["vae_name"] = DEFAULT_FILES["vae"]
+    loader = prompt[ids["LoadLiveAvatarModel"]]["inputs"]
+    loader["vae"] = "none"
+    del loader["audio_encoder_model"], prompt[ids["EncodeAudio"]]["inputs"]["audio_encoder_output"]
+    text = prompt[ids["CLIPTextEncode"]]["inputs"]["text"]
+    prompt[ids["LiveAvatarPromptFromConditioning"]] = {
+        "class_type": "EncodePrompt", "inputs": {"model": loader_link(ids), "prompt": text, "negative_prompt": ""}}
+    for core in ("CLIPLoader", "CLIPTextEncode", "AudioEncoderLoader", "AudioEncoderEncode"):
+        del prompt[ids[core]]
     return prompt
+
+
+def loader_link(ids: dict) -> list:
+    return [ids["LoadLiveAvatarModel"], 0]
 
 
 def node_of(prompt: dict, class_type: str) -> dict:
@@ -78,7 +101,7 @@ def widget_count(spec: dict) -> int:
     return count
 
 
-def test_object_info_lists_the_five_nodes_with_tooltips(server):
+def test_object_info_lists_our_nodes_with_tooltips(server):
     info = server.object_info()
     for name in OUR_NODES:
         spec = info[name]
@@ -89,6 +112,11 @@ def test_object_info_lists_the_five_nodes_with_tooltips(server):
             assert options and options[0].get("tooltip"), f"{name}.{input_name} has no tooltip"
     assert set(info["LoadLiveAvatarModel"]["input"]["required"]) >= set(WIDGET_FOR_FOLDER.values()) | {"offload_model"}
     assert info["LiveAvatarSampler"]["input"]["optional"]["gpus"][1]["default"] == 1
+    # Core types in: ComfyUI's own umT5 conditioning, VAE, audio encoder and its output.
+    assert info["LiveAvatarPromptFromConditioning"]["input"]["required"]["positive"][0] == "CONDITIONING"
+    loader = info["LoadLiveAvatarModel"]["input"]["optional"]
+    assert (loader["vae_model"][0], loader["audio_encoder_model"][0]) == ("VAE", "AUDIO_ENCODER")
+    assert info["EncodeAudio"]["input"]["optional"]["audio_encoder_output"][0] == "AUDIO_ENCODER_OUTPUT"
     assert info["LiveAvatarSampler"]["input"]["required"]["size"][0][-1] == "384*256"
 
 
