@@ -108,9 +108,22 @@ class ComfyPlacement:
         key = id(module)
         if key not in self._patchers:
             idle = torch.device("cpu") if self.offload else comfy.model_management.unet_offload_device()
-            self._patchers[key] = comfy.model_patcher.ModelPatcher(_Weights(module), load_device=device,
-                                                                   offload_device=idle)
+            holder = _Weights(module)
+            if _device_of(module) == torch.device(device):  # loaded straight onto the device
+                holder.device = device
+                holder.model_loaded_weight_memory = comfy.model_management.module_size(holder)
+            self._patchers[key] = comfy.model_patcher.ModelPatcher(holder, load_device=device, offload_device=idle)
         return self._patchers[key]
+
+    def make_room(self, device) -> None:
+        """Frees `device` of every other model, keeping ours: a video's attention caches (tens
+        of GB on the device) are not known to ComfyUI before they are made."""
+        import comfy.model_management
+
+        if getattr(device, "type", "cpu") == "cpu":
+            return
+        ours = [comfy.model_management.LoadedModel(p) for p in self._patchers.values()]
+        comfy.model_management.free_memory(1e30, device, keep_loaded=ours)
 
     def acquire(self, networks: dict, device) -> None:
         import comfy.model_management
@@ -123,6 +136,17 @@ class ComfyPlacement:
     def release(self, networks: dict, home, offload: bool) -> None:
         if offload:
             unload([self._patchers[id(m)] for m in networks.values() if id(m) in self._patchers])
+
+
+def _device_of(module: torch.nn.Module) -> torch.device | None:
+    first = next(iter(module.parameters()), None)
+    return None if first is None else first.device
+
+
+def make_room_for_run(models) -> None:
+    """Before a video whose attention caches live on the device: ComfyUI frees the other models."""
+    if isinstance(models.placement, ComfyPlacement) and models.kv_cache == "device":
+        models.placement.make_room(models.device)
 
 
 def unload(patchers) -> None:
