@@ -128,20 +128,20 @@ def _with_core_loaders(nodes: list[dict]) -> list[dict]:
     loader["widgets"] = [loader["widgets"][0], loader["widgets"][1], loader["widgets"][2], "none", "none", "none",
                          *loader["widgets"][6:]]
     loader["inputs"] = {"vae_model": ("VAE", 10, 0), "audio_encoder_model": ("AUDIO_ENCODER", 11, 0)}
-    loader["pos"] = [40, 300]
+    loader["pos"] = [40, 400]
     encode_audio["inputs"] = encode_audio["inputs"] | {"audio_encoder_output": ("AUDIO_ENCODER_OUTPUT", 12, 0)}
-    by_id[2]["pos"], by_id[3]["pos"] = [40, 640], [40, 1050]
+    by_id[2]["pos"], by_id[3]["pos"] = [40, 740], [40, 1150]
     by_id[5] = dict(id=5, type="LiveAvatarPromptFromConditioning", pos=[450, 400], size=[320, 80], widgets=[],
                     inputs={"model": ("LIVEAVATAR_MODEL", 1, 0), "positive": ("CONDITIONING", 9, 0)},
                     outputs=[("prompt", "LIVEAVATAR_PROMPT")])
     return list(by_id.values()) + [
-        dict(id=8, type="CLIPLoader", pos=[-340, 60], size=[320, 110], widgets=[MODEL_FILES["text_encoder"], "wan", "default"],
+        dict(id=8, type="CLIPLoader", pos=[40, 60], size=[320, 110], widgets=[MODEL_FILES["text_encoder"], "wan", "default"],
              inputs={}, outputs=[("CLIP", "CLIP")]),
         dict(id=9, type="CLIPTextEncode", pos=[450, 60], size=[400, 300], widgets=[PROMPT],
              inputs={"clip": ("CLIP", 8, 0)}, outputs=[("CONDITIONING", "CONDITIONING")]),
-        dict(id=10, type="VAELoader", pos=[-340, 220], size=[320, 60], widgets=[MODEL_FILES["vae"]], inputs={},
+        dict(id=10, type="VAELoader", pos=[40, 210], size=[320, 60], widgets=[MODEL_FILES["vae"]], inputs={},
              outputs=[("VAE", "VAE")]),
-        dict(id=11, type="AudioEncoderLoader", pos=[-340, 330], size=[320, 60], widgets=[MODEL_FILES["audio_encoder"]],
+        dict(id=11, type="AudioEncoderLoader", pos=[40, 300], size=[320, 60], widgets=[MODEL_FILES["audio_encoder"]],
              inputs={}, outputs=[("AUDIO_ENCODER", "AUDIO_ENCODER")]),
         dict(id=12, type="AudioEncoderEncode", pos=[450, 800], size=[260, 50], widgets=[],
              inputs={"audio_encoder": ("AUDIO_ENCODER", 11, 0), "audio": ("AUDIO", 3, 0)},
