@@ -109,7 +109,7 @@ class ComfyPlacement:
         if key not in self._patchers:
             idle = torch.device("cpu") if self.offload else comfy.model_management.unet_offload_device()
             holder = _Weights(module)
-            if _device_of(module) == torch.device(device):  # loaded straight onto the device
+            if _same_device(_device_of(module), torch.device(device)):  # loaded straight onto the device
                 holder.device = device
                 holder.model_loaded_weight_memory = comfy.model_management.module_size(holder)
             self._patchers[key] = comfy.model_patcher.ModelPatcher(holder, load_device=device, offload_device=idle)
@@ -141,6 +141,14 @@ class ComfyPlacement:
 def _device_of(module: torch.nn.Module) -> torch.device | None:
     first = next(iter(module.parameters()), None)
     return None if first is None else first.device
+
+
+def _same_device(a: torch.device | None, b: torch.device) -> bool:
+    """cuda and cuda:0 are the same device (while cuda:0 is the current one)."""
+    if a is None or a.type != b.type:
+        return False
+    current = torch.cuda.current_device() if a.type == "cuda" else 0
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
 
 
 def make_room_for_run(models) -> None:
