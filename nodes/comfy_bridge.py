@@ -75,7 +75,7 @@ def files_size(files) -> int:
     return total
 
 
-class _Weights(torch.nn.Module):
+class LiveAvatarNetwork(torch.nn.Module):
     """Holds one of our networks for ComfyUI's ModelPatcher, which sets its own attributes
     (device, loaded memory) on the module it manages; ours have read-only `device` properties."""
 
@@ -108,7 +108,7 @@ class ComfyPlacement:
         key = id(module)
         if key not in self._patchers:
             idle = torch.device("cpu") if self.offload else comfy.model_management.unet_offload_device()
-            holder = _Weights(module)
+            holder = LiveAvatarNetwork(module)
             if _same_device(_device_of(module), torch.device(device)):  # loaded straight onto the device
                 holder.device = device
                 holder.model_loaded_weight_memory = comfy.model_management.module_size(holder)

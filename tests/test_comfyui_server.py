@@ -8,6 +8,7 @@ import io
 import json
 import re
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -282,3 +283,26 @@ def test_bad_inputs_come_back_as_clear_errors_and_the_next_prompt_runs(server, c
         assert execution.outcome == "execution_error"
         assert message.lower() in execution.error()["exception_message"].lower()
     assert server.run(api_workflow("liveavatar_preview", num_clip=1)).ok
+
+
+def test_comfyui_unloads_our_networks_and_loads_them_again(server):
+    """Ours are in ComfyUI's model manager: they stay loaded between runs, `POST /free`
+    (ComfyUI's own unload of every model) takes them out, and the next run loads them again."""
+    loads = "Requested to load LiveAvatarNetwork"
+
+    def run(seed: int) -> None:
+        prompt = api_workflow("liveavatar_preview", num_clip=1)
+        node_of(prompt, "LoadLiveAvatarModel")["inputs"]["offload_model"] = False
+        node_of(prompt, "LiveAvatarSampler")["inputs"]["seed"] = seed
+        execution = server.run(prompt)
+        assert execution.ok, execution.error()
+
+    run(1)
+    assert loads in server.log()
+    before = server.log().count(loads)
+    run(2)
+    assert server.log().count(loads) == before, "loaded again although ComfyUI held them loaded"
+    server.post("/free", {"unload_models": True})
+    time.sleep(3)  # the queue's worker unloads when it wakes, before it takes the next prompt
+    run(3)
+    assert server.log().count(loads) > before, "ComfyUI did not unload them (or they did not load again)"
