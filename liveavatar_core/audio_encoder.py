@@ -291,16 +291,25 @@ def load_audio_encoder(
     """
     path = Path(path)
     tensors, folder = _weights_and_configs(path)
-    weights = to_transformers_names(tensors)
-    config = _config_json(folder) or config_from_shapes(weights.shapes(), tensors.label)
-    model = build_empty(lambda: Wav2Vec2Model(config))
-    load_weights(model, weights, what="wav2vec2 audio encoder", device=device, dtype=dtype, fix=WRONG_FILE_FIX)
-    encoder = AudioEncoder(model.eval().requires_grad_(False), _feature_extractor(folder, config), tensors.label)
+    encoder = audio_encoder_from_tensors(tensors, device, dtype, folder)
     if expected_hidden_size is not None or expected_hidden_states is not None:
         encoder.check_fits(
             expected_hidden_size or encoder.hidden_size, expected_hidden_states or encoder.num_hidden_states
         )
     return encoder
+
+
+def audio_encoder_from_tensors(
+    tensors: TensorFile, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    folder: Path | None = None,
+) -> AudioEncoder:
+    """`load_audio_encoder` for tensors already opened or in memory (e.g. another loader's
+    state dict); `folder` may hold the transformers config.json and preprocessor settings."""
+    weights = to_transformers_names(tensors)
+    config = _config_json(folder) or config_from_shapes(weights.shapes(), tensors.label)
+    model = build_empty(lambda: Wav2Vec2Model(config))
+    load_weights(model, weights, what="wav2vec2 audio encoder", device=device, dtype=dtype, fix=WRONG_FILE_FIX)
+    return AudioEncoder(model.eval().requires_grad_(False), _feature_extractor(folder, config), tensors.label)
 
 
 def _as_mono_numpy(wave: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -211,6 +211,9 @@ class VideoJob:
 def worker_model_files(models: LiveAvatarModels) -> WorkerModelFiles:
     """The files (and weight dtype) worker processes load the DiT and VAE from."""
     files = models.files
+    if files.vae is None:
+        raise InputError("gpus > 1: the worker processes load the VAE from its file, but this one was given ready-made "
+                         "(e.g. from core Load VAE): pick the VAE file in the loader instead, or set gpus to 1.")
     lora = None if files.lora is None else Path(files.lora)
     return WorkerModelFiles(Path(files.dit), Path(files.vae), lora, files.lora_strength, models.dtype)
 

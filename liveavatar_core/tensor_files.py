@@ -126,6 +126,12 @@ class TensorFile:
         return self._handles[path]
 
 
+def tensors_in_memory(label: str, state_dict: dict[str, torch.Tensor]) -> TensorFile:
+    """A state dict already in memory (e.g. from another loader) as a `TensorFile`; each tensor
+    is copied when read, so the networks built from it own their weights."""
+    return TensorFile(label, {name: (label, name) for name in state_dict}, {label: dict(state_dict)})
+
+
 def open_tensor_file(path: str | os.PathLike) -> TensorFile:
     """Opens a checkpoint for lazy reading; raises CheckpointError naming the file on failure."""
     path = Path(path)

@@ -15,7 +15,7 @@ from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
 from .errors import InputError
-from .tensor_files import open_tensor_file
+from .tensor_files import TensorFile, open_tensor_file
 from .vae_keys import LATENT_CHANNELS, RIGHT_FILE, vae_shape, vae_tensors_in_diffusers_names
 from .weights import build_empty, load_weights
 
@@ -42,10 +42,12 @@ class WanVAE:
 
     Args:
         model (`AutoencoderKLWan`): the loaded network, in eval mode.
+        label (`str`): where its weights came from, for messages.
     """
 
-    def __init__(self, model: AutoencoderKLWan):
+    def __init__(self, model: AutoencoderKLWan, label: str = "VAE"):
         self.model = model
+        self.label = label
         self.latents_mean = torch.tensor(model.config.latents_mean, dtype=torch.float32)
         self.latents_std = torch.tensor(model.config.latents_std, dtype=torch.float32)
 
@@ -213,11 +215,18 @@ def load_vae(
         CheckpointError: the file is damaged, incomplete, or holds another network (the message
             names the file, what it looks like, and the file to pick instead).
     """
-    tensors = vae_tensors_in_diffusers_names(open_tensor_file(path))
+    return vae_from_tensors(open_tensor_file(path), device, dtype, Path(path).name)
+
+
+def vae_from_tensors(
+    tensors: TensorFile, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, label: str = "VAE"
+) -> WanVAE:
+    """`load_vae` for tensors already opened or in memory (e.g. another loader's state dict)."""
+    tensors = vae_tensors_in_diffusers_names(tensors)
     shape = vae_shape(tensors)
     model = build_empty(lambda: AutoencoderKLWan(base_dim=shape.base_dim, z_dim=shape.z_dim))
     load_weights(model, tensors, what="Wan2.1 VAE", device=device, dtype=dtype, fix=RIGHT_FILE)
-    return WanVAE(model.eval().requires_grad_(False))
+    return WanVAE(model.eval().requires_grad_(False), label)
 
 
 def _check_video(video: torch.Tensor) -> None:

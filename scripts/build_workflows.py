@@ -50,6 +50,7 @@ class Preset:
     semantics: str = "official-multi-gpu"  # the official streaming path the paper's figures come from
     sink_roll: bool = True
     noise: str = "cpu"
+    core_loaders: bool = False  # umT5, VAE and wav2vec2 from ComfyUI's own loader nodes
     note: str = ""
     extra: dict = field(default_factory=dict)
     upscale_model: str | None = None  # set: a Stream Upscale node with this model between sampler and decode
@@ -81,6 +82,11 @@ PRESETS = (
     Preset("liveavatar_hd", "HD", "704*384", 50, 5, guide_scale=5.0,
            note="The sharpest: up to 50 clips at 704*384, 5 steps, guidance 5 (negative prompt + silenced "
                 "audio; twice the compute per step)."),
+    Preset("liveavatar_core_wan_loaders", "Core Wan loaders", "688*368", 100, 4, core_loaders=True,
+           note="Standard (up to 100 clips of 48 frames at 688*368, 4 steps) with the umT5, VAE and wav2vec2 "
+                "that ComfyUI's own Wan nodes use: Load CLIP (type wan) + CLIP Text Encode, Load VAE and Load "
+                "Audio Encoder, so a workflow beside core Wan nodes holds one umT5 in memory, not two. The "
+                "LiveAvatar loader loads only the diffusion model and LoRA (its other files are 'none')."),
 )
 
 COMMON_NOTE = (
@@ -132,7 +138,35 @@ def _nodes(p: Preset) -> list[dict]:
         widgets=["mp4", f"LiveAvatar/{p.name.removeprefix('liveavatar_')}", 19],
         inputs={"video_stream": ("LIVEAVATAR_VIDEO_STREAM", stream_from, 0)},
         outputs=[("frames", "IMAGE"), ("audio", "AUDIO"), ("video", "VIDEO"), ("mp4_path", "STRING")]))
-    return nodes
+    return _with_core_loaders(nodes) if p.core_loaders else nodes
+
+
+def _with_core_loaders(nodes: list[dict]) -> list[dict]:
+    """The same graph with umT5, the VAE and wav2vec2 from ComfyUI's own loader nodes."""
+    by_id = {n["id"]: n for n in nodes}
+    loader, encode_audio = by_id[1], by_id[4]
+    loader["widgets"] = [loader["widgets"][0], loader["widgets"][1], loader["widgets"][2], "none", "none", "none",
+                         *loader["widgets"][6:]]
+    loader["inputs"] = {"vae_model": ("VAE", 10, 0), "audio_encoder_model": ("AUDIO_ENCODER", 11, 0)}
+    loader["pos"] = [40, 400]
+    encode_audio["inputs"] = encode_audio["inputs"] | {"audio_encoder_output": ("AUDIO_ENCODER_OUTPUT", 12, 0)}
+    by_id[2]["pos"], by_id[3]["pos"] = [40, 740], [40, 1150]
+    by_id[5] = dict(id=5, type="LiveAvatarPromptFromConditioning", pos=[450, 400], size=[320, 80], widgets=[],
+                    inputs={"model": ("LIVEAVATAR_MODEL", 1, 0), "positive": ("CONDITIONING", 9, 0)},
+                    outputs=[("prompt", "LIVEAVATAR_PROMPT")])
+    return list(by_id.values()) + [
+        dict(id=8, type="CLIPLoader", pos=[40, 60], size=[320, 110], widgets=[MODEL_FILES["text_encoder"], "wan", "default"],
+             inputs={}, outputs=[("CLIP", "CLIP")]),
+        dict(id=9, type="CLIPTextEncode", pos=[450, 60], size=[400, 300], widgets=[PROMPT],
+             inputs={"clip": ("CLIP", 8, 0)}, outputs=[("CONDITIONING", "CONDITIONING")]),
+        dict(id=10, type="VAELoader", pos=[40, 210], size=[320, 60], widgets=[MODEL_FILES["vae"]], inputs={},
+             outputs=[("VAE", "VAE")]),
+        dict(id=11, type="AudioEncoderLoader", pos=[40, 300], size=[320, 60], widgets=[MODEL_FILES["audio_encoder"]],
+             inputs={}, outputs=[("AUDIO_ENCODER", "AUDIO_ENCODER")]),
+        dict(id=12, type="AudioEncoderEncode", pos=[450, 800], size=[260, 50], widgets=[],
+             inputs={"audio_encoder": ("AUDIO_ENCODER", 11, 0), "audio": ("AUDIO", 3, 0)},
+             outputs=[("AUDIO_ENCODER_OUTPUT", "AUDIO_ENCODER_OUTPUT")]),
+    ]
 
 
 # Widget order of each node's inputs, for the API format (the UI format is positional).
@@ -149,6 +183,12 @@ WIDGET_NAMES = {
     "OnlineVAEDecode": ["output", "filename_prefix", "crf"],
     "UpscaleModelLoader": ["model_name"],
     "LiveAvatarStreamUpscale": ["rescale_factor"],
+    "LiveAvatarPromptFromConditioning": [],
+    "CLIPLoader": ["clip_name", "type", "device"],
+    "CLIPTextEncode": ["text"],
+    "VAELoader": ["vae_name"],
+    "AudioEncoderLoader": ["audio_encoder_name"],
+    "AudioEncoderEncode": [],
 }
 
 

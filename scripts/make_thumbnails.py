@@ -53,6 +53,8 @@ def settings_lines(preset: Preset) -> list[str]:
         extras.append("every block upscaled 2x")
     if preset.infer_frames != 48:
         extras.append(f"{preset.infer_frames}-frame clips")
+    if preset.core_loaders:
+        extras.append("umT5, VAE, wav2vec2 from core nodes")
     return [first, "  ·  ".join(extras)] if extras else [first]
 
 
