@@ -4,21 +4,35 @@ at a time attending to itself, to earlier blocks (KV cache) and to the sink.
 Positions roll with generation: a block starting at latent frame `n` gets temporal RoPE
 indices n, n+1, ...; the reference frame sits `sink_distance` frames ahead of the block
 (never before its base index 30); motion tokens keep their fixed negative indices.
+
+Two options make the calls cheaper without changing what they compute (each can be turned
+off): `sink_in_place` reads the sink and the cached frames as one slice of a [sink | ring]
+buffer instead of concatenating them (the same output up to rounding: the keys come in
+another order), and `cuda_graphs` replays each steady-state call as a captured CUDA graph
+(`graphs`; the environment variable LIVEAVATAR_CUDA_GRAPHS=0 turns it off by default).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from ..dit.model import VIDEO, WanS2VTransformer
 from ..dit.rope import rope_cos_sin
 from .caches import BlockKVCache, SinkCache
+from .graphs import BlockGraphs
+
+CUDA_GRAPHS_DEFAULT = os.environ.get("LIVEAVATAR_CUDA_GRAPHS", "1") != "0"
 
 
 class CausalDiT:
-    def __init__(self, model: WanS2VTransformer):
+    def __init__(self, model: WanS2VTransformer, sink_in_place: bool = True, cuda_graphs: bool | None = None):
         self.model = model
         self.config = model.config
+        self.sink_in_place = sink_in_place
+        self.cuda_graphs = CUDA_GRAPHS_DEFAULT if cuda_graphs is None else cuda_graphs
+        self.graphs = BlockGraphs(model)
 
     def tokens_per_frame(self, height: int, width: int) -> int:
         _, ph, pw = self.config.patch_size
@@ -48,13 +62,16 @@ class CausalDiT:
         sink.positions = positions.to(tokens.device)
         sink.ref_tokens = self.tokens_per_frame(*ref.shape[-2:])
 
-    def sink_rope(self, sink: SinkCache, first_frame: int, sink_distance: int, device):
-        """RoPE of the sink for a block starting at `first_frame`: the reference frame moves to
-        max(base, first_frame + sink_distance); motion tokens stay where they are."""
+    def sink_positions(self, sink: SinkCache, first_frame: int, sink_distance: int) -> torch.Tensor:
+        """RoPE positions of the sink for a block starting at `first_frame`: the reference frame
+        moves to max(base, first_frame + sink_distance); motion tokens stay where they are."""
         positions = sink.positions.clone()
         base = self.config.ref_rope_index
         positions[: sink.ref_tokens, 0] = max(base, first_frame + sink_distance)
-        return rope_cos_sin(positions, self.config.head_dim, device)
+        return positions
+
+    def sink_rope(self, sink: SinkCache, first_frame: int, sink_distance: int, device):
+        return rope_cos_sin(self.sink_positions(sink, first_frame, sink_distance), self.config.head_dim, device)
 
     @torch.no_grad()
     def denoise_block(
@@ -74,18 +91,43 @@ class CausalDiT:
         `audio`: this block's wav2vec2 features [B, 25, audio_dim, 4f] (encoded per block, as
         LiveAvatar does). Writes the block's keys/values into `cache` at its frames.
         """
-        model = self.model
         batch, _, frames, height, width = latents.shape
         device = latents.device
+        inputs = (
+            latents,
+            torch.full((batch,), float(timestep), device=device),
+            self.model.video_positions(frames, height, width, first_frame, device),
+            self.sink_positions(sink, first_frame, sink_distance),
+            context,
+            audio,
+            *(() if cond is None else (cond,)),
+        )
+
+        def call(*tensors):
+            return self._denoise(*tensors[:6], first_frame, cache, sink, tensors[6] if len(tensors) > 6 else None)
+
+        ring = cache.frames * cache.tokens_per_frame
+        steady = min(cache.frames, first_frame + frames) * cache.tokens_per_frame == ring
+        if self.cuda_graphs and device.type == "cuda" and steady and cache.keys[-1] is not None:
+            key = (first_frame % cache.frames, frames, tuple(t.shape for t in inputs), self.sink_in_place)
+            return self.graphs.run(cache, key, call, inputs, keep=(sink,))
+        return call(*inputs)
+
+    def _denoise(self, latents, timesteps, video_positions, sink_positions, context, audio, first_frame, cache, sink, cond):
+        model = self.model
+        frames, height, width = latents.shape[2:]
         video = model.embed_video(latents, cond) + model.trainable_cond_mask.weight[VIDEO]
-        rope = rope_cos_sin(model.video_positions(frames, height, width, first_frame, device), self.config.head_dim)
-        sink_rope = self.sink_rope(sink, first_frame, sink_distance, device)
-        head_emb, modulation = model.embed_time(torch.full((batch,), float(timestep), device=device))
+        rope = rope_cos_sin(video_positions, self.config.head_dim)
+        sink_rope = rope_cos_sin(sink_positions, self.config.head_dim)
+        head_emb, modulation = model.embed_time(timesteps)
+        in_place = self.sink_in_place and cache.reads_sink_in_place
 
         def cached(layer):
             def kv(raw_k, k, v):
-                keys, values = cache.write_and_read(layer, first_frame, frames, k, v)
                 sink_k, sink_v = sink.rotated(layer, sink_rope)
+                if in_place:
+                    return cache.write_and_read_with_sink(layer, first_frame, frames, k, v, sink_k, sink_v)
+                keys, values = cache.write_and_read(layer, first_frame, frames, k, v)
                 return torch.cat([keys, sink_k.to(keys.dtype)], dim=1), torch.cat([values, sink_v.to(values.dtype)], dim=1)
 
             return kv
