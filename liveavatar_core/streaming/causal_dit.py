@@ -9,7 +9,8 @@ Two options make the calls cheaper without changing what they compute (each can 
 off): `sink_in_place` reads the sink and the cached frames as one slice of a [sink | ring]
 buffer instead of concatenating them (the same output up to rounding: the keys come in
 another order), and `cuda_graphs` replays each steady-state call as a captured CUDA graph
-(`graphs`; the environment variable LIVEAVATAR_CUDA_GRAPHS=0 turns it off by default).
+(`graphs`). `set_defaults` (or LIVEAVATAR_SINK_IN_PLACE=0, LIVEAVATAR_CUDA_GRAPHS=0) sets what
+a CausalDiT made without them uses.
 """
 
 from __future__ import annotations
@@ -23,15 +24,25 @@ from ..dit.rope import rope_cos_sin
 from .caches import BlockKVCache, SinkCache
 from .graphs import BlockGraphs
 
-CUDA_GRAPHS_DEFAULT = os.environ.get("LIVEAVATAR_CUDA_GRAPHS", "1") != "0"
+_defaults = {
+    "sink_in_place": os.environ.get("LIVEAVATAR_SINK_IN_PLACE", "1") != "0",
+    "cuda_graphs": os.environ.get("LIVEAVATAR_CUDA_GRAPHS", "1") != "0",
+}
+
+
+def set_defaults(sink_in_place: bool | None = None, cuda_graphs: bool | None = None) -> None:
+    """The options a `CausalDiT` made without them takes (None: leave as it is)."""
+    for name, value in (("sink_in_place", sink_in_place), ("cuda_graphs", cuda_graphs)):
+        if value is not None:
+            _defaults[name] = bool(value)
 
 
 class CausalDiT:
-    def __init__(self, model: WanS2VTransformer, sink_in_place: bool = True, cuda_graphs: bool | None = None):
+    def __init__(self, model: WanS2VTransformer, sink_in_place: bool | None = None, cuda_graphs: bool | None = None):
         self.model = model
         self.config = model.config
-        self.sink_in_place = sink_in_place
-        self.cuda_graphs = CUDA_GRAPHS_DEFAULT if cuda_graphs is None else cuda_graphs
+        self.sink_in_place = _defaults["sink_in_place"] if sink_in_place is None else sink_in_place
+        self.cuda_graphs = _defaults["cuda_graphs"] if cuda_graphs is None else cuda_graphs
         self.graphs = BlockGraphs(model)
 
     def tokens_per_frame(self, height: int, width: int) -> int:

@@ -79,7 +79,8 @@ class BlockGraphs:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self._pool):
+            # thread_local: other threads (a video writer, an overlapped decode) may keep using CUDA.
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 output = fn(*inputs)
         except Exception as error:  # some kernel or op could not be captured: run eagerly from now on
             self.failed = f"{type(error).__name__}: {error}"
