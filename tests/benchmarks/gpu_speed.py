@@ -92,8 +92,8 @@ VARIANTS = ("eager", "compiled", "fp8", "fp8-tensor")
 OPTIONS = ("inplace", "graphs", "vae", "cudnn", "flash", "efficient", "fa3")
 ATTENTION_OPTIONS = ("cudnn", "flash", "efficient", "fa3")
 # The VAE part's variants: "plain" (cuDNN's default kernels), "autotune" (cudnn.benchmark),
-# "autotune+channels-last" (the default of WanVAE on CUDA).
-VAE_VARIANTS = ("plain", "autotune", "autotune+channels-last")
+# "channels-last" (NDHWC activations and weights), "autotune+channels-last" (WanVAE's default on CUDA).
+VAE_VARIANTS = ("plain", "autotune", "channels-last", "autotune+channels-last")
 TINY_DIT = S2VConfig(dim=256, ffn_dim=512, num_heads=4, num_layers=4, text_dim=64, audio_dim=32,
                      audio_inject_layers=(0, 2), freq_dim=256)
 
