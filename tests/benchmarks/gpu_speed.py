@@ -2,6 +2,8 @@
 
 Parts (each fits well inside 10 minutes on one 80 GB GPU, so they can run as separate jobs):
 
+- attention: each attention kernel at the streaming block's Standard shape, and its error
+          against float32 (the FlashAttention-3 row needs `flash_attn_interface`).
 - dit:    one clip's full DiT forward, ours (`WanS2VTransformer`) against ComfyUI's
           `WanModel_S2V` with the very same weight tensors and inputs; speed-up, TFLOP/s,
           peak memory, and the relative difference of the outputs: as given, and with audio
