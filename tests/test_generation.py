@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from liveavatar_core.default_models import write_default_models, default_model_paths
+from liveavatar_core.default_models import default_model_paths, write_default_models
 from liveavatar_core.errors import InputError
 from liveavatar_core.generation import EncodedAudio, PromptEmbeddings, make_job, render
 from liveavatar_core.models import ModelFiles, load_models
@@ -36,8 +36,8 @@ def models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models")
     write_default_models(folder)
     paths = default_model_paths(folder)
-    files = ModelFiles(paths["diffusion_models"], paths["text_encoders"], paths["vae"], paths["audio_encoders"],
-                       lora=paths["loras"])
+    files = ModelFiles(dit=paths["diffusion_models"], text_encoder=paths["text_encoders"], vae=paths["vae"],
+                       audio_encoder=paths["audio_encoders"], lora=paths["loras"])
     return load_models(files, dtype="fp32")
 
 

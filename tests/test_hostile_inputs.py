@@ -27,10 +27,10 @@ import psutil
 import pytest
 import soundfile
 import torch
+from comfyui_client import ComfyUIServer, PromptRejected, copy_example_media
 from PIL import Image
 from safetensors.torch import save_file
 
-from comfyui_client import ComfyUIServer, PromptRejected, copy_example_media
 from conftest import write_wav
 from liveavatar_core.default_models import DEFAULT_FILES, TINY_DIT, write_default_models
 from liveavatar_core.dit.config import config_from_shapes
@@ -603,8 +603,9 @@ def test_bad_config_values_are_named_with_their_source_and_fix(tiny_files, hints
 def test_lora_strength_that_is_not_finite_is_refused_before_loading(tiny_files, value):
     from liveavatar_core.models import ModelFiles, load_models
 
-    files = ModelFiles(Path("never-read.safetensors"), tiny_files["text_encoders"], tiny_files["vae"],
-                       tiny_files["audio_encoders"], tiny_files["loras"], value)
+    files = ModelFiles(dit=Path("never-read.safetensors"), text_encoder=tiny_files["text_encoders"],
+                       vae=tiny_files["vae"], audio_encoder=tiny_files["audio_encoders"], lora=tiny_files["loras"],
+                       lora_strength=value)
     with pytest.raises(InputError, match=r"lora_strength .*1\.0 is what LiveAvatar was trained for") as info:
         load_models(files)
     error = info.value
@@ -692,14 +693,15 @@ def test_cpu_workers_need_the_test_flag_and_are_few(monkeypatch):
 
 
 def test_an_idle_worker_pool_is_released(monkeypatch, tiny_files):
-    from liveavatar_core.parallel import ModelFiles
-    from liveavatar_core.parallel import shared_pools
+    from liveavatar_core.model_files import ModelFiles
+    from liveavatar_core.parallel import FileModels, shared_pools
 
     monkeypatch.setenv("LIVEAVATAR_WORKER_IDLE_S", "0.3")
     monkeypatch.setattr(shared_pools, "IDLE_CHECK_S", 0.1)
     released = threading.Event()
-    pool = shared_pools.shared_pool(ModelFiles(tiny_files["diffusion_models"], tiny_files["vae"]), 2, "cpu")
+    source = FileModels(ModelFiles(dit=tiny_files["diffusion_models"], vae=tiny_files["vae"]))
+    pool = shared_pools.shared_pool(source, 2, "cpu")
     monkeypatch.setattr(pool, "shutdown", released.set)
-    assert shared_pools.shared_pool(ModelFiles(tiny_files["diffusion_models"], tiny_files["vae"]), 2, "cpu") is pool
+    assert shared_pools.shared_pool(source, 2, "cpu") is pool
     assert released.wait(10), "the idle pool was not released"
     assert shared_pools._pool is None

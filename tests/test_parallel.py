@@ -22,8 +22,9 @@ from safetensors.torch import load_file
 from conftest import OFFICIAL_TINY, ROOT
 from liveavatar_core.dit import load_dit
 from liveavatar_core.errors import CheckpointError, DistributedError, InputError
-from liveavatar_core.parallel import Job, WorkerPool, plan_stages
-from liveavatar_core.pipeline import StreamingPipeline, planned_blocks
+from liveavatar_core.parallel import WorkerPool, plan_stages
+from liveavatar_core.pipeline import StreamingPipeline
+from liveavatar_core.run_spec import RunSpec
 from liveavatar_core.semantics import VideoSemantics
 from liveavatar_core.streaming import GenerationCancelled, SamplerSettings
 from liveavatar_core.streaming.sampler import sink_distance
@@ -59,7 +60,7 @@ CASES = {
 }
 
 
-def make_job(case: str, **overrides) -> Job:
+def make_job(case: str, **overrides) -> RunSpec:
     settings, audio_frames, semantics = CASES[case]
     context = load_file(str(OFFICIAL_TINY / "golden.safetensors"))["context"]
     negative = context.flip(0) if settings.guide_scale > 0 else None
@@ -67,7 +68,7 @@ def make_job(case: str, **overrides) -> Job:
     features = torch.randn(1, 25, 32, audio_frames, generator=torch.Generator().manual_seed(6))
     inputs = {"image": image, "audio_features": features, "context": context, "size": SIZE, "settings": settings,
               "negative_context": negative, "semantics": semantics}
-    return Job(**(inputs | overrides))
+    return RunSpec.make(**(inputs | overrides))
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +83,7 @@ def reference():
             torch.set_num_threads(1)
             try:
                 pipeline = StreamingPipeline(models.load_dit("cpu"), models.load_vae("cpu"))
-                done[case] = list(pipeline.stream(job.image, job.audio_features, job.context, job.size, job.settings,
-                                                  negative_context=job.negative_context, semantics=job.semantics))
+                done[case] = list(pipeline.stream(job))
             finally:
                 torch.set_num_threads(threads)
         return done[case]
@@ -138,7 +138,7 @@ def test_sink_distance_depends_only_on_the_calls_place():
 def test_block_plan_matches_where_one_process_stops(reference):
     for case in CASES:
         job = make_job(case)
-        assert planned_blocks(job.plan(), job.settings) == [(c.clip, c.block) for c in reference(case)]
+        assert job.schedule.blocks() == [(c.clip, c.block) for c in reference(case)]
 
 
 # -- equality with one process ----------------------------------------------------------------------

@@ -35,8 +35,8 @@ def models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models")
     write_default_models(folder)
     paths = default_model_paths(folder)
-    files = ModelFiles(paths["diffusion_models"], paths["text_encoders"], paths["vae"], paths["audio_encoders"],
-                       lora=paths["loras"])
+    files = ModelFiles(dit=paths["diffusion_models"], text_encoder=paths["text_encoders"], vae=paths["vae"],
+                       audio_encoder=paths["audio_encoders"], lora=paths["loras"])
     yield load_models(files, dtype="fp32")
     release_shared_pool()
 
@@ -146,13 +146,14 @@ def test_workers_do_not_run_the_host_applications_main_script(models, tmp_path):
         "import os, sys\n"
         "open(os.path.join(sys.argv[1], f'ran-{os.getpid()}'), 'w').close()\n"
         "if __name__ == '__main__':\n"
-        "    from liveavatar_core.parallel import ModelFiles\n"
+        "    from liveavatar_core.model_files import ModelFiles\n"
+        "    from liveavatar_core.parallel import FileModels\n"
         "    from liveavatar_core.parallel.shared_pools import shared_pool\n"
-        "    pool = shared_pool(ModelFiles(sys.argv[2], sys.argv[3]), 2, 'cpu')\n"
+        "    pool = shared_pool(FileModels(ModelFiles(dit=sys.argv[2], vae=sys.argv[3])), 2, 'cpu')\n"
         "    pool.start()\n"
         "    print('workers', len(pool.pids))\n"
     )
-    files = worker_model_files(models)
+    files = worker_model_files(models).files
     result = subprocess.run(
         [sys.executable, str(script), str(tmp_path), str(files.dit), str(files.vae)], cwd=ROOT, capture_output=True,
         text=True, timeout=300, check=False, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
