@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from conftest import OFFICIAL_TINY, relative_error
 from liveavatar_core.dit import load_dit
@@ -19,11 +18,6 @@ TOLERANCE = 1e-5
 @pytest.fixture(scope="module")
 def model():
     return load_dit(OFFICIAL_TINY / "Wan2.2-S2V-tiny", dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def golden():
-    return load_file(str(OFFICIAL_TINY / "golden.safetensors"))
 
 
 def sink_only_mask(video_tokens: int, total: int) -> torch.Tensor:
@@ -179,7 +173,7 @@ def test_stop_check_ends_the_run_between_blocks(model, golden):
     sampler.start(golden["ref"][None], golden["motion"][None], golden["context"])
     finished = []
     with pytest.raises(GenerationCancelled):
-        for start, x in sampler.generate_clip(0, torch.zeros(1, 25, 32, 24), should_stop=lambda: len(finished) == 1):
+        for start, _ in sampler.generate_clip(0, torch.zeros(1, 25, 32, 24), should_stop=lambda: len(finished) == 1):
             finished.append(start)
     assert finished == [0]
 

@@ -19,13 +19,6 @@ from test_dit import predict
 TINY_DIR = OFFICIAL_TINY / "Wan2.2-S2V-tiny"
 
 
-@pytest.fixture(scope="module")
-def golden():
-    from safetensors.torch import load_file
-
-    return load_file(str(OFFICIAL_TINY / "golden.safetensors"))
-
-
 def fp8_model():
     return quantize_dit_(load_dit(TINY_DIR, dtype=torch.bfloat16))
 

@@ -548,8 +548,8 @@ def test_kill_9_of_comfyui_leaves_no_workers_and_no_empty_mp4(server):
 
 # -- the same guarantees, proved on liveavatar_core directly -----------------------------------------
 @pytest.fixture(scope="module")
-def tiny_files(tmp_path_factory):
-    return write_default_models(tmp_path_factory.mktemp("tiny_models"))
+def tiny_files(default_model_files):
+    return default_model_files
 
 
 def test_loaded_weights_survive_their_file_being_truncated_or_overwritten(tmp_path, tiny_files):

@@ -16,10 +16,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from liveavatar_core.default_models import default_model_paths, write_default_models
 from liveavatar_core.errors import InputError
 from liveavatar_core.generation import EncodedAudio, PromptEmbeddings, make_job, render, worker_model_files
-from liveavatar_core.models import ModelFiles, load_models
 from liveavatar_core.parallel.shared_pools import release_shared_pool, shared_pool
 from liveavatar_core.streaming import GenerationCancelled, SamplerSettings
 from liveavatar_core.video_writer import read_video_info
@@ -31,13 +29,8 @@ AUDIO_FRAMES = 40
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("models")
-    write_default_models(folder)
-    paths = default_model_paths(folder)
-    files = ModelFiles(dit=paths["diffusion_models"], text_encoder=paths["text_encoders"], vae=paths["vae"],
-                       audio_encoder=paths["audio_encoders"], lora=paths["loras"])
-    yield load_models(files, dtype="fp32")
+def models(default_models):
+    yield default_models
     release_shared_pool()
 
 
