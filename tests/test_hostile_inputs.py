@@ -315,6 +315,7 @@ CASES = [
 
 
 @pytest.mark.server
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_hostile_prompt_gets_a_clear_answer_and_the_server_lives_on(server, case):
     before = {p: p.stat().st_size for p in mp4s(server.base / "output")}
@@ -345,12 +346,14 @@ def test_hostile_prompt_gets_a_clear_answer_and_the_server_lives_on(server, case
 
 
 @pytest.mark.server
+@pytest.mark.slow
 def test_after_the_hostile_prompts_the_next_prompt_runs(server):
     assert_next_prompt_runs(server)
 
 
 # -- prompts that run, with the input made safe ---------------------------------------------------------
 @pytest.mark.server
+@pytest.mark.slow
 def test_empty_prefix_writes_a_visible_file_under_the_default_name(server):
     prompt = quick_prompt()
     prompt[DECODE]["inputs"]["filename_prefix"] = "  "
@@ -362,6 +365,7 @@ def test_empty_prefix_writes_a_visible_file_under_the_default_name(server):
 
 
 @pytest.mark.server
+@pytest.mark.slow
 def test_loud_audio_is_limited_to_full_scale_in_the_video(server):
     prompt = quick_prompt()
     prompt[AUDIO]["inputs"]["audio"] = "loud.wav"
@@ -375,6 +379,7 @@ def test_loud_audio_is_limited_to_full_scale_in_the_video(server):
 
 # -- model files changed on disk after loading ---------------------------------------------------------
 @pytest.mark.server
+@pytest.mark.slow
 def test_model_file_replaced_or_truncated_after_loading_is_reloaded_not_crashed_on(server):
     folder = server.base / "models" / "diffusion_models"
     good = (folder / DEFAULT_FILES["diffusion_models"]).read_bytes()
@@ -412,6 +417,7 @@ def progress_of(message: dict, node: str = DECODE) -> int | None:
 
 
 @pytest.mark.server
+@pytest.mark.slow
 def test_interrupt_keeps_a_playable_mp4_shown_on_the_node(server):
     prompt = quick_prompt(size="128*128", num_clip=10, infer_frames=16, sample_steps=1, trim_to_audio=False)
     prompt[DECODE]["inputs"]["filename_prefix"] = "interrupted/avatar"
@@ -435,6 +441,7 @@ def test_interrupt_keeps_a_playable_mp4_shown_on_the_node(server):
 
 
 @pytest.mark.server
+@pytest.mark.slow
 def test_a_queue_of_ten_prompts_each_gets_its_own_outcome(server):
     bad = [("lora_strength", loader(lora_strength=float("nan"))),
            ("65536", node_input(SAMPLER, size="65536*65536")),
@@ -496,6 +503,7 @@ def gone(process: psutil.Process) -> bool:
 
 
 @pytest.mark.server
+@pytest.mark.slow
 def test_kill_9_of_a_worker_is_named_and_the_next_run_starts_fresh_workers(server):
     prompt = quick_prompt(gpus=2, num_clip=10, sample_steps=2, infer_frames=16, trim_to_audio=False)
     killed = []
@@ -517,6 +525,7 @@ def test_kill_9_of_a_worker_is_named_and_the_next_run_starts_fresh_workers(serve
 
 
 @pytest.mark.server
+@pytest.mark.slow
 def test_kill_9_of_comfyui_leaves_no_workers_and_no_empty_mp4(server):
     """Last: it ends the module's server."""
     prompt = quick_prompt(gpus=2, size="128*128", num_clip=2, sample_steps=2, infer_frames=16, trim_to_audio=False)

@@ -71,6 +71,7 @@ def assert_same(chunks, expected):
         assert torch.equal(got.frames, want.frames), f"clip {got.clip} block {got.block} differs"
 
 
+@pytest.mark.slow
 def test_two_gpus_give_the_frames_and_progress_of_one_and_stay_warm(models, reference):
     expected, expected_steps = reference
     job = video_job(models, 2)
@@ -84,6 +85,7 @@ def test_two_gpus_give_the_frames_and_progress_of_one_and_stay_warm(models, refe
     assert pool.pids == workers, "the next run started new workers"
 
 
+@pytest.mark.slow
 def test_cancel_keeps_the_earlier_frames_in_the_mp4(models, reference, tmp_path):
     expected, _ = reference
     seen = []
@@ -97,6 +99,7 @@ def test_cancel_keeps_the_earlier_frames_in_the_mp4(models, reference, tmp_path)
     assert shared_pool(worker_model_files(models), 2, "cpu").running, "Cancel must not end the workers"
 
 
+@pytest.mark.slow
 def test_another_count_replaces_the_pool_and_one_gpu_ends_it(models, reference):
     expected, _ = reference
     two = shared_pool(worker_model_files(models), 2, "cpu")
@@ -131,6 +134,7 @@ def test_other_bad_gpu_counts_are_refused(models):
         video_job(dataclasses.replace(models, device=torch.device("mps")), 2)
 
 
+@pytest.mark.slow
 def test_workers_do_not_run_the_host_applications_main_script(models, tmp_path):
     """A host's main script (ComfyUI's main.py) runs again in every spawned worker unless
     hidden: here each run of the script leaves a mark; only the host's own may."""

@@ -60,12 +60,14 @@ def test_fixed_clip_count_renders_past_the_audio_with_silence_when_asked(pipelin
     assert frames.shape[0] == 2 * 16 - 3
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_frames(pipeline, context):
     _, a = collect(pipeline, context, audio_frames=20)
     _, b = collect(pipeline, context, audio_frames=20)
     assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overlap_decode", [False, True], ids=["decode in line", "decode beside"])
 def test_stop_keeps_everything_finished_before_it(pipeline, context, overlap_decode):
     runner = StreamingPipeline(pipeline.dit, pipeline.vae, overlap_decode=overlap_decode)
@@ -78,6 +80,7 @@ def test_stop_keeps_everything_finished_before_it(pipeline, context, overlap_dec
     assert [(c.clip, c.block) for c in seen] == [(0, 0), (0, 1), (1, 0), (1, 1)]
 
 
+@pytest.mark.slow
 def test_decoding_beside_generation_gives_the_same_chunks(pipeline, context):
     overlapped = StreamingPipeline(pipeline.dit, pipeline.vae, overlap_decode=True)
     in_line, frames = collect(pipeline, context, audio_frames=20)  # two clips: the sink roll waits for clip 0
