@@ -101,6 +101,7 @@ def recompute_without_cache(model, calls, window_frames, ref, motion):
     return velocity[:, :, -calls[-1]["latents"].shape[2]:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("infer_frames, clips", [(12 * 4, 1), (8 * 4, 2)])
 def test_kv_cached_blocks_equal_full_causal_recomputation(model, golden, infer_frames, clips):
     """Every block, at every step, equals recomputing the causal attention over all blocks of
@@ -154,6 +155,7 @@ def test_solvers_and_guidance_produce_finite_distinct_latents(model, golden, sol
     assert relative_error(guided, plain) > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [dict(infer_frames=32, sample_steps=3), dict(infer_frames=24, guide_scale=4.0)])
 def test_caches_in_host_memory_give_the_same_video(model, golden, overrides):
     """The low-VRAM mode moves the KV caches, not the numbers: three clips (the ring wraps,

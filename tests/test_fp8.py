@@ -45,6 +45,7 @@ def test_fp8_output_stays_close_to_bf16(golden):
     assert 0 < error < 0.1
 
 
+@pytest.mark.slow
 def test_scaled_fp8_file_loads_as_fp8_without_upcasting(tmp_path, golden):
     quantized = fp8_model()
     state = {f"model.diffusion_model.{k}": v.contiguous() for k, v in quantized.state_dict().items()}

@@ -48,6 +48,7 @@ def collect(pipeline, context, audio_frames, **kwargs):
     return chunks, torch.cat([c.frames for c in chunks])
 
 
+@pytest.mark.slow
 def test_auto_clip_count_follows_the_audio_and_trims_to_it(pipeline, context):
     chunks, frames = collect(pipeline, context, audio_frames=40)  # 2.5 clips of 16 frames
     assert {c.clip for c in chunks} == {0, 1, 2}
@@ -55,6 +56,7 @@ def test_auto_clip_count_follows_the_audio_and_trims_to_it(pipeline, context):
     assert frames.dtype == torch.float32 and 0 <= frames.min() and frames.max() <= 1
 
 
+@pytest.mark.slow
 def test_fixed_clip_count_renders_past_the_audio_with_silence_when_asked(pipeline, context):
     _, frames = collect(pipeline, context, audio_frames=10, num_clip=2, trim_to_audio=False)
     assert frames.shape[0] == 2 * 16 - 3
