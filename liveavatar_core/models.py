@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,31 +25,19 @@ import torch
 
 from .audio_encoder import AudioEncoder, load_audio_encoder
 from .dit import WanS2VTransformer, fused, load_dit
-from .dit.fp8 import FP8, dequantize_dit_, has_fp8_layers, quantize_dit_
+from .dit.fp8 import dequantize_dit_, has_fp8_layers, quantize_dit_
 from .errors import CheckpointError, InputError
 from .finite import require_finite
 from .lora import merge_lora
+from .model_files import WEIGHT_DTYPES, ModelFiles, Precision, whole_checkpoint
 from .streaming.sampler import check_kv_cache
 from .text_encoder import TextEncoder, load_text_encoder
 from .vae import WanVAE, load_vae
 
+__all__ = ["WEIGHT_DTYPES", "LiveAvatarModels", "ModelFiles", "Precision", "load_dit_as", "load_models",
+           "whole_checkpoint"]
+
 logger = logging.getLogger(__name__)
-
-# fp8_e4m3fn: the DiT's linear layers in fp8 (see dit.fp8), everything else in bf16.
-WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8_e4m3fn": FP8}
-# LiveAvatar's LoRA is trained as a distillation of the base model at this strength.
-DEFAULT_LORA_STRENGTH = 1.0
-_SHARD = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
-
-
-@dataclass(frozen=True)
-class ModelFiles:
-    dit: Path
-    text_encoder: Path | None  # None: no umT5 (prompts come encoded, e.g. from ComfyUI's own)
-    vae: Path | None  # None: the VAE is given ready-made to `load_models`
-    audio_encoder: Path | None  # likewise
-    lora: Path | None = None
-    lora_strength: float = DEFAULT_LORA_STRENGTH
 
 
 class Placement(Protocol):
@@ -87,7 +74,7 @@ class LiveAvatarModels:
     audio_encoder: AudioEncoder
     device: torch.device
     offload: bool = False
-    dtype: torch.dtype = torch.bfloat16  # the DiT's weights, as loaded
+    precision: Precision = Precision()  # the DiT's weights, as loaded
     # Where the networks came from: worker processes of a multi-GPU run load their own copies.
     files: ModelFiles | None = None
     # Where the sampler's attention caches live: "device", or "host" memory (low VRAM).
@@ -145,13 +132,11 @@ def load_models(
     require_finite("lora_strength", files.lora_strength, "Give a number from -2 to 2; 1.0 is what LiveAvatar was trained for.")
     if compile_elementwise is not None:
         fused.set_compiled(compile_elementwise)
-    dtype = _dtype(dtype)
-    fp8 = dtype == FP8
-    dtype = torch.bfloat16 if fp8 else dtype
+    precision = Precision.of(dtype)
+    dtype, small_dtype = precision.dense, precision.small(device)
     home = torch.device("cpu") if offload else device
-    small_dtype = dtype if device.type == "cuda" else torch.float32
 
-    dit = load_dit_as(files, home, dtype, fp8)
+    dit = load_dit_as(files, home, precision)
     text_encoder = None if files.text_encoder is None else load_text_encoder(files.text_encoder, device=home, dtype=dtype)
     if text_encoder is not None and text_encoder.model.config.d_model != dit.config.text_dim:
         raise CheckpointError(
@@ -173,14 +158,15 @@ def load_models(
             f"the VAE {vae.label} has {vae.model.config.z_dim} latent channels but the diffusion "
             f"model expects {dit.config.in_dim}. Pick the Wan 2.1 VAE (wan_2.1_vae.safetensors)."
         )
-    return LiveAvatarModels(dit, vae, text_encoder, audio_encoder, device, offload, FP8 if fp8 else dtype, files, kv_cache)
+    return LiveAvatarModels(dit, vae, text_encoder, audio_encoder, device, offload, precision, files, kv_cache)
 
 
-def load_dit_as(files, home: torch.device, dtype: torch.dtype, fp8: bool) -> WanS2VTransformer:
-    """The DiT of `files` (anything with dit, lora and lora_strength) with the LoRA merged, its linear layers in fp8 or in `dtype` whatever the file
-    holds. An fp8 run of a bf16 file is loaded on the CPU and quantised layer by layer into
-    `home`, so the bf16 weights never need room on the GPU."""
-    dit = load_dit(whole_checkpoint(files.dit), device="cpu" if fp8 else home, dtype=dtype)
+def load_dit_as(files: ModelFiles, home: torch.device, precision: Precision) -> WanS2VTransformer:
+    """The DiT of `files` with the LoRA merged, its linear layers in fp8 or in the dense dtype
+    whatever the file holds. An fp8 run of a bf16 file is loaded on the CPU and quantised layer
+    by layer into `home`, so the bf16 weights never need room on the GPU."""
+    fp8 = precision.fp8
+    dit = load_dit(whole_checkpoint(files.dit), device="cpu" if fp8 else home, dtype=precision.dense)
     lora = files.lora is not None and files.lora_strength != 0
     if has_fp8_layers(dit) and (lora or not fp8):
         dequantize_dit_(dit)  # a LoRA merges into full-precision weights
@@ -196,20 +182,3 @@ def _required(path: Path | None, name: str) -> Path:
     if path is None:
         raise InputError(f"{name}: no file given; pick one (or pass the network ready-made).")
     return path
-
-
-def whole_checkpoint(path: str | Path) -> Path:
-    """A shard of a sharded release (`...-00001-of-00004.safetensors`) stands for its whole
-    folder, so picking any shard in a file list loads the complete model."""
-    path = Path(path)
-    if _SHARD.search(path.name) and len(list(path.parent.glob("*.safetensors.index.json"))) == 1:
-        return path.parent
-    return path
-
-
-def _dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in WEIGHT_DTYPES:
-        raise InputError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}.")
-    return WEIGHT_DTYPES[dtype]

@@ -19,8 +19,8 @@ import torch
 
 from .audio_encoder import FPS, SAMPLE_RATE, features_for_video, interpolate_to_video_rate
 from .audio_io import is_silent
+from .conditioning import FEATURE_DTYPE, EncodedAudio, PromptEmbeddings, _playable_track
 from .errors import InputError
-from .generation import FEATURE_DTYPE, EncodedAudio, PromptEmbeddings, _playable_track
 from .text_tokenizer import TEXT_LEN
 
 

@@ -17,10 +17,10 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
 from .errors import InputError
 from .tensor_files import TensorFile, open_tensor_file
+from .time_grid import TEMPORAL_STRIDE
 from .vae_keys import LATENT_CHANNELS, RIGHT_FILE, vae_shape, vae_tensors_in_diffusers_names
 from .weights import build_empty, load_weights
 
-TEMPORAL_STRIDE = 4
 SPATIAL_STRIDE = 8
 
 
@@ -133,7 +133,7 @@ class WanVAE:
         with self.conv_settings(z) as z:
             return self.model.decode(z).sample.float().clamp_(-1.0, 1.0)
 
-    def streaming_decoder(self) -> "StreamingDecoder":
+    def streaming_decoder(self) -> StreamingDecoder:
         """A decoder that takes the latents of one video chunk by chunk (see `StreamingDecoder`)."""
         return StreamingDecoder(self)
 
@@ -218,7 +218,7 @@ class StreamingDecoder:
         """Frees the caches (a few frames of every decoder layer's activations)."""
         self._cache = None
 
-    def __enter__(self) -> "StreamingDecoder":
+    def __enter__(self) -> StreamingDecoder:
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -202,7 +202,7 @@ def ui_workflow(p: Preset) -> dict:
             links.append([link_id, src, slot, spec["id"], list(spec["inputs"]).index(name), kind])
             outgoing.setdefault((src, slot), []).append(link_id)
     for order, spec in enumerate(specs):
-        inputs = [{"name": name, "type": kind, "link": next(l[0] for l in links if l[3] == spec["id"] and l[4] == i)}
+        inputs = [{"name": name, "type": kind, "link": next(link[0] for link in links if link[3] == spec["id"] and link[4] == i)}
                   for i, (name, (kind, _, _)) in enumerate(spec["inputs"].items())]
         outputs = [{"name": name, "type": kind, "links": outgoing.get((spec["id"], slot), []), "slot_index": slot}
                    for slot, (name, kind) in enumerate(spec["outputs"])]

@@ -18,10 +18,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
-
 from build_workflows import PRESETS, Preset
 from make_example_media import PORTRAIT_NAME, draw_portrait
+from PIL import Image, ImageDraw, ImageFont
 
 ROOT = Path(__file__).resolve().parents[1]
 THUMB_SIZE = 512  # the template cards are square; 512 stays sharp on high-DPI screens

@@ -1,4 +1,5 @@
-"""Shared test fixtures: the reference data and a real ComfyUI 0.3.75 on the import path."""
+"""Shared test fixtures: the reference data, the embedded default (tiny) models, and a real
+ComfyUI 0.3.75 on the import path."""
 
 from __future__ import annotations
 
@@ -50,3 +51,30 @@ def comfyui():
     import comfy
 
     return comfy
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict[str, torch.Tensor]:
+    """The tiny official model's reference tensors (inputs and outputs of one DiT call)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(OFFICIAL_TINY / "golden.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def default_model_files(tmp_path_factory) -> dict[str, Path]:
+    """The embedded default models written once (read-only for the tests): {ComfyUI folder: file}."""
+    from liveavatar_core.default_models import write_default_models
+
+    return write_default_models(tmp_path_factory.mktemp("default_models"))
+
+
+@pytest.fixture(scope="session")
+def default_models(default_model_files):
+    """Those files loaded in float32 on the CPU, as the job API sees them."""
+    from liveavatar_core.models import ModelFiles, load_models
+
+    paths = default_model_files
+    files = ModelFiles(dit=paths["diffusion_models"], text_encoder=paths["text_encoders"], vae=paths["vae"],
+                       audio_encoder=paths["audio_encoders"], lora=paths["loras"])
+    return load_models(files, dtype="fp32")

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from build_workflows import API_DIR, PRESETS, UI_DIR, WIDGET_NAMES, render_all
 from comfyui_client import PACK_NAME, ComfyUIServer, PromptRejected, copy_example_media
+from PIL import Image
+from tiny_upscaler import write_tiny_esrgan
+
 from conftest import write_wav
 from liveavatar_core.default_models import DEFAULT_FILES, write_default_models
 from liveavatar_core.video_writer import read_video_info
-from tiny_upscaler import write_tiny_esrgan
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -168,7 +168,7 @@ def test_ui_workflows_match_object_info(server):
                 continue
             assert node["type"] in info, f"{preset.name}: unknown node {node['type']}"
             assert len(node["widgets_values"]) == widget_count(info[node["type"]]), f"{preset.name}: {node['type']}"
-        for link_id, src, src_slot, dst, dst_slot, kind in workflow["links"]:
+        for _, src, src_slot, _, _, kind in workflow["links"]:
             source = next(n for n in workflow["nodes"] if n["id"] == src)
             assert info[source["type"]]["output"][src_slot] == kind
 

@@ -78,13 +78,13 @@ def tiny_core_clip(core, tmp_path):
         "is_gated_act": True, "model_type": "umt5"}))
 
     class TinyUMT5(comfy.sd1_clip.SDClipModel):  # comfy.text_encoders.wan.UMT5XXlModel, other config
-        def __init__(self, device="cpu", layer="last", layer_idx=None, dtype=None, model_options={}):
+        def __init__(self, device="cpu", layer="last", layer_idx=None, dtype=None, model_options={}):  # noqa: B006 (ComfyUI's own signature)
             super().__init__(device=device, layer=layer, layer_idx=layer_idx, textmodel_json_config=str(config),
                              dtype=dtype, special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
                              enable_attention_masks=True, zero_out_masked=True, model_options=model_options)
 
     class TinyWanTE(comfy.sd1_clip.SD1ClipModel):
-        def __init__(self, device="cpu", dtype=None, model_options={}):
+        def __init__(self, device="cpu", dtype=None, model_options={}):  # noqa: B006 (ComfyUI's own signature)
             super().__init__(device=device, dtype=dtype, model_options=model_options, name="umt5xxl",
                              clip_model=TinyUMT5)
 

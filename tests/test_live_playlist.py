@@ -8,8 +8,17 @@ import numpy as np
 import pytest
 
 from liveavatar_core.errors import InputError
-from liveavatar_core.live_view import CANCELLED, FAILED, FINISHED, RUNNING, LiveRuns, hls_playlist, read_layout, \
-    segment_list, watched
+from liveavatar_core.live_view import (
+    CANCELLED,
+    FAILED,
+    FINISHED,
+    RUNNING,
+    LiveRuns,
+    hls_playlist,
+    read_layout,
+    segment_list,
+    watched,
+)
 from liveavatar_core.streaming import GenerationCancelled
 from liveavatar_core.video_writer import StreamingVideoWriter
 

@@ -14,13 +14,13 @@ import urllib.request
 
 import av
 import pytest
-
 from browser import Browser, find_chromium
 from build_workflows import API_DIR
 from comfyui_client import ComfyUIServer, copy_example_media, free_port
+from tiny_upscaler import write_tiny_esrgan
+
 from liveavatar_core.default_models import DEFAULT_FILES, write_default_models
 from liveavatar_core.video_writer import read_video_info
-from tiny_upscaler import write_tiny_esrgan
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
-import tomllib
 import zipfile
 
 import pytest
+import tomllib
+from comfyui_client import COMFYUI_DIR
 from PIL import Image
 
-from comfyui_client import COMFYUI_DIR
 from conftest import ROOT
 
 PACKAGE_LIMIT = 1_000_000  # bytes, zipped; the test fixtures alone are ~45 MB

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from tiny_upscaler import load_upscaler, write_tiny_esrgan
 
 from conftest import ROOT
 from liveavatar_core.default_models import default_model_paths, write_default_models
@@ -20,7 +21,6 @@ from liveavatar_core.stream_transforms import TransformedJob
 from liveavatar_core.streaming import SamplerSettings
 from liveavatar_core.upscale import ModelUpscale
 from liveavatar_core.video_writer import read_video_info
-from tiny_upscaler import load_upscaler, write_tiny_esrgan
 
 PROMPT = PromptEmbeddings(torch.randn(5, 48), torch.randn(3, 48))
 QUICK = SamplerSettings(sample_steps=1, infer_frames=8)
@@ -31,8 +31,8 @@ def models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models")
     write_default_models(folder)
     paths = default_model_paths(folder)
-    files = ModelFiles(paths["diffusion_models"], paths["text_encoders"], paths["vae"], paths["audio_encoders"],
-                       lora=paths["loras"])
+    files = ModelFiles(dit=paths["diffusion_models"], text_encoder=paths["text_encoders"], vae=paths["vae"],
+                       audio_encoder=paths["audio_encoders"], lora=paths["loras"])
     return load_models(files, dtype="fp32")
 
 

@@ -67,14 +67,20 @@ sys.path.insert(0, str(ROOT))
 
 from liveavatar_core.dit import S2VConfig, WanS2VTransformer, fused, load_dit, save_dit  # noqa: E402
 from liveavatar_core.dit import attention as attention_dispatch  # noqa: E402
-from liveavatar_core.dit.fp8 import quantize_dit_, set_activation_scaling  # noqa: E402
-from liveavatar_core.pipeline import FPS, StreamingPipeline, parse_size, write_video  # noqa: E402
+from liveavatar_core.dit.fp8 import quantize_dit_, set_activation_scaling_  # noqa: E402
+from liveavatar_core.pipeline import StreamingPipeline, write_video  # noqa: E402
+from liveavatar_core.run_spec import RunSpec  # noqa: E402
 from liveavatar_core.semantics import MOTION_FRAMES, REFERENCE_COPIES  # noqa: E402
-from liveavatar_core.streaming import CausalDiT, CausalSampler, SamplerSettings  # noqa: E402
-from liveavatar_core.streaming import causal_dit  # noqa: E402
+from liveavatar_core.sizing import parse_size  # noqa: E402
+from liveavatar_core.streaming import (  # noqa: E402
+    CausalDiT,
+    CausalSampler,
+    SamplerSettings,
+    causal_dit,  # noqa: E402
+)
 from liveavatar_core.streaming.sampler import BLOCK_FRAMES  # noqa: E402
-from liveavatar_core.vae import latent_frame_count  # noqa: E402
-from liveavatar_core.vae import WanVAE  # noqa: E402
+from liveavatar_core.time_grid import FPS  # noqa: E402
+from liveavatar_core.vae import WanVAE, latent_frame_count  # noqa: E402
 
 GIB = 2**30
 TEXT_TOKENS = 64  # prompt length before padding to text_len; the DiT always sees 512 rows
@@ -256,7 +262,6 @@ def split_variant(variant: str) -> tuple[str, set[str]]:
 def use_variant(variant: str) -> None:
     base, options = split_variant(variant)
     fused.set_compiled(base != "eager")
-    set_activation_scaling("tensor" if base == "fp8-tensor" else "row")
     chosen = [o for o in ATTENTION_OPTIONS if o in options]
     attention_dispatch.set_backend(chosen[0] if chosen else "sdpa")
     causal_dit.set_defaults(sink_in_place="inplace" in options, cuda_graphs="graphs" in options)
@@ -279,7 +284,7 @@ class VariantModels:
                 twin = WanS2VTransformer(self.model.config)
             twin.load_state_dict(self.model.state_dict(), assign=True)
             self._fp8 = quantize_dit_(twin).eval().requires_grad_(False)
-        return self._fp8
+        return set_activation_scaling_(self._fp8, "tensor" if variant == "fp8-tensor" else "row")
 
     def release(self) -> None:
         self._fp8 = None
@@ -290,7 +295,8 @@ def profile(bench: Bench, name: str, fn) -> None:
     that take the most device time to <profile>/profiles.txt."""
     if bench.profile_dir is None:
         return
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.cuda else [])
     fn()
@@ -665,7 +671,7 @@ def part_stream(bench: Bench, presets: list[str]) -> list[dict]:
               f"clips {', '.join(f'{t:.2f}' for t in clip_s)} s", flush=True)
         with torch.inference_mode():
             dit.denoise_block = timer.inner
-            profile(bench, f"stream-{name}-{variant}", lambda: next(iter(sampler.generate_clip(bench.clips, audio))))
+            profile(bench, f"stream-{name}-{variant}", lambda sampler=sampler, audio=audio: next(iter(sampler.generate_clip(bench.clips, audio))))
         del sampler, dit, timer
         bench.release()
     del model, variant_models
@@ -777,14 +783,15 @@ def part_e2e(bench: Bench, presets: list[str]) -> list[dict]:
         image = torch.rand(512, 512, 3, generator=torch.Generator().manual_seed(8))
         stamps = []  # (seconds since start, frames, clip)
         with torch.inference_mode():  # one untimed clip: compiles, and lets cuDNN pick its kernels
-            for _ in pipeline.stream(image, features, context, bench.size(p), settings, num_clip=1):
+            for _ in pipeline.stream(RunSpec.make(image, features, context, bench.size(p), settings, num_clip=1)):
                 pass
         bench.reset_peak()
         with torch.inference_mode(), tempfile.TemporaryDirectory() as folder:
             t0 = time.perf_counter()
             clip_peaks = {}
-            chunks = stamped(pipeline.stream(image, features, context, bench.size(p), settings, num_clip=clips,
-                                             negative_context=negative, semantics=semantics), t0, stamps, clip_peaks)
+            spec = RunSpec.make(image, features, context, bench.size(p), settings, num_clip=clips,
+                                negative_context=negative, semantics=semantics)
+            chunks = stamped(pipeline.stream(spec), t0, stamps, clip_peaks)
             if writer:
                 waveform = torch.zeros(1, SAMPLE_RATE * frames // FPS)
                 path = Path(folder) / "e2e.mp4"
