@@ -78,3 +78,24 @@ def default_models(default_model_files):
     files = ModelFiles(dit=paths["diffusion_models"], text_encoder=paths["text_encoders"], vae=paths["vae"],
                        audio_encoder=paths["audio_encoders"], lora=paths["loras"])
     return load_models(files, dtype="fp32")
+
+
+# The loader widget that picks each model folder's file, and the tiny upscaler the servers hold.
+WIDGET_FOR_FOLDER = {"diffusion_models": "diffusion_model", "loras": "lora", "text_encoders": "text_encoder",
+                     "vae": "vae", "audio_encoders": "audio_encoder"}
+TINY_UPSCALER = "tiny_2x.safetensors"  # a 2x ESRGAN with random weights, for the Long + upscale preset
+
+
+def serve_small_models(base: Path):
+    """A real ComfyUI server in `base` with the small default models, the tiny upscaler and the
+    example media in place (a generator for module-scoped fixtures)."""
+    from comfyui_client import ComfyUIServer, copy_example_media
+    from tiny_upscaler import write_tiny_esrgan
+
+    from liveavatar_core.default_models import write_default_models
+
+    with ComfyUIServer(base) as running:
+        write_default_models(base / "models")
+        write_tiny_esrgan(base / "models" / "upscale_models" / TINY_UPSCALER)
+        copy_example_media(base)
+        yield running

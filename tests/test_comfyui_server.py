@@ -15,12 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from build_workflows import API_DIR, PRESETS, UI_DIR, WIDGET_NAMES, render_all
-from comfyui_client import PACK_NAME, ComfyUIServer, PromptRejected, copy_example_media
+from comfyui_client import PACK_NAME, PromptRejected
 from PIL import Image
-from tiny_upscaler import write_tiny_esrgan
 
-from conftest import write_wav
-from liveavatar_core.default_models import DEFAULT_FILES, write_default_models
+from conftest import TINY_UPSCALER, WIDGET_FOR_FOLDER, serve_small_models, write_wav
+from liveavatar_core.default_models import DEFAULT_FILES
 from liveavatar_core.video_writer import read_video_info
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -30,20 +29,13 @@ OUR_NODES = ("LoadLiveAvatarModel", "EncodeAudio", "EncodePrompt", "LiveAvatarPr
 SOCKET_TYPES = {"LIVEAVATAR_MODEL", "LIVEAVATAR_AUDIO", "LIVEAVATAR_PROMPT", "LIVEAVATAR_VIDEO_STREAM", "IMAGE",
                 "AUDIO", "MASK", "VIDEO", "LATENT", "UPSCALE_MODEL", "CONDITIONING", "CLIP", "VAE", "AUDIO_ENCODER",
                 "AUDIO_ENCODER_OUTPUT"}
-WIDGET_FOR_FOLDER = {"diffusion_models": "diffusion_model", "loras": "lora", "text_encoders": "text_encoder",
-                     "vae": "vae", "audio_encoders": "audio_encoder"}
 SPEECH_SECONDS_FRAMES = 100  # the example speech is 4 s = 100 frames at 25 fps
-TINY_UPSCALER = "tiny_2x.safetensors"  # a 2x ESRGAN with random weights, for the Long + upscale preset
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfyui")
-    with ComfyUIServer(base) as running:
-        write_default_models(base / "models")
-        write_tiny_esrgan(base / "models" / "upscale_models" / TINY_UPSCALER)
-        copy_example_media(base)
-        yield running
+    yield from serve_small_models(base)
 
 
 def small_model(prompt: dict) -> dict:

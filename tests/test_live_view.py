@@ -16,30 +16,23 @@ import av
 import pytest
 from browser import Browser, find_chromium
 from build_workflows import API_DIR
-from comfyui_client import ComfyUIServer, copy_example_media, free_port
-from tiny_upscaler import write_tiny_esrgan
+from comfyui_client import free_port
 
-from liveavatar_core.default_models import DEFAULT_FILES, write_default_models
+from conftest import TINY_UPSCALER, WIDGET_FOR_FOLDER, serve_small_models
+from liveavatar_core.default_models import DEFAULT_FILES
 from liveavatar_core.video_writer import read_video_info
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-WIDGET_FOR_FOLDER = {"diffusion_models": "diffusion_model", "loras": "lora", "text_encoders": "text_encoder",
-                     "vae": "vae", "audio_encoders": "audio_encoder"}
 # The Long preset's graph with short clips and one step, so many clips stay cheap on a CPU.
 CLIP_FRAMES = 8  # 2 latent frames: one block a clip
 STEPS_PER_CLIP = 1
-TINY_UPSCALER = "tiny_2x.safetensors"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfyui-live")
-    with ComfyUIServer(base) as running:
-        write_default_models(base / "models")
-        write_tiny_esrgan(base / "models" / "upscale_models" / TINY_UPSCALER)
-        copy_example_media(base)
-        yield running
+    yield from serve_small_models(base)
 
 
 @pytest.fixture(scope="module")
