@@ -20,9 +20,10 @@ How the official pipeline turns a 16 kHz waveform of `S` samples into the DiT's 
 5. The DiT takes `[1, L, (2m+1)*C, frames]` (`to_dit_layout`), cut per clip of `infer_frames`
    (48) and per block of 12 frames along the last axis.
 
-The official code pads the features to whole clips: `official_clip_count` clips, zeros past
-the audio. `features_for_frames` produces any frame range of that same tensor (and zeros
-beyond it), so a caller can keep only the frames that carry audio (`features_for_video`).
+The official code pads the features to whole clips, zeros past the audio (its
+`get_audio_embed_bucket_fps`, which the tests reimplement as their reference).
+`features_for_frames` produces any frame range of that same tensor (and zeros beyond it), so
+a caller can keep only the frames that carry audio (`features_for_video`).
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 from .audio_io import MIN_SAMPLES, SAMPLE_RATE
 from .errors import CheckpointError, InputError
-from .tensor_files import TensorFile, open_tensor_file
+from .tensor_files import TensorFile, open_tensor_file, strip_prefix
+from .time_grid import FPS  # LiveAvatar's video frame rate (Wan2.2-S2V uses 16)
 from .weights import build_empty, load_weights
 
-FPS = 25  # LiveAvatar's video frame rate (Wan2.2-S2V uses 16)
 FEATURE_RATE = 50  # what the official code calls wav2vec2's frame rate
 VIDEO_RATE = 30  # the fixed time grid the features are resampled to
 WINDOW_NEIGHBOURS = 0  # `m` of the official bucketing in LiveAvatar and Wan2.2-S2V
@@ -77,10 +78,7 @@ def to_transformers_names(tensors: TensorFile) -> TensorFile:
     """
 
     def rename(name: str) -> str | None:
-        for prefix in MODEL_PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix):]
-                break
+        name = strip_prefix(name, MODEL_PREFIXES)
         if name.startswith(IGNORED_PREFIXES):
             return None
         if name.startswith(POS_CONV):
@@ -291,16 +289,25 @@ def load_audio_encoder(
     """
     path = Path(path)
     tensors, folder = _weights_and_configs(path)
-    weights = to_transformers_names(tensors)
-    config = _config_json(folder) or config_from_shapes(weights.shapes(), tensors.label)
-    model = build_empty(lambda: Wav2Vec2Model(config))
-    load_weights(model, weights, what="wav2vec2 audio encoder", device=device, dtype=dtype, fix=WRONG_FILE_FIX)
-    encoder = AudioEncoder(model.eval().requires_grad_(False), _feature_extractor(folder, config), tensors.label)
+    encoder = audio_encoder_from_tensors(tensors, device, dtype, folder)
     if expected_hidden_size is not None or expected_hidden_states is not None:
         encoder.check_fits(
             expected_hidden_size or encoder.hidden_size, expected_hidden_states or encoder.num_hidden_states
         )
     return encoder
+
+
+def audio_encoder_from_tensors(
+    tensors: TensorFile, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    folder: Path | None = None,
+) -> AudioEncoder:
+    """`load_audio_encoder` for tensors already opened or in memory (e.g. another loader's
+    state dict); `folder` may hold the transformers config.json and preprocessor settings."""
+    weights = to_transformers_names(tensors)
+    config = _config_json(folder) or config_from_shapes(weights.shapes(), tensors.label)
+    model = build_empty(lambda: Wav2Vec2Model(config))
+    load_weights(model, weights, what="wav2vec2 audio encoder", device=device, dtype=dtype, fix=WRONG_FILE_FIX)
+    return AudioEncoder(model.eval().requires_grad_(False), _feature_extractor(folder, config), tensors.label)
 
 
 def _as_mono_numpy(wave: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -344,15 +351,6 @@ def video_frames_with_audio(audio_steps: int, fps: int = FPS, video_rate: int = 
     return int((audio_steps_for_frames(range(limit), fps, video_rate) < audio_steps).sum())
 
 
-def official_clip_count(audio_steps: int, fps: int = FPS, infer_frames: int = 48, video_rate: int = VIDEO_RATE) -> int:
-    """Clips of `infer_frames` the official code renders for `audio_steps` feature steps.
-
-    Always one more than the whole clips the audio fills, so a track ending exactly on a clip
-    border gets a final clip of pure silence.
-    """
-    return int(audio_steps / (infer_frames * (video_rate / fps))) + 1
-
-
 def features_for_frames(
     features: torch.Tensor,
     num_frames: int,
@@ -371,7 +369,7 @@ def features_for_frames(
 
     Returns:
         `[1, L, (2m+1)*C, num_frames]`, zeros for frames past the audio; equal to the official
-        `to_dit_layout(bucket_per_frame(...)[0])[..., start:start + num_frames]` wherever
+        bucketed features in the DiT's layout, `[..., start:start + num_frames]`, wherever
         that is defined.
     """
     if num_frames < 0 or start < 0 or m < 0:
@@ -383,35 +381,6 @@ def features_for_frames(
 def features_for_video(features: torch.Tensor, fps: int = FPS, m: int = WINDOW_NEIGHBOURS) -> torch.Tensor:
     """`features_for_frames` for every frame that has audio: `[1, L, (2m+1)*C, frames]`."""
     return features_for_frames(features, video_frames_with_audio(features.shape[1], fps), 0, fps, m)
-
-
-def bucket_per_frame(
-    features: torch.Tensor,
-    fps: int = FPS,
-    batch_frames: int = 48,
-    m: int = WINDOW_NEIGHBOURS,
-    video_rate: int = VIDEO_RATE,
-) -> tuple[torch.Tensor, int]:
-    """The official `get_audio_embed_bucket_fps`: whole clips of per-frame feature windows.
-
-    Args:
-        features: `[L, T30, C]`.
-        batch_frames: video frames per clip (`infer_frames`, 48 for LiveAvatar).
-
-    Returns:
-        `([clips * batch_frames, L, (2m+1)*C], clips)` with `clips = official_clip_count(T30)`.
-    """
-    clips = official_clip_count(features.shape[1], fps, batch_frames, video_rate)
-    total = clips * batch_frames
-    # The official index table is clipped to its padded length; that never binds below 60 fps.
-    padded_steps = int(np.ceil(total / fps * video_rate))
-    steps = np.minimum(audio_steps_for_frames(range(total), fps, video_rate), padded_steps - 1)
-    return _windows_at(features, steps, fps, m, video_rate), clips
-
-
-def to_dit_layout(buckets: torch.Tensor) -> torch.Tensor:
-    """`[frames, L, W]` -> the DiT's `[1, L, W, frames]` (the official unsqueeze + permute)."""
-    return buckets.unsqueeze(0).permute(0, 2, 3, 1)
 
 
 def _frame_windows(features, frames: np.ndarray, fps: int, m: int, video_rate: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
-from .tensor_files import open_tensor_file
+from .tensor_files import open_tensor_file, strip_prefix
 
 LORA_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.")
 # alpha / rank of the released LiveAvatar LoRA (64 / 128); used when the file does not say.
@@ -35,13 +35,6 @@ class LoraReport:
         return f"merged {self.merged} LoRA pairs, replaced {self.replaced} tensors"
 
 
-def _strip(name: str) -> str:
-    for prefix in LORA_PREFIXES:
-        if name.startswith(prefix):
-            return name[len(prefix):]
-    return name
-
-
 @torch.no_grad()
 def merge_lora(model: nn.Module, path: str | Path, strength: float = 1.0) -> LoraReport:
     """Adds `strength * alpha/rank * B @ A` to each targeted weight and copies plain tensors.
@@ -56,7 +49,7 @@ def merge_lora(model: nn.Module, path: str | Path, strength: float = 1.0) -> Lor
     alphas: dict[str, float] = {}
     plain: dict[str, str] = {}
     for name in tensors.keys():
-        stripped = _strip(name)
+        stripped = strip_prefix(name, LORA_PREFIXES)
         if m := _FACTOR.match(stripped):
             factors.setdefault(m["module"], {})[m["side"]] = name
         elif m := _ALPHA.match(stripped):

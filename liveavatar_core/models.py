@@ -7,61 +7,79 @@ before any generation starts, so a wrong file in a folder is named at load time.
 With `offload=True` a network sits on the CPU except while it runs (`on_device`): the
 encoders move to the GPU for one encode, the DiT and VAE for one whole video. Without it,
 everything stays on the device (the fastest choice when memory allows).
+
+Who moves the weights is a `Placement`: plain `.to()` calls by default (`TorchPlacement`);
+a host with its own memory manager (ComfyUI) gives one that asks that manager instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from .audio_encoder import AudioEncoder, load_audio_encoder
 from .dit import WanS2VTransformer, fused, load_dit
-from .dit.fp8 import FP8, dequantize_dit_, has_fp8_layers, quantize_dit_
+from .dit.fp8 import dequantize_dit_, has_fp8_layers, quantize_dit_
 from .errors import CheckpointError, InputError
 from .finite import require_finite
 from .lora import merge_lora
+from .model_files import WEIGHT_DTYPES, ModelFiles, Precision, whole_checkpoint
 from .streaming.sampler import check_kv_cache
 from .text_encoder import TextEncoder, load_text_encoder
 from .vae import WanVAE, load_vae
 
+__all__ = ["WEIGHT_DTYPES", "LiveAvatarModels", "ModelFiles", "Precision", "load_dit_as", "load_models",
+           "whole_checkpoint"]
+
 logger = logging.getLogger(__name__)
 
-# fp8_e4m3fn: the DiT's linear layers in fp8 (see dit.fp8), everything else in bf16.
-WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8_e4m3fn": FP8}
-# LiveAvatar's LoRA is trained as a distillation of the base model at this strength.
-DEFAULT_LORA_STRENGTH = 1.0
-_SHARD = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
+
+class Placement(Protocol):
+    """Moves networks between the compute device and where they wait while idle."""
+
+    def acquire(self, networks: dict[str, torch.nn.Module], device: torch.device) -> None:
+        """Puts every network on `device` (and keeps it there until `release`)."""
+
+    def release(self, networks: dict[str, torch.nn.Module], home: torch.device, offload: bool) -> None:
+        """The block that needed them is over; with `offload`, send them to `home`."""
 
 
-@dataclass(frozen=True)
-class ModelFiles:
-    dit: Path
-    text_encoder: Path
-    vae: Path
-    audio_encoder: Path
-    lora: Path | None = None
-    lora_strength: float = DEFAULT_LORA_STRENGTH
+class TorchPlacement:
+    """Plain `.to()` moves: the default outside a host with its own memory manager."""
+
+    def acquire(self, networks: dict[str, torch.nn.Module], device: torch.device) -> None:
+        for module in networks.values():
+            module.to(device)
+
+    def release(self, networks: dict[str, torch.nn.Module], home: torch.device, offload: bool) -> None:
+        if not offload:
+            return
+        for module in networks.values():
+            module.to(home)
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
 
 
 @dataclass
 class LiveAvatarModels:
     dit: WanS2VTransformer
     vae: WanVAE
-    text_encoder: TextEncoder
+    text_encoder: TextEncoder | None  # None: prompts come encoded from elsewhere
     audio_encoder: AudioEncoder
     device: torch.device
     offload: bool = False
-    dtype: torch.dtype = torch.bfloat16  # the DiT's weights, as loaded
+    precision: Precision = Precision()  # the DiT's weights, as loaded
     # Where the networks came from: worker processes of a multi-GPU run load their own copies.
     files: ModelFiles | None = None
     # Where the sampler's attention caches live: "device", or "host" memory (low VRAM).
     kv_cache: str = "device"
+    placement: Placement = field(default_factory=TorchPlacement)
 
     @property
     def home(self) -> torch.device:
@@ -72,20 +90,18 @@ class LiveAvatarModels:
     def on_device(self, *networks: str) -> Iterator[None]:
         """Keeps the named networks ('dit', 'vae', 'text_encoder', 'audio_encoder') on the
         compute device for the duration of the block, then sends them home again."""
-        modules = [self._module(name) for name in networks]
-        for module in modules:
-            module.to(self.device)
+        modules = {name: self.module(name) for name in networks}
+        self.placement.acquire(modules, self.device)
         try:
             yield
         finally:
-            if self.offload:
-                for module in modules:
-                    module.to(self.home)
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+            self.placement.release(modules, self.home, self.offload)
 
-    def _module(self, name: str) -> torch.nn.Module:
+    def module(self, name: str) -> torch.nn.Module:
+        """The `torch.nn.Module` holding the weights of the network `name`."""
         network = getattr(self, name)
+        if network is None:
+            raise InputError(f"no {name.replace('_', ' ')} was loaded with these models.")
         return network.model if isinstance(network, WanVAE) else network
 
 
@@ -96,6 +112,8 @@ def load_models(
     offload: bool = False,
     compile_elementwise: bool | None = None,
     kv_cache: str = "device",
+    vae: WanVAE | None = None,
+    audio_encoder: AudioEncoder | None = None,
 ) -> LiveAvatarModels:
     """Loads the DiT (+ LoRA), umT5, Wan VAE and wav2vec2 from `files`.
 
@@ -104,7 +122,8 @@ def load_models(
     puts the DiT's linear layers in fp8 and the rest in bf16. `compile_elementwise` turns the
     compiled element-wise chains of `dit.fused` on or off for the process (None: leave as is).
     `kv_cache` "host" keeps the sampler's attention caches in host memory: with fp8 and
-    `offload` this is the low-VRAM mode.
+    `offload` this is the low-VRAM mode. `vae` and `audio_encoder`, when given, are used
+    instead of loading `files.vae` / `files.audio_encoder` (they are checked and placed alike).
     Raises CheckpointError
     naming the file when one holds another network or the networks do not fit together.
     """
@@ -113,41 +132,41 @@ def load_models(
     require_finite("lora_strength", files.lora_strength, "Give a number from -2 to 2; 1.0 is what LiveAvatar was trained for.")
     if compile_elementwise is not None:
         fused.set_compiled(compile_elementwise)
-    dtype = _dtype(dtype)
-    fp8 = dtype == FP8
-    dtype = torch.bfloat16 if fp8 else dtype
+    precision = Precision.of(dtype)
+    dtype, small_dtype = precision.dense, precision.small(device)
     home = torch.device("cpu") if offload else device
-    small_dtype = dtype if device.type == "cuda" else torch.float32
 
-    dit = load_dit_as(files, home, dtype, fp8)
-    text_encoder = load_text_encoder(files.text_encoder, device=home, dtype=dtype)
-    if text_encoder.model.config.d_model != dit.config.text_dim:
+    dit = load_dit_as(files, home, precision)
+    text_encoder = None if files.text_encoder is None else load_text_encoder(files.text_encoder, device=home, dtype=dtype)
+    if text_encoder is not None and text_encoder.model.config.d_model != dit.config.text_dim:
         raise CheckpointError(
             f"the text encoder {Path(files.text_encoder).name} gives {text_encoder.model.config.d_model}-wide "
             f"embeddings but the diffusion model {Path(files.dit).name} expects {dit.config.text_dim}. "
             "Pick the umT5-XXL file that belongs to Wan2.2 (umt5_xxl_*.safetensors)."
         )
-    audio_encoder = load_audio_encoder(
-        files.audio_encoder,
-        device=home,
-        dtype=small_dtype,
-        expected_hidden_size=dit.config.audio_dim,
-        expected_hidden_states=dit.config.num_audio_layers,
-    )
-    vae = load_vae(files.vae, device=home, dtype=small_dtype)
+    if audio_encoder is None:
+        audio_encoder = load_audio_encoder(_required(files.audio_encoder, "audio_encoder"), device=home, dtype=small_dtype)
+    else:
+        audio_encoder.to(home, small_dtype)
+    audio_encoder.check_fits(dit.config.audio_dim, dit.config.num_audio_layers)
+    if vae is None:
+        vae = load_vae(_required(files.vae, "vae"), device=home, dtype=small_dtype)
+    else:
+        torch.nn.Module.to(vae.model, home, small_dtype)  # diffusers' own .to() warns on every dtype cast
     if vae.model.config.z_dim != dit.config.in_dim:
         raise CheckpointError(
-            f"the VAE {Path(files.vae).name} has {vae.model.config.z_dim} latent channels but the diffusion "
+            f"the VAE {vae.label} has {vae.model.config.z_dim} latent channels but the diffusion "
             f"model expects {dit.config.in_dim}. Pick the Wan 2.1 VAE (wan_2.1_vae.safetensors)."
         )
-    return LiveAvatarModels(dit, vae, text_encoder, audio_encoder, device, offload, FP8 if fp8 else dtype, files, kv_cache)
+    return LiveAvatarModels(dit, vae, text_encoder, audio_encoder, device, offload, precision, files, kv_cache)
 
 
-def load_dit_as(files, home: torch.device, dtype: torch.dtype, fp8: bool) -> WanS2VTransformer:
-    """The DiT of `files` (anything with dit, lora and lora_strength) with the LoRA merged, its linear layers in fp8 or in `dtype` whatever the file
-    holds. An fp8 run of a bf16 file is loaded on the CPU and quantised layer by layer into
-    `home`, so the bf16 weights never need room on the GPU."""
-    dit = load_dit(whole_checkpoint(files.dit), device="cpu" if fp8 else home, dtype=dtype)
+def load_dit_as(files: ModelFiles, home: torch.device, precision: Precision) -> WanS2VTransformer:
+    """The DiT of `files` with the LoRA merged, its linear layers in fp8 or in the dense dtype
+    whatever the file holds. An fp8 run of a bf16 file is loaded on the CPU and quantised layer
+    by layer into `home`, so the bf16 weights never need room on the GPU."""
+    fp8 = precision.fp8
+    dit = load_dit(whole_checkpoint(files.dit), device="cpu" if fp8 else home, dtype=precision.dense)
     lora = files.lora is not None and files.lora_strength != 0
     if has_fp8_layers(dit) and (lora or not fp8):
         dequantize_dit_(dit)  # a LoRA merges into full-precision weights
@@ -159,18 +178,7 @@ def load_dit_as(files, home: torch.device, dtype: torch.dtype, fp8: bool) -> Wan
     return dit.to(home)
 
 
-def whole_checkpoint(path: str | Path) -> Path:
-    """A shard of a sharded release (`...-00001-of-00004.safetensors`) stands for its whole
-    folder, so picking any shard in a file list loads the complete model."""
-    path = Path(path)
-    if _SHARD.search(path.name) and len(list(path.parent.glob("*.safetensors.index.json"))) == 1:
-        return path.parent
+def _required(path: Path | None, name: str) -> Path:
+    if path is None:
+        raise InputError(f"{name}: no file given; pick one (or pass the network ready-made).")
     return path
-
-
-def _dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in WEIGHT_DTYPES:
-        raise InputError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}.")
-    return WEIGHT_DTYPES[dtype]

@@ -36,14 +36,13 @@ import torch
 
 from .errors import InputError
 from .finite import check_latents_finite
+from .time_grid import MOTION_FRAMES, VIDEO_START_OFFSET
 from .vae import WanVAE
 
 MULTI_GPU = "official-multi-gpu"
 SINGLE_GPU = "official-single-gpu"
 SEMANTICS = (MULTI_GPU, SINGLE_GPU)
 
-MOTION_FRAMES = 73  # pixel frames of motion context (19 latent frames)
-VIDEO_START_OFFSET = 3  # frames of clip 0's first block neither official pipeline keeps
 PRIMING_LATENTS = 7  # multi-GPU: motion latents the streaming decoder consumes first
 REFERENCE_COPIES = 5  # single-GPU: the portrait is repeated 5 times before encoding
 

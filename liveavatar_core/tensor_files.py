@@ -15,8 +15,8 @@ at load time instead of giving a black video.
 from __future__ import annotations
 
 import json
-import pickle
 import os
+import pickle
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -91,7 +91,7 @@ class TensorFile:
         return {name: self.get(name) for name in self._locations}
 
     # -- views ------------------------------------------------------------------------------
-    def renamed(self, rename: Callable[[str], str | None]) -> "TensorFile":
+    def renamed(self, rename: Callable[[str], str | None]) -> TensorFile:
         """A view whose names are `rename(name)`; names mapped to None are left out."""
         locations = {}
         for name, location in self._locations.items():
@@ -108,22 +108,29 @@ class TensorFile:
         view._handles = self._handles
         return view
 
-    def without_prefix(self, prefixes: Iterable[str]) -> "TensorFile":
+    def without_prefix(self, prefixes: Iterable[str]) -> TensorFile:
         """Strips the first matching prefix from every name that has one."""
         prefixes = tuple(prefixes)
-
-        def strip(name: str) -> str:
-            for prefix in prefixes:
-                if name.startswith(prefix):
-                    return name[len(prefix):]
-            return name
-
-        return self.renamed(strip)
+        return self.renamed(lambda name: strip_prefix(name, prefixes))
 
     def _handle(self, path: str) -> SafetensorsFile:
         if path not in self._handles:
             self._handles[path] = SafetensorsFile(path)
         return self._handles[path]
+
+
+def tensors_in_memory(label: str, state_dict: dict[str, torch.Tensor]) -> TensorFile:
+    """A state dict already in memory (e.g. from another loader) as a `TensorFile`; each tensor
+    is copied when read, so the networks built from it own their weights."""
+    return TensorFile(label, {name: (label, name) for name in state_dict}, {label: dict(state_dict)})
+
+
+def strip_prefix(name: str, prefixes: Iterable[str]) -> str:
+    """`name` without the first of `prefixes` it starts with (unchanged when none)."""
+    for prefix in prefixes:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
 
 
 def open_tensor_file(path: str | os.PathLike) -> TensorFile:

@@ -72,7 +72,7 @@ class PromptTokenizer:
             raise CheckpointError(f"{source}: the sentencepiece tokenizer defines no end token; it is not umT5's.")
 
     @classmethod
-    def from_folder(cls, folder: str | Path, text_len: int = TEXT_LEN) -> "PromptTokenizer":
+    def from_folder(cls, folder: str | Path, text_len: int = TEXT_LEN) -> PromptTokenizer:
         """The official tokenizer folder (`google/umt5-xxl/`: tokenizer.json, spiece.model, configs)."""
         from transformers import AutoTokenizer
 
@@ -86,7 +86,7 @@ class PromptTokenizer:
         return cls(backend, text_len, str(folder))
 
     @classmethod
-    def from_sentencepiece(cls, model: bytes, text_len: int = TEXT_LEN, source: str = "") -> "PromptTokenizer":
+    def from_sentencepiece(cls, model: bytes, text_len: int = TEXT_LEN, source: str = "") -> PromptTokenizer:
         """A bare sentencepiece model (the bytes of `spiece.model`, or ComfyUI's `spiece_model`)."""
         try:
             backend = sentencepiece.SentencePieceProcessor(model_proto=model)

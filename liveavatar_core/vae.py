@@ -8,6 +8,7 @@ as it is generated.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -15,11 +16,11 @@ from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
 from .errors import InputError
-from .tensor_files import open_tensor_file
+from .tensor_files import TensorFile, open_tensor_file
+from .time_grid import TEMPORAL_STRIDE
 from .vae_keys import LATENT_CHANNELS, RIGHT_FILE, vae_shape, vae_tensors_in_diffusers_names
 from .weights import build_empty, load_weights
 
-TEMPORAL_STRIDE = 4
 SPATIAL_STRIDE = 8
 
 
@@ -40,12 +41,24 @@ class WanVAE:
     Latents given out and taken in are normalised per channel as the official Wan code does:
     `(mu - mean) * (1 / std)`, with the mean/std of the model's config (the official values).
 
+    On CUDA devices two options (on by default; neither changes what is computed, only which
+    convolution kernels compute it) speed the 3-D convolutions up: `autotune` lets cuDNN time
+    its kernels for each new shape (cudnn.benchmark, only around our own calls), and
+    `channels_last` stores activations channels-last (NDHWC), the layout cuDNN's fastest
+    Hopper kernels take.
+
     Args:
         model (`AutoencoderKLWan`): the loaded network, in eval mode.
+        label (`str`): where its weights came from, for messages.
+        autotune (`bool`): cuDNN autotuning of the convolutions on CUDA devices.
+        channels_last (`bool`): channels-last 3-D weights and activations on CUDA devices.
     """
 
-    def __init__(self, model: AutoencoderKLWan):
+    def __init__(self, model: AutoencoderKLWan, label: str = "VAE", autotune: bool = True, channels_last: bool = True):
         self.model = model
+        self.label = label
+        self.autotune = autotune
+        self.channels_last = channels_last
         self.latents_mean = torch.tensor(model.config.latents_mean, dtype=torch.float32)
         self.latents_std = torch.tensor(model.config.latents_std, dtype=torch.float32)
 
@@ -75,6 +88,17 @@ class WanVAE:
         inv_std = (1.0 / self.latents_std).to(device).view(shape)
         return mean, inv_std
 
+    # -- convolution settings ---------------------------------------------------------------
+    def conv_settings(self, x: torch.Tensor):
+        """A context for running the network on `x`: cuDNN autotuning on, and `x` returned
+        channels-last (the weights turned too) when those options apply."""
+        if not x.is_cuda:
+            return contextlib.nullcontext(x)
+        if self.channels_last and x.ndim == 5:
+            _weights_channels_last_(self.model)
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        return _ConvFlags(x, self.autotune)
+
     # -- encode / decode --------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
@@ -89,7 +113,8 @@ class WanVAE:
             `torch.Tensor`: float32 latents [B, 16, 1 + k, H / 8, W / 8] on the VAE's device.
         """
         _check_video(video)
-        posterior = self.model.encode(video.to(self.device, self.dtype)).latent_dist
+        with self.conv_settings(video.to(self.device, self.dtype)) as x:
+            posterior = self.model.encode(x).latent_dist
         return self.normalize_latents(posterior.mode())
 
     @torch.no_grad()
@@ -105,9 +130,10 @@ class WanVAE:
         """
         _check_latents(latents)
         z = self.denormalize_latents(latents).to(self.device, self.dtype)
-        return self.model.decode(z).sample.float().clamp_(-1.0, 1.0)
+        with self.conv_settings(z) as z:
+            return self.model.decode(z).sample.float().clamp_(-1.0, 1.0)
 
-    def streaming_decoder(self) -> "StreamingDecoder":
+    def streaming_decoder(self) -> StreamingDecoder:
         """A decoder that takes the latents of one video chunk by chunk (see `StreamingDecoder`)."""
         return StreamingDecoder(self)
 
@@ -168,6 +194,10 @@ class StreamingDecoder:
             return torch.zeros((batch, 3, 0, height * SPATIAL_STRIDE, width * SPATIAL_STRIDE), device=vae.device)
         model = vae.model
         z = vae.denormalize_latents(latents).to(vae.device, vae.dtype)
+        with vae.conv_settings(z) as z:
+            return self._decode(model, z, frames)
+
+    def _decode(self, model, z: torch.Tensor, frames: int) -> torch.Tensor:
         # A 1x1x1 convolution: frames are independent, so it may run on each chunk alone.
         x = model.post_quant_conv(z)
         outputs = []
@@ -188,11 +218,35 @@ class StreamingDecoder:
         """Frees the caches (a few frames of every decoder layer's activations)."""
         self._cache = None
 
-    def __enter__(self) -> "StreamingDecoder":
+    def __enter__(self) -> StreamingDecoder:
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+@torch.no_grad()
+def _weights_channels_last_(model: torch.nn.Module) -> None:
+    # Module.to(memory_format=) cannot turn 3-D and 2-D convolutions (the upsamplers') at once.
+    for p in model.parameters():
+        layout = {5: torch.channels_last_3d, 4: torch.channels_last}.get(p.ndim)
+        if layout is not None and not p.is_contiguous(memory_format=layout):
+            p.data = p.data.contiguous(memory_format=layout)
+
+
+class _ConvFlags:
+    """cudnn.benchmark set for the duration of a call, then put back as it was."""
+
+    def __init__(self, x: torch.Tensor, autotune: bool):
+        self._x, self._autotune, self._before = x, autotune, None
+
+    def __enter__(self) -> torch.Tensor:
+        self._before = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = self._autotune or self._before
+        return self._x
+
+    def __exit__(self, *exc_info) -> None:
+        torch.backends.cudnn.benchmark = self._before
 
 
 def load_vae(
@@ -213,11 +267,18 @@ def load_vae(
         CheckpointError: the file is damaged, incomplete, or holds another network (the message
             names the file, what it looks like, and the file to pick instead).
     """
-    tensors = vae_tensors_in_diffusers_names(open_tensor_file(path))
+    return vae_from_tensors(open_tensor_file(path), device, dtype, Path(path).name)
+
+
+def vae_from_tensors(
+    tensors: TensorFile, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, label: str = "VAE"
+) -> WanVAE:
+    """`load_vae` for tensors already opened or in memory (e.g. another loader's state dict)."""
+    tensors = vae_tensors_in_diffusers_names(tensors)
     shape = vae_shape(tensors)
     model = build_empty(lambda: AutoencoderKLWan(base_dim=shape.base_dim, z_dim=shape.z_dim))
     load_weights(model, tensors, what="Wan2.1 VAE", device=device, dtype=dtype, fix=RIGHT_FILE)
-    return WanVAE(model.eval().requires_grad_(False))
+    return WanVAE(model.eval().requires_grad_(False), label)
 
 
 def _check_video(video: torch.Tensor) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from liveavatar_core.errors import InputError
 
 
@@ -51,13 +53,152 @@ def compute_device():
     return comfy.model_management.get_torch_device()
 
 
-def make_room_on(device) -> None:
-    """Asks ComfyUI to unload its own models from `device`: ours are not in its manager."""
+def free_memory_for(size_bytes: int, device) -> None:
+    """Asks ComfyUI's manager for `size_bytes` on `device`: it unloads what its policy picks."""
     import comfy.model_management
 
     if getattr(device, "type", "cpu") != "cpu":
-        comfy.model_management.unload_all_models()
-        comfy.model_management.soft_empty_cache()
+        comfy.model_management.free_memory(size_bytes, device)
+
+
+def files_size(files) -> int:
+    """Bytes of the checkpoint files in `files` (a ModelFiles): what loading them needs."""
+    from liveavatar_core.models import whole_checkpoint
+
+    total = 0
+    for path in (files.dit, files.text_encoder, files.vae, files.audio_encoder, files.lora):
+        if path is None:
+            continue
+        path = whole_checkpoint(path)
+        parts = path.glob("*.safetensors") if path.is_dir() else [path]
+        total += sum(p.stat().st_size for p in parts if p.is_file())
+    return total
+
+
+class LiveAvatarNetwork(torch.nn.Module):
+    """Holds one of our networks for ComfyUI's ModelPatcher, which sets its own attributes
+    (device, loaded memory) on the module it manages; ours have read-only `device` properties."""
+
+    def __init__(self, network: torch.nn.Module):
+        super().__init__()
+        self.network = network
+
+
+class ComfyPlacement:
+    """`liveavatar_core.models.Placement` through ComfyUI's model manager.
+
+    Each network gets a `ModelPatcher`; putting networks on the device is `load_models_gpu`,
+    so ComfyUI frees room by its own policy and flags (--lowvram, --highvram, ...), counts
+    ours in its bookkeeping and unloads them when a later node needs the memory. With
+    `offload` (the loader's offload_model) they are unloaded as soon as the block is over and
+    wait on the CPU; without it they stay loaded until ComfyUI needs the room, then wait where
+    ComfyUI keeps idle diffusion models. Our networks are plain torch modules (no ComfyUI
+    ops), so they are always loaded whole.
+    """
+
+    def __init__(self, offload: bool):
+        self.offload = offload
+        self._patchers: dict[int, object] = {}
+
+    def patcher(self, module: torch.nn.Module, device):
+        """The ModelPatcher of `module`, made on first use."""
+        import comfy.model_management
+        import comfy.model_patcher
+
+        key = id(module)
+        if key not in self._patchers:
+            idle = torch.device("cpu") if self.offload else comfy.model_management.unet_offload_device()
+            holder = LiveAvatarNetwork(module)
+            if _same_device(_device_of(module), torch.device(device)):  # loaded straight onto the device
+                holder.device = device
+                holder.model_loaded_weight_memory = comfy.model_management.module_size(holder)
+            self._patchers[key] = comfy.model_patcher.ModelPatcher(holder, load_device=device, offload_device=idle)
+        return self._patchers[key]
+
+    def make_room(self, device) -> None:
+        """Frees `device` of every other model, keeping ours: a video's attention caches (tens
+        of GB on the device) are not known to ComfyUI before they are made."""
+        import comfy.model_management
+
+        if getattr(device, "type", "cpu") == "cpu":
+            return
+        ours = [comfy.model_management.LoadedModel(p) for p in self._patchers.values()]
+        comfy.model_management.free_memory(1e30, device, keep_loaded=ours)
+
+    def acquire(self, networks: dict, device) -> None:
+        import comfy.model_management
+
+        comfy.model_management.load_models_gpu([self.patcher(m, device) for m in networks.values()],
+                                               force_full_load=True)
+        for module in networks.values():  # under --novram ComfyUI loads no whole module itself
+            module.to(device)
+
+    def release(self, networks: dict, home, offload: bool) -> None:
+        if offload:
+            unload([self._patchers[id(m)] for m in networks.values() if id(m) in self._patchers])
+
+
+def _device_of(module: torch.nn.Module) -> torch.device | None:
+    first = next(iter(module.parameters()), None)
+    return None if first is None else first.device
+
+
+def _same_device(a: torch.device | None, b: torch.device) -> bool:
+    """cuda and cuda:0 are the same device (while cuda:0 is the current one)."""
+    if a is None or a.type != b.type:
+        return False
+    current = torch.cuda.current_device() if a.type == "cuda" else 0
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+
+
+def make_room_for_run(models) -> None:
+    """Before a video whose attention caches live on the device: ComfyUI frees the other models."""
+    if isinstance(models.placement, ComfyPlacement) and models.kv_cache == "device":
+        models.placement.make_room(models.device)
+
+
+def unload(patchers) -> None:
+    """Takes `patchers` out of ComfyUI's loaded models (their weights go to their offload device)."""
+    import comfy.model_management
+
+    loaded = comfy.model_management.current_loaded_models
+    for entry in [e for e in loaded if any(e.model is p for p in patchers)]:
+        entry.model_unload()
+        loaded.remove(entry)
+    comfy.model_management.soft_empty_cache()
+
+
+def loaded_patchers() -> list:
+    """The ModelPatchers ComfyUI holds loaded now, newest first."""
+    import comfy.model_management
+
+    return [entry.model for entry in comfy.model_management.current_loaded_models]
+
+
+def core_vae_weights(vae) -> dict:
+    """The state dict of a core VAE (from Load VAE), if it is the Wan 2.1 VAE."""
+    from comfy.ldm.wan.vae import WanVAE
+
+    model = getattr(vae, "first_stage_model", None)
+    if not isinstance(model, WanVAE):
+        raise InputError(
+            f"vae_model: this is not the Wan 2.1 VAE ({type(model).__name__}). Load wan_2.1_vae.safetensors "
+            "with Load VAE (the Wan 2.2 VAE does not fit this model)."
+        )
+    return vae.get_sd()
+
+
+def core_audio_encoder_weights(audio_encoder) -> dict:
+    """The state dict of a core audio encoder (from Load Audio Encoder), if it is a wav2vec2."""
+    from comfy.audio_encoders.wav2vec2 import Wav2Vec2Model
+
+    model = getattr(audio_encoder, "model", None)
+    if not isinstance(model, Wav2Vec2Model):
+        raise InputError(
+            f"audio_encoder_model: this is not a wav2vec2 ({type(model).__name__}). Load "
+            "wav2vec2_large_english*.safetensors with Load Audio Encoder."
+        )
+    return audio_encoder.get_sd()
 
 
 def cancel_requested() -> bool:

@@ -3,12 +3,15 @@ an mp4 written clip by clip and/or frames for other image nodes."""
 
 from __future__ import annotations
 
+import contextlib
+
 from liveavatar_core.errors import LiveAvatarError
 from liveavatar_core.generation import render
+from liveavatar_core.live_view import watched
 from liveavatar_core.pipeline import FPS
 from liveavatar_core.streaming import GenerationCancelled
 
-from . import comfy_bridge
+from . import comfy_bridge, live_routes
 from .types import CATEGORY, VIDEO_STREAM
 
 OUTPUT_MODES = ("mp4", "frames", "mp4 + frames")
@@ -54,15 +57,16 @@ class OnlineVAEDecode:
 
     def decode(self, video_stream, output, filename_prefix, crf):
         job = video_stream
-        comfy_bridge.make_room_on(job.models.device)
+        comfy_bridge.make_room_for_run(job.models)
         progress = comfy_bridge.NodeProgress(job.total_steps)
         mp4 = file = subfolder = None
         if output != "frames":
             mp4, file, subfolder = comfy_bridge.new_output_file(filename_prefix, job.width, job.height, "mp4")
         saved = {"filename": file, "subfolder": subfolder, "type": "output"}
         try:
-            result = render(job, mp4, keep_frames=output != "mp4", progress=progress.on_step,
-                            should_stop=comfy_bridge.cancel_requested, on_frames=progress.on_frames, crf=crf)
+            with self._live_view(mp4, job):
+                result = render(job, mp4, keep_frames=output != "mp4", progress=progress.on_step,
+                                should_stop=comfy_bridge.cancel_requested, on_frames=progress.on_frames, crf=crf)
         except GenerationCancelled:
             self._show_kept(mp4, saved)
             raise comfy_bridge.interrupted_error() from None
@@ -81,6 +85,17 @@ class OnlineVAEDecode:
         if mp4 is None:
             return outputs
         return {"ui": self._ui(saved), "result": outputs}
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _live_view(mp4, job):
+        """The mp4 can be watched while it is written (see `live_routes`)."""
+        if mp4 is None:
+            yield
+            return
+        with watched(mp4, FPS, job.width, job.height, cancel_errors=live_routes.cancel_errors()) as run:
+            live_routes.announce(run.id)
+            yield
 
     @staticmethod
     def _ui(saved: dict) -> dict:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from liveavatar_core.audio_encoder import audio_encoder_from_tensors
+from liveavatar_core.errors import InputError
 from liveavatar_core.models import WEIGHT_DTYPES, ModelFiles, load_models
+from liveavatar_core.tensor_files import tensors_in_memory
+from liveavatar_core.vae import vae_from_tensors
 
 from . import comfy_bridge
 from .types import CATEGORY, MODEL
 
 NO_LORA = "none"
+NO_FILE = "none"  # for the networks that may come from core loaders instead
 # The sampler's attention caches: on the GPU, or in system RAM (the low-VRAM mode).
 KV_CACHE_CHOICES = {"gpu": "device", "system RAM (low VRAM)": "host"}
 
@@ -39,15 +44,18 @@ class LoadLiveAvatarModel:
                 "lora_strength": ("FLOAT", {
                     "default": 1.0, "min": -2.0, "max": 2.0, "step": 0.05,
                     "tooltip": "How much of the LoRA to merge; 1.0 is what LiveAvatar was trained for."}),
-                "text_encoder": (files("text_encoders"), {
+                "text_encoder": (files("text_encoders") + [NO_FILE], {
                     "tooltip": "models/text_encoders: umt5_xxl_fp16.safetensors, umt5_xxl_fp8_e4m3fn_scaled."
-                               "safetensors or the official models_t5_umt5-xxl-enc-bf16.pth."}),
-                "vae": (files("vae"), {
+                               "safetensors or the official models_t5_umt5-xxl-enc-bf16.pth. 'none' loads no "
+                               "umT5: encode prompts with core Load CLIP (type wan) + CLIP Text Encode and "
+                               "LiveAvatar Prompt From Conditioning instead (one umT5 in memory, not two)."}),
+                "vae": (files("vae") + [NO_FILE], {
                     "tooltip": "models/vae: wan_2.1_vae.safetensors or the official Wan2.1_VAE.pth "
-                               "(not the Wan 2.2 VAE)."}),
-                "audio_encoder": (files("audio_encoders"), {
+                               "(not the Wan 2.2 VAE). Ignored when vae_model is connected."}),
+                "audio_encoder": (files("audio_encoders") + [NO_FILE], {
                     "tooltip": "models/audio_encoders: wav2vec2_large_english*.safetensors, or the official "
-                               "wav2vec2-large-xlsr-53-english model file."}),
+                               "wav2vec2-large-xlsr-53-english model file. Ignored when audio_encoder_model "
+                               "is connected."}),
                 "weight_dtype": (list(WEIGHT_DTYPES), {
                     "default": "bf16",
                     "tooltip": "Weight precision of the diffusion model and text encoder. bf16 is what the "
@@ -74,6 +82,12 @@ class LoadLiveAvatarModel:
                                "and streams one layer at a time to the GPU, beside the computation. With "
                                "weight_dtype fp8_e4m3fn and offload_model on, Standard fits in a 24 GB card. "
                                "Same video either way."}),
+                "vae_model": ("VAE", {
+                    "tooltip": "Optional: the Wan 2.1 VAE from core Load VAE, used instead of the vae file "
+                               "(its weights are copied into LiveAvatar's streaming decoder: the same video)."}),
+                "audio_encoder_model": ("AUDIO_ENCODER", {
+                    "tooltip": "Optional: wav2vec2 from core Load Audio Encoder, used instead of the "
+                               "audio_encoder file (its weights are copied: the same features)."}),
             },
         }
 
@@ -92,18 +106,45 @@ class LoadLiveAvatarModel:
         return True
 
     def load(self, diffusion_model, lora, lora_strength, text_encoder, vae, audio_encoder, weight_dtype, offload_model,
-             compile=True, kv_cache="gpu"):
+             compile=True, kv_cache="gpu", vae_model=None, audio_encoder_model=None):
+        if kv_cache not in KV_CACHE_CHOICES:
+            raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHE_CHOICES)}, got {kv_cache!r}.")
         files = ModelFiles(
             dit=comfy_bridge.model_path("diffusion_models", diffusion_model, "diffusion_model"),
-            text_encoder=comfy_bridge.model_path("text_encoders", text_encoder, "text_encoder"),
-            vae=comfy_bridge.model_path("vae", vae, "vae"),
-            audio_encoder=comfy_bridge.model_path("audio_encoders", audio_encoder, "audio_encoder"),
+            text_encoder=_optional_path("text_encoders", text_encoder, "text_encoder"),
+            vae=None if vae_model is not None else _file_or_model("vae", vae, "vae", "vae_model", "Load VAE"),
+            audio_encoder=None if audio_encoder_model is not None else _file_or_model(
+                "audio_encoders", audio_encoder, "audio_encoder", "audio_encoder_model", "Load Audio Encoder"),
             lora=None if lora == NO_LORA else comfy_bridge.model_path("loras", lora, "lora"),
             lora_strength=lora_strength,
         )
         device = comfy_bridge.compute_device()
-        comfy_bridge.make_room_on(device)
-        if kv_cache not in KV_CACHE_CHOICES:
-            raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHE_CHOICES)}, got {kv_cache!r}.")
-        return (load_models(files, device=device, dtype=weight_dtype, offload=offload_model,
-                            compile_elementwise=compile, kv_cache=KV_CACHE_CHOICES[kv_cache]),)
+        if not offload_model:
+            comfy_bridge.free_memory_for(comfy_bridge.files_size(files), device)
+        # Built on the CPU in float32; load_models puts them where the others go, in their dtype.
+        core_vae = core_audio = None
+        if vae_model is not None:
+            core_vae = vae_from_tensors(tensors_in_memory("vae_model (core Load VAE)",
+                                                          comfy_bridge.core_vae_weights(vae_model)))
+        if audio_encoder_model is not None:
+            core_audio = audio_encoder_from_tensors(tensors_in_memory(
+                "audio_encoder_model (core Load Audio Encoder)",
+                comfy_bridge.core_audio_encoder_weights(audio_encoder_model)))
+        models = load_models(files, device=device, dtype=weight_dtype, offload=offload_model,
+                             compile_elementwise=compile, kv_cache=KV_CACHE_CHOICES[kv_cache],
+                             vae=core_vae, audio_encoder=core_audio)
+        models.placement = comfy_bridge.ComfyPlacement(offload_model)
+        if not offload_model:  # already on the device: ComfyUI counts them as loaded from now on
+            resident = [n for n in ("dit", "vae", "text_encoder", "audio_encoder") if getattr(models, n) is not None]
+            models.placement.acquire({n: models.module(n) for n in resident}, device)
+        return (models,)
+
+
+def _optional_path(folder: str, name: str, input_name: str):
+    return None if name == NO_FILE else comfy_bridge.model_path(folder, name, input_name)
+
+
+def _file_or_model(folder: str, name: str, input_name: str, model_input: str, core_node: str):
+    if name == NO_FILE:
+        raise InputError(f"{input_name}: pick a file, or connect {model_input} (from core {core_node}).")
+    return comfy_bridge.model_path(folder, name, input_name)

@@ -7,9 +7,8 @@ decoding interleave and each frame leaves memory once written.
 from __future__ import annotations
 
 from liveavatar_core.generation import make_job
-from liveavatar_core.pipeline import OFFICIAL_SIZES
 from liveavatar_core.semantics import SEMANTICS, VideoSemantics
-from liveavatar_core.sizing import SIZE_MODES
+from liveavatar_core.sizing import OFFICIAL_SIZES, SIZE_MODES
 from liveavatar_core.streaming import SamplerSettings
 from liveavatar_core.streaming.sampler import NOISE_SOURCES
 from liveavatar_core.streaming.solvers import SOLVERS

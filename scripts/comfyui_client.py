@@ -63,7 +63,7 @@ class ComfyUIServer:
         self.process: subprocess.Popen | None = None
         self.client_id = uuid.uuid4().hex
 
-    def start(self, timeout: float = 180) -> "ComfyUIServer":
+    def start(self, timeout: float = 180) -> ComfyUIServer:
         if not (COMFYUI_DIR / "main.py").exists():
             raise RuntimeError(f"ComfyUI not found at {COMFYUI_DIR}; run scripts/setup_env.sh first.")
         command = [sys.executable, str(COMFYUI_DIR / "main.py"), "--listen", "127.0.0.1", "--port", str(self.port),
@@ -96,7 +96,7 @@ class ComfyUIServer:
         if getattr(self, "_log", None):
             self._log.close()
 
-    def __enter__(self) -> "ComfyUIServer":
+    def __enter__(self) -> ComfyUIServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -134,7 +134,7 @@ class ComfyUIServer:
     def queue(self, prompt: dict) -> str:
         return self.post("/prompt", {"prompt": prompt, "client_id": self.client_id})["prompt_id"]
 
-    def run(self, prompt: dict, timeout: float = 900, on_message=None) -> "Execution":
+    def run(self, prompt: dict, timeout: float = 900, on_message=None) -> Execution:
         """Queues `prompt` and waits for it to end; returns every message it produced."""
         ws = self.connect()
         try:
@@ -143,7 +143,7 @@ class ComfyUIServer:
         finally:
             ws.close()
 
-    def wait(self, ws, prompt_id: str, timeout: float = 900, on_message=None) -> "Execution":
+    def wait(self, ws, prompt_id: str, timeout: float = 900, on_message=None) -> Execution:
         messages = []
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

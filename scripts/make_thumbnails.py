@@ -18,10 +18,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
-
 from build_workflows import PRESETS, Preset
 from make_example_media import PORTRAIT_NAME, draw_portrait
+from PIL import Image, ImageDraw, ImageFont
 
 ROOT = Path(__file__).resolve().parents[1]
 THUMB_SIZE = 512  # the template cards are square; 512 stays sharp on high-DPI screens
@@ -49,8 +48,12 @@ def settings_lines(preset: Preset) -> list[str]:
         extras.append("weights stay on the GPU")
     if preset.guide_scale:
         extras.append(f"guidance {preset.guide_scale:g}")
+    if preset.upscale_model:
+        extras.append("every block upscaled 2x")
     if preset.infer_frames != 48:
         extras.append(f"{preset.infer_frames}-frame clips")
+    if preset.core_loaders:
+        extras.append("umT5, VAE, wav2vec2 from core nodes")
     return [first, "  ·  ".join(extras)] if extras else [first]
 
 

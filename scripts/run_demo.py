@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from comfyui_client import ComfyUIServer, copy_example_media  # noqa: E402
+
 from liveavatar_core.default_models import DEFAULT_FILES, has_default_models, write_default_models  # noqa: E402
 
 LOADER_WIDGETS = {"diffusion_models": "diffusion_model", "loras": "lora", "text_encoders": "text_encoder",

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The test command: sets up .venv (first run only) and runs the whole test suite.
+# The test command: sets up .venv (first run only), lints, and runs the whole test suite.
+# Arguments go to pytest: `bash scripts/test.sh -m "not slow"` is the fast lane.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
+echo "ruff check ." >&2
+.venv/bin/python -m ruff check .
 exec .venv/bin/python -m pytest "$@"

@@ -1,4 +1,5 @@
-"""Shared test fixtures: the reference data and a real ComfyUI 0.3.75 on the import path."""
+"""Shared test fixtures: the reference data, the embedded default (tiny) models, and a real
+ComfyUI 0.3.75 on the import path."""
 
 from __future__ import annotations
 
@@ -50,3 +51,51 @@ def comfyui():
     import comfy
 
     return comfy
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict[str, torch.Tensor]:
+    """The tiny official model's reference tensors (inputs and outputs of one DiT call)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(OFFICIAL_TINY / "golden.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def default_model_files(tmp_path_factory) -> dict[str, Path]:
+    """The embedded default models written once (read-only for the tests): {ComfyUI folder: file}."""
+    from liveavatar_core.default_models import write_default_models
+
+    return write_default_models(tmp_path_factory.mktemp("default_models"))
+
+
+@pytest.fixture(scope="session")
+def default_models(default_model_files):
+    """Those files loaded in float32 on the CPU, as the job API sees them."""
+    from liveavatar_core.models import ModelFiles, load_models
+
+    paths = default_model_files
+    files = ModelFiles(dit=paths["diffusion_models"], text_encoder=paths["text_encoders"], vae=paths["vae"],
+                       audio_encoder=paths["audio_encoders"], lora=paths["loras"])
+    return load_models(files, dtype="fp32")
+
+
+# The loader widget that picks each model folder's file, and the tiny upscaler the servers hold.
+WIDGET_FOR_FOLDER = {"diffusion_models": "diffusion_model", "loras": "lora", "text_encoders": "text_encoder",
+                     "vae": "vae", "audio_encoders": "audio_encoder"}
+TINY_UPSCALER = "tiny_2x.safetensors"  # a 2x ESRGAN with random weights, for the Long + upscale preset
+
+
+def serve_small_models(base: Path):
+    """A real ComfyUI server in `base` with the small default models, the tiny upscaler and the
+    example media in place (a generator for module-scoped fixtures)."""
+    from comfyui_client import ComfyUIServer, copy_example_media
+    from tiny_upscaler import write_tiny_esrgan
+
+    from liveavatar_core.default_models import write_default_models
+
+    with ComfyUIServer(base) as running:
+        write_default_models(base / "models")
+        write_tiny_esrgan(base / "models" / "upscale_models" / TINY_UPSCALER)
+        copy_example_media(base)
+        yield running

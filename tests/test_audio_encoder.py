@@ -14,14 +14,11 @@ from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCT
 
 from conftest import FIXTURES, relative_error
 from liveavatar_core.audio_encoder import (
-    bucket_per_frame,
     config_from_shapes,
     features_for_frames,
     features_for_video,
     interpolate_to_video_rate,
     load_audio_encoder,
-    official_clip_count,
-    to_dit_layout,
     to_transformers_names,
     video_frames_with_audio,
 )
@@ -29,6 +26,7 @@ from liveavatar_core.audio_io import audio_dict_to_16k_mono, audio_duration_s, i
 from liveavatar_core.errors import CheckpointError, InputError
 from liveavatar_core.tensor_files import open_tensor_file
 from liveavatar_core.weights import build_empty
+from official_audio import bucket_per_frame, official_clip_count, to_dit_layout
 
 TOLERANCE = 1e-5
 SMALL_HIDDEN, SMALL_LAYERS, SMALL_HEADS = 128, 2, 2  # ComfyUI fixes 64 features per head

@@ -8,10 +8,10 @@ import json
 import os
 
 import pytest
-
 from browser import Browser, find_chromium
 from build_workflows import PRESETS, UI_DIR
 from comfyui_client import ComfyUIServer, free_port
+
 from conftest import ROOT
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]

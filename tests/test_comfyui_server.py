@@ -8,36 +8,34 @@ import io
 import json
 import re
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+from build_workflows import API_DIR, PRESETS, UI_DIR, WIDGET_NAMES, render_all
+from comfyui_client import PACK_NAME, PromptRejected
 from PIL import Image
 
-from build_workflows import API_DIR, PRESETS, UI_DIR, WIDGET_NAMES, render_all
-from comfyui_client import PACK_NAME, ComfyUIServer, PromptRejected, copy_example_media
-from conftest import write_wav
-from liveavatar_core.default_models import DEFAULT_FILES, write_default_models
+from conftest import TINY_UPSCALER, WIDGET_FOR_FOLDER, serve_small_models, write_wav
+from liveavatar_core.default_models import DEFAULT_FILES
 from liveavatar_core.video_writer import read_video_info
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-OUR_NODES = ("LoadLiveAvatarModel", "EncodeAudio", "EncodePrompt", "LiveAvatarSampler", "OnlineVAEDecode")
+OUR_NODES = ("LoadLiveAvatarModel", "EncodeAudio", "EncodePrompt", "LiveAvatarPromptFromConditioning",
+             "LiveAvatarSampler", "LiveAvatarStreamUpscale", "LiveAvatarStreamFaceRestore", "OnlineVAEDecode")
 SOCKET_TYPES = {"LIVEAVATAR_MODEL", "LIVEAVATAR_AUDIO", "LIVEAVATAR_PROMPT", "LIVEAVATAR_VIDEO_STREAM", "IMAGE",
-                "AUDIO", "MASK", "VIDEO", "LATENT"}
-WIDGET_FOR_FOLDER = {"diffusion_models": "diffusion_model", "loras": "lora", "text_encoders": "text_encoder",
-                     "vae": "vae", "audio_encoders": "audio_encoder"}
+                "AUDIO", "MASK", "VIDEO", "LATENT", "UPSCALE_MODEL", "CONDITIONING", "CLIP", "VAE", "AUDIO_ENCODER",
+                "AUDIO_ENCODER_OUTPUT"}
 SPEECH_SECONDS_FRAMES = 100  # the example speech is 4 s = 100 frames at 25 fps
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfyui")
-    with ComfyUIServer(base) as running:
-        write_default_models(base / "models")
-        copy_example_media(base)
-        yield running
+    yield from serve_small_models(base)
 
 
 def small_model(prompt: dict) -> dict:
@@ -46,7 +44,31 @@ def small_model(prompt: dict) -> dict:
     loader = next(n for n in prompt.values() if n["class_type"] == "LoadLiveAvatarModel")
     for folder, widget in WIDGET_FOR_FOLDER.items():
         loader["inputs"][widget] = DEFAULT_FILES[folder]
+    for node in prompt.values():
+        if node["class_type"] == "UpscaleModelLoader":
+            node["inputs"]["model_name"] = TINY_UPSCALER
+    return tiny_core_loaders(prompt) if "vae_model" in loader["inputs"] else prompt
+
+
+def tiny_core_loaders(prompt: dict) -> dict:
+    """The core-loaders workflow runnable with the small model: core Load VAE reads the tiny VAE
+    (so ours takes the VAE from it), but core Load CLIP and Load Audio Encoder only recognise
+    full-size umT5 and wav2vec2 files, so those two come from the LiveAvatar loader here."""
+    ids = {n["class_type"]: i for i, n in prompt.items()}
+    prompt[ids["VAELoader"]]["inputs"]["vae_name"] = DEFAULT_FILES["vae"]
+    loader = prompt[ids["LoadLiveAvatarModel"]]["inputs"]
+    loader["vae"] = "none"
+    del loader["audio_encoder_model"], prompt[ids["EncodeAudio"]]["inputs"]["audio_encoder_output"]
+    text = prompt[ids["CLIPTextEncode"]]["inputs"]["text"]
+    prompt[ids["LiveAvatarPromptFromConditioning"]] = {
+        "class_type": "EncodePrompt", "inputs": {"model": loader_link(ids), "prompt": text, "negative_prompt": ""}}
+    for core in ("CLIPLoader", "CLIPTextEncode", "AudioEncoderLoader", "AudioEncoderEncode"):
+        del prompt[ids[core]]
     return prompt
+
+
+def loader_link(ids: dict) -> list:
+    return [ids["LoadLiveAvatarModel"], 0]
 
 
 def node_of(prompt: dict, class_type: str) -> dict:
@@ -78,7 +100,7 @@ def widget_count(spec: dict) -> int:
     return count
 
 
-def test_object_info_lists_the_five_nodes_with_tooltips(server):
+def test_object_info_lists_our_nodes_with_tooltips(server):
     info = server.object_info()
     for name in OUR_NODES:
         spec = info[name]
@@ -89,6 +111,11 @@ def test_object_info_lists_the_five_nodes_with_tooltips(server):
             assert options and options[0].get("tooltip"), f"{name}.{input_name} has no tooltip"
     assert set(info["LoadLiveAvatarModel"]["input"]["required"]) >= set(WIDGET_FOR_FOLDER.values()) | {"offload_model"}
     assert info["LiveAvatarSampler"]["input"]["optional"]["gpus"][1]["default"] == 1
+    # Core types in: ComfyUI's own umT5 conditioning, VAE, audio encoder and its output.
+    assert info["LiveAvatarPromptFromConditioning"]["input"]["required"]["positive"][0] == "CONDITIONING"
+    loader = info["LoadLiveAvatarModel"]["input"]["optional"]
+    assert (loader["vae_model"][0], loader["audio_encoder_model"][0]) == ("VAE", "AUDIO_ENCODER")
+    assert info["EncodeAudio"]["input"]["optional"]["audio_encoder_output"][0] == "AUDIO_ENCODER_OUTPUT"
     assert info["LiveAvatarSampler"]["input"]["required"]["size"][0][-1] == "384*256"
 
 
@@ -133,7 +160,7 @@ def test_ui_workflows_match_object_info(server):
                 continue
             assert node["type"] in info, f"{preset.name}: unknown node {node['type']}"
             assert len(node["widgets_values"]) == widget_count(info[node["type"]]), f"{preset.name}: {node['type']}"
-        for link_id, src, src_slot, dst, dst_slot, kind in workflow["links"]:
+        for _, src, src_slot, _, _, kind in workflow["links"]:
             source = next(n for n in workflow["nodes"] if n["id"] == src)
             assert info[source["type"]]["output"][src_slot] == kind
 
@@ -157,11 +184,15 @@ def test_template_browser_lists_the_presets_with_thumbnails(server):
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.title)
 def test_preset_workflow_makes_an_mp4_with_audio(server, preset):
-    execution = server.run(api_workflow(preset.name, num_clip=2))
+    prompt = api_workflow(preset.name, num_clip=2)
+    width, height = (int(v) for v in preset.size.split("*"))
+    if preset.upscale_model:  # the tiny upscaler is slow at full size on a CPU: a small video, upscaled 2x
+        node_of(prompt, "LiveAvatarSampler")["inputs"]["size"] = "64*64"
+        width, height = 128, 128
+    execution = server.run(prompt)
     assert execution.ok, execution.error()
     mp4 = output_file(server, execution, "7")
     info = read_video_info(mp4)
-    width, height = (int(v) for v in preset.size.split("*"))
     frames = 2 * preset.infer_frames - 3
     assert (info["width"], info["height"], info["frames"]) == (width, height, frames)
     assert info["fps"] == 25
@@ -254,3 +285,26 @@ def test_bad_inputs_come_back_as_clear_errors_and_the_next_prompt_runs(server, c
         assert execution.outcome == "execution_error"
         assert message.lower() in execution.error()["exception_message"].lower()
     assert server.run(api_workflow("liveavatar_preview", num_clip=1)).ok
+
+
+def test_comfyui_unloads_our_networks_and_loads_them_again(server):
+    """Ours are in ComfyUI's model manager: they stay loaded between runs, `POST /free`
+    (ComfyUI's own unload of every model) takes them out, and the next run loads them again."""
+    loads = "Requested to load LiveAvatarNetwork"
+
+    def run(seed: int) -> None:
+        prompt = api_workflow("liveavatar_preview", num_clip=1)
+        node_of(prompt, "LoadLiveAvatarModel")["inputs"]["offload_model"] = False
+        node_of(prompt, "LiveAvatarSampler")["inputs"]["seed"] = seed
+        execution = server.run(prompt)
+        assert execution.ok, execution.error()
+
+    run(1)
+    assert loads in server.log()
+    before = server.log().count(loads)
+    run(2)
+    assert server.log().count(loads) == before, "loaded again although ComfyUI held them loaded"
+    server.post("/free", {"unload_models": True})
+    time.sleep(3)  # the queue's worker unloads when it wakes, before it takes the next prompt
+    run(3)
+    assert server.log().count(loads) > before, "ComfyUI did not unload them (or they did not load again)"

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import ROOT
 from liveavatar_core.audio_encoder import load_audio_encoder
 from liveavatar_core.audio_io import SAMPLE_RATE, load_audio
 from liveavatar_core.default_models import (
@@ -28,6 +28,7 @@ from liveavatar_core.default_models import (
 from liveavatar_core.dit import load_dit
 from liveavatar_core.lora import merge_lora
 from liveavatar_core.pipeline import StreamingPipeline
+from liveavatar_core.run_spec import RunSpec
 from liveavatar_core.streaming import SamplerSettings
 from liveavatar_core.text_encoder import load_text_encoder
 from liveavatar_core.vae import load_vae
@@ -96,8 +97,8 @@ def test_the_pipeline_runs_on_them(loaded):
     image = torch.from_numpy(np.asarray(Image.open(PORTRAIT).convert("RGB"), dtype=np.float32) / 255)
     # 64*64 is the smallest size: the motion packer's coarsest patch spans 8 latent pixels.
     settings = SamplerSettings(sample_steps=2, infer_frames=4, guide_scale=4.5)
-    chunks = list(StreamingPipeline(loaded["dit"], loaded["vae"]).stream(
-        image, features, context, "64*64", settings, num_clip=2, negative_context=negative))
+    spec = RunSpec.make(image, features, context, "64*64", settings, num_clip=2, negative_context=negative)
+    chunks = list(StreamingPipeline(loaded["dit"], loaded["vae"]).stream(spec))
     frames = torch.cat([c.frames for c in chunks])
     assert frames.shape == (2 * 4 - 3, 64, 64, 3) and torch.isfinite(frames).all()
 

@@ -20,11 +20,6 @@ TINY_LORA = OFFICIAL_TINY / "liveavatar-tiny.safetensors"
 TOLERANCE = 1e-5
 
 
-@pytest.fixture(scope="module")
-def golden():
-    return load_file(str(OFFICIAL_TINY / "golden.safetensors"))
-
-
 def predict(model: WanS2VTransformer, golden) -> torch.Tensor:
     with torch.no_grad():
         out = model(

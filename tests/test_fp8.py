@@ -19,13 +19,6 @@ from test_dit import predict
 TINY_DIR = OFFICIAL_TINY / "Wan2.2-S2V-tiny"
 
 
-@pytest.fixture(scope="module")
-def golden():
-    from safetensors.torch import load_file
-
-    return load_file(str(OFFICIAL_TINY / "golden.safetensors"))
-
-
 def fp8_model():
     return quantize_dit_(load_dit(TINY_DIR, dtype=torch.bfloat16))
 
@@ -52,6 +45,7 @@ def test_fp8_output_stays_close_to_bf16(golden):
     assert 0 < error < 0.1
 
 
+@pytest.mark.slow
 def test_scaled_fp8_file_loads_as_fp8_without_upcasting(tmp_path, golden):
     quantized = fp8_model()
     state = {f"model.diffusion_model.{k}": v.contiguous() for k, v in quantized.state_dict().items()}

@@ -6,10 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from liveavatar_core.default_models import write_default_models, default_model_paths
 from liveavatar_core.errors import InputError
 from liveavatar_core.generation import EncodedAudio, PromptEmbeddings, make_job, render
-from liveavatar_core.models import ModelFiles, load_models
 from liveavatar_core.sizing import area_fit_size
 from liveavatar_core.streaming import SamplerSettings
 from liveavatar_core.video_writer import read_video_info
@@ -32,13 +30,8 @@ def test_official_area_example():
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("models")
-    write_default_models(folder)
-    paths = default_model_paths(folder)
-    files = ModelFiles(paths["diffusion_models"], paths["text_encoders"], paths["vae"], paths["audio_encoders"],
-                       lora=paths["loras"])
-    return load_models(files, dtype="fp32")
+def models(default_models):
+    return default_models
 
 
 def audio(frames: int, rate: int = 16000, channels: int = 2) -> EncodedAudio:

@@ -27,10 +27,10 @@ import psutil
 import pytest
 import soundfile
 import torch
+from comfyui_client import ComfyUIServer, PromptRejected, copy_example_media
 from PIL import Image
 from safetensors.torch import save_file
 
-from comfyui_client import ComfyUIServer, PromptRejected, copy_example_media
 from conftest import write_wav
 from liveavatar_core.default_models import DEFAULT_FILES, TINY_DIT, write_default_models
 from liveavatar_core.dit.config import config_from_shapes
@@ -315,6 +315,7 @@ CASES = [
 
 
 @pytest.mark.server
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_hostile_prompt_gets_a_clear_answer_and_the_server_lives_on(server, case):
     before = {p: p.stat().st_size for p in mp4s(server.base / "output")}
@@ -345,12 +346,14 @@ def test_hostile_prompt_gets_a_clear_answer_and_the_server_lives_on(server, case
 
 
 @pytest.mark.server
+@pytest.mark.slow
 def test_after_the_hostile_prompts_the_next_prompt_runs(server):
     assert_next_prompt_runs(server)
 
 
 # -- prompts that run, with the input made safe ---------------------------------------------------------
 @pytest.mark.server
+@pytest.mark.slow
 def test_empty_prefix_writes_a_visible_file_under_the_default_name(server):
     prompt = quick_prompt()
     prompt[DECODE]["inputs"]["filename_prefix"] = "  "
@@ -362,6 +365,7 @@ def test_empty_prefix_writes_a_visible_file_under_the_default_name(server):
 
 
 @pytest.mark.server
+@pytest.mark.slow
 def test_loud_audio_is_limited_to_full_scale_in_the_video(server):
     prompt = quick_prompt()
     prompt[AUDIO]["inputs"]["audio"] = "loud.wav"
@@ -375,6 +379,7 @@ def test_loud_audio_is_limited_to_full_scale_in_the_video(server):
 
 # -- model files changed on disk after loading ---------------------------------------------------------
 @pytest.mark.server
+@pytest.mark.slow
 def test_model_file_replaced_or_truncated_after_loading_is_reloaded_not_crashed_on(server):
     folder = server.base / "models" / "diffusion_models"
     good = (folder / DEFAULT_FILES["diffusion_models"]).read_bytes()
@@ -412,6 +417,7 @@ def progress_of(message: dict, node: str = DECODE) -> int | None:
 
 
 @pytest.mark.server
+@pytest.mark.slow
 def test_interrupt_keeps_a_playable_mp4_shown_on_the_node(server):
     prompt = quick_prompt(size="128*128", num_clip=10, infer_frames=16, sample_steps=1, trim_to_audio=False)
     prompt[DECODE]["inputs"]["filename_prefix"] = "interrupted/avatar"
@@ -435,6 +441,7 @@ def test_interrupt_keeps_a_playable_mp4_shown_on_the_node(server):
 
 
 @pytest.mark.server
+@pytest.mark.slow
 def test_a_queue_of_ten_prompts_each_gets_its_own_outcome(server):
     bad = [("lora_strength", loader(lora_strength=float("nan"))),
            ("65536", node_input(SAMPLER, size="65536*65536")),
@@ -496,6 +503,7 @@ def gone(process: psutil.Process) -> bool:
 
 
 @pytest.mark.server
+@pytest.mark.slow
 def test_kill_9_of_a_worker_is_named_and_the_next_run_starts_fresh_workers(server):
     prompt = quick_prompt(gpus=2, num_clip=10, sample_steps=2, infer_frames=16, trim_to_audio=False)
     killed = []
@@ -517,6 +525,7 @@ def test_kill_9_of_a_worker_is_named_and_the_next_run_starts_fresh_workers(serve
 
 
 @pytest.mark.server
+@pytest.mark.slow
 def test_kill_9_of_comfyui_leaves_no_workers_and_no_empty_mp4(server):
     """Last: it ends the module's server."""
     prompt = quick_prompt(gpus=2, size="128*128", num_clip=2, sample_steps=2, infer_frames=16, trim_to_audio=False)
@@ -548,8 +557,8 @@ def test_kill_9_of_comfyui_leaves_no_workers_and_no_empty_mp4(server):
 
 # -- the same guarantees, proved on liveavatar_core directly -----------------------------------------
 @pytest.fixture(scope="module")
-def tiny_files(tmp_path_factory):
-    return write_default_models(tmp_path_factory.mktemp("tiny_models"))
+def tiny_files(default_model_files):
+    return default_model_files
 
 
 def test_loaded_weights_survive_their_file_being_truncated_or_overwritten(tmp_path, tiny_files):
@@ -603,8 +612,9 @@ def test_bad_config_values_are_named_with_their_source_and_fix(tiny_files, hints
 def test_lora_strength_that_is_not_finite_is_refused_before_loading(tiny_files, value):
     from liveavatar_core.models import ModelFiles, load_models
 
-    files = ModelFiles(Path("never-read.safetensors"), tiny_files["text_encoders"], tiny_files["vae"],
-                       tiny_files["audio_encoders"], tiny_files["loras"], value)
+    files = ModelFiles(dit=Path("never-read.safetensors"), text_encoder=tiny_files["text_encoders"],
+                       vae=tiny_files["vae"], audio_encoder=tiny_files["audio_encoders"], lora=tiny_files["loras"],
+                       lora_strength=value)
     with pytest.raises(InputError, match=r"lora_strength .*1\.0 is what LiveAvatar was trained for") as info:
         load_models(files)
     error = info.value
@@ -692,14 +702,15 @@ def test_cpu_workers_need_the_test_flag_and_are_few(monkeypatch):
 
 
 def test_an_idle_worker_pool_is_released(monkeypatch, tiny_files):
-    from liveavatar_core.parallel import ModelFiles
-    from liveavatar_core.parallel import shared_pools
+    from liveavatar_core.model_files import ModelFiles
+    from liveavatar_core.parallel import FileModels, shared_pools
 
     monkeypatch.setenv("LIVEAVATAR_WORKER_IDLE_S", "0.3")
     monkeypatch.setattr(shared_pools, "IDLE_CHECK_S", 0.1)
     released = threading.Event()
-    pool = shared_pools.shared_pool(ModelFiles(tiny_files["diffusion_models"], tiny_files["vae"]), 2, "cpu")
+    source = FileModels(ModelFiles(dit=tiny_files["diffusion_models"], vae=tiny_files["vae"]))
+    pool = shared_pools.shared_pool(source, 2, "cpu")
     monkeypatch.setattr(pool, "shutdown", released.set)
-    assert shared_pools.shared_pool(ModelFiles(tiny_files["diffusion_models"], tiny_files["vae"]), 2, "cpu") is pool
+    assert shared_pools.shared_pool(source, 2, "cpu") is pool
     assert released.wait(10), "the idle pool was not released"
     assert shared_pools._pool is None

@@ -24,8 +24,10 @@ from safetensors import safe_open
 
 from conftest import FIXTURES, OFFICIAL_TINY, relative_error
 from liveavatar_core.errors import InputError
+from liveavatar_core.model_files import Precision
 from liveavatar_core.models import load_dit_as
 from liveavatar_core.pipeline import StreamingPipeline
+from liveavatar_core.run_spec import RunSpec
 from liveavatar_core.semantics import VideoSemantics
 from liveavatar_core.streaming import CausalDiT
 from liveavatar_core.streaming import sampler as sampler_module
@@ -52,7 +54,7 @@ def load_golden(name: str) -> tuple[dict, dict[str, torch.Tensor]]:
 def tiny_models():
     files = types.SimpleNamespace(dit=OFFICIAL_TINY / "Wan2.2-S2V-tiny", lora=OFFICIAL_TINY / "liveavatar-tiny.safetensors",
                                   lora_strength=1.0)
-    dit = load_dit_as(files, torch.device("cpu"), torch.float32, False)
+    dit = load_dit_as(files, torch.device("cpu"), Precision(torch.float32))
     vae = load_vae(GOLDENS / "vae_tiny_wan21_dim8.safetensors", device="cpu", dtype=torch.float32)
     return dit, vae
 
@@ -65,20 +67,21 @@ def run_with_official_draws(monkeypatch, dit, vae, meta, golden, semantics):
     monkeypatch.setattr(CausalSampler, "clip_noise", lambda self, clip: golden[f"inputs/noise_clip{clip}"][None].clone())
     monkeypatch.setattr(sampler_module, "sink_distance", lambda seed, clip, block, step, bounds=None: distances[(clip, block, step)])
     latents = {}
-    real_generate = CausalSampler.generate_clip
+    real_denoise = CausalSampler.denoise
 
-    def recording_generate(self, clip, audio, progress=None, should_stop=None):
-        for block, (start, x) in enumerate(real_generate(self, clip, audio, progress, should_stop)):
-            latents[(clip, block)] = x[0].clone()
-            yield start, x
+    def recording_denoise(self, clip, block, *args, **kwargs):
+        x = real_denoise(self, clip, block, *args, **kwargs)
+        latents[(clip, block)] = x[0].clone()
+        return x
 
-    monkeypatch.setattr(CausalSampler, "generate_clip", recording_generate)
+    monkeypatch.setattr(CausalSampler, "denoise", recording_denoise)
     settings = SamplerSettings(sample_steps=meta["sample_steps"], infer_frames=meta["infer_frames"], seed=meta["seed"])
     image = golden["inputs/ref_image_uint8"].float() / 255.0
     pipeline = StreamingPipeline(dit, vae, "cpu", overlap_decode=False)
     frames: dict[int, list[torch.Tensor]] = {}
-    for chunk in pipeline.stream(image, golden["inputs/audio_emb"], golden["inputs/context"], (width, height), settings,
-                                 num_clip=meta["clips"], trim_to_audio=False, semantics=semantics):
+    spec = RunSpec.make(image, golden["inputs/audio_emb"], golden["inputs/context"], (width, height), settings,
+                        num_clip=meta["clips"], trim_to_audio=False, semantics=semantics)
+    for chunk in pipeline.stream(spec):
         frames.setdefault(chunk.clip, []).append(chunk.frames)
     video = {clip: (torch.cat(parts) * 2 - 1).permute(3, 0, 1, 2) for clip, parts in frames.items()}
     return latents, video
@@ -132,7 +135,7 @@ def test_official_noise_follows_the_model_dtype(tiny_models):
 @pytest.mark.parametrize("semantics", ["official", VideoSemantics("official-single-gpu", sink_roll="yes")])
 def test_unknown_semantics_are_refused_before_any_compute(tiny_models, semantics):
     dit, vae = tiny_models
-    stream = StreamingPipeline(dit, vae).stream(torch.rand(64, 64, 3), torch.zeros(1, 25, 32, 24), torch.zeros(7, 64),
-                                                (64, 64), SamplerSettings(infer_frames=24), semantics=semantics)
     with pytest.raises(InputError, match="semantics must be one of|sink_roll must be"):
-        next(stream)
+        spec = RunSpec.make(torch.rand(64, 64, 3), torch.zeros(1, 25, 32, 24), torch.zeros(7, 64), (64, 64),
+                            SamplerSettings(infer_frames=24), semantics=semantics)
+        next(StreamingPipeline(dit, vae).stream(spec))

@@ -7,13 +7,13 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
-import tomllib
 import zipfile
 
 import pytest
+import tomllib
+from comfyui_client import COMFYUI_DIR
 from PIL import Image
 
-from comfyui_client import COMFYUI_DIR
 from conftest import ROOT
 
 PACKAGE_LIMIT = 8_000_000  # bytes, zipped: the shipped tiny default model is ~5 MB of it; the test fixtures alone are ~45 MB
@@ -36,7 +36,7 @@ def test_comfyignore_leaves_out_tests_and_keeps_what_comfyui_loads():
     published = set(published_files())
     assert any(path.startswith("tests/fixtures/") for path in tracked)
     assert not [path for path in published if path.startswith(("tests/", "scripts/", ".ci/"))]
-    for runtime in ("__init__.py", "nodes/", "liveavatar_core/", "workflows/", "requirements.txt", "LICENSE"):
+    for runtime in ("__init__.py", "nodes/", "liveavatar_core/", "web/", "workflows/", "requirements.txt", "LICENSE"):
         wanted = [path for path in tracked if path == runtime or path.startswith(runtime)]
         assert wanted and set(wanted) <= published, f"{runtime} is left out of the package"
 

@@ -19,11 +19,12 @@ import torch
 from diffusers import AutoencoderKLWan
 from safetensors.torch import load_file
 
-from conftest import OFFICIAL_TINY, ROOT
+from conftest import OFFICIAL_TINY, ROOT, relative_error
 from liveavatar_core.dit import load_dit
 from liveavatar_core.errors import CheckpointError, DistributedError, InputError
-from liveavatar_core.parallel import Job, WorkerPool, plan_stages
-from liveavatar_core.pipeline import StreamingPipeline, planned_blocks
+from liveavatar_core.parallel import WorkerPool, plan_stages
+from liveavatar_core.pipeline import StreamingPipeline
+from liveavatar_core.run_spec import RunSpec
 from liveavatar_core.semantics import VideoSemantics
 from liveavatar_core.streaming import GenerationCancelled, SamplerSettings
 from liveavatar_core.streaming.sampler import sink_distance
@@ -59,7 +60,7 @@ CASES = {
 }
 
 
-def make_job(case: str, **overrides) -> Job:
+def make_job(case: str, **overrides) -> RunSpec:
     settings, audio_frames, semantics = CASES[case]
     context = load_file(str(OFFICIAL_TINY / "golden.safetensors"))["context"]
     negative = context.flip(0) if settings.guide_scale > 0 else None
@@ -67,7 +68,7 @@ def make_job(case: str, **overrides) -> Job:
     features = torch.randn(1, 25, 32, audio_frames, generator=torch.Generator().manual_seed(6))
     inputs = {"image": image, "audio_features": features, "context": context, "size": SIZE, "settings": settings,
               "negative_context": negative, "semantics": semantics}
-    return Job(**(inputs | overrides))
+    return RunSpec.make(**(inputs | overrides))
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +83,7 @@ def reference():
             torch.set_num_threads(1)
             try:
                 pipeline = StreamingPipeline(models.load_dit("cpu"), models.load_vae("cpu"))
-                done[case] = list(pipeline.stream(job.image, job.audio_features, job.context, job.size, job.settings,
-                                                  negative_context=job.negative_context, semantics=job.semantics))
+                done[case] = list(pipeline.stream(job))
             finally:
                 torch.set_num_threads(threads)
         return done[case]
@@ -135,39 +135,51 @@ def test_sink_distance_depends_only_on_the_calls_place():
     assert draws != [sink_distance(8, clip, block, step) for clip in range(4) for block in range(4) for step in range(4)]
 
 
+@pytest.mark.slow
 def test_block_plan_matches_where_one_process_stops(reference):
     for case in CASES:
         job = make_job(case)
-        assert planned_blocks(job.plan(), job.settings) == [(c.clip, c.block) for c in reference(case)]
+        assert job.schedule.blocks() == [(c.clip, c.block) for c in reference(case)]
 
 
 # -- equality with one process ----------------------------------------------------------------------
+@pytest.mark.slow
 def test_two_ranks_run_three_steps_and_cut_the_video_inside_a_clip(pool2, reference):
     """Rank 0 runs steps 0-1, rank 1 step 2 and the decode; 3 clips, cut in the third."""
     assert_same(list(pool2.run(make_job("euler_3_steps"))), reference("euler_3_steps"))
 
 
+@pytest.mark.slow
 def test_ranks_with_their_caches_in_host_memory_give_the_same_frames(pool2, reference):
-    assert_same(list(pool2.run(make_job("euler_3_steps", kv_cache="host"))), reference("euler_3_steps"))
+    # Device caches read the sink in place, host caches concatenate it: equal to float32 rounding.
+    chunks, expected = list(pool2.run(make_job("euler_3_steps", kv_cache="host"))), reference("euler_3_steps")
+    assert [(c.clip, c.block, c.ends_clip) for c in chunks] == [(c.clip, c.block, c.ends_clip) for c in expected]
+    for got, want in zip(chunks, expected):
+        assert relative_error(got.frames, want.frames) < 1e-5, f"clip {got.clip} block {got.block} differs"
 
 
+@pytest.mark.slow
 def test_two_ranks_with_guidance_and_dpmpp(pool2, reference):
     assert_same(list(pool2.run(make_job("guided_dpmpp"))), reference("guided_dpmpp"))
 
 
+@pytest.mark.slow
 def test_two_ranks_give_the_official_multi_gpu_video_of_one_process(pool2, reference):
     assert_same(list(pool2.run(make_job("official_4_steps"))), reference("official_4_steps"))
 
 
+@pytest.mark.slow
 def test_two_ranks_give_the_official_single_gpu_video_of_one_process(pool2, reference):
     """The decoding rank re-encodes the motion window and sends the rolled sink to rank 0."""
     assert_same(list(pool2.run(make_job("single_gpu"))), reference("single_gpu"))
 
 
+@pytest.mark.slow
 def test_three_ranks_one_step_each_and_a_decoding_rank(pool3, reference):
     assert_same(list(pool3.run(make_job("guided_dpmpp"))), reference("guided_dpmpp"))
 
 
+@pytest.mark.slow
 def test_five_ranks_for_two_steps_leave_two_idle_and_five_for_four_steps_are_the_official_layout(reference):
     for pool in make_pool(5):
         assert_same(list(pool.run(make_job("guided_dpmpp"))), reference("guided_dpmpp"))
@@ -175,6 +187,7 @@ def test_five_ranks_for_two_steps_leave_two_idle_and_five_for_four_steps_are_the
 
 
 # -- stopping and failures ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_stop_keeps_the_frames_before_it_and_the_pool_stays_warm(pool2, reference):
     expected = reference("euler_3_steps")
     seen = []
@@ -188,6 +201,7 @@ def test_stop_keeps_the_frames_before_it_and_the_pool_stays_warm(pool2, referenc
     assert_same(first_clip, [c for c in expected if c.clip == 0])
 
 
+@pytest.mark.slow
 def test_a_killed_rank_stops_the_others_and_is_named(pool3, reference):
     expected = reference("guided_dpmpp")
     seen = []
@@ -207,6 +221,7 @@ class WrongVaeFile(TinyModels):
         raise CheckpointError("vae.safetensors holds a text encoder. Pick wan_2.1_vae.safetensors.")
 
 
+@pytest.mark.slow
 def test_a_rank_that_cannot_load_its_model_passes_the_error_on():
     pool = WorkerPool(2, WrongVaeFile(), device="cpu", cpu_threads=1)
     try:
@@ -235,6 +250,7 @@ def test_more_processes_than_gpus_names_the_gpu_count(monkeypatch):
         WorkerPool(5, TinyModels())
 
 
+@pytest.mark.slow
 def test_a_rank_that_cannot_join_says_which_settings_help():
     """Rank 0 of 2 waits for a rank 1 that never comes: the watchdog ends it with the hints."""
     code = (

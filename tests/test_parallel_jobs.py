@@ -16,10 +16,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from liveavatar_core.default_models import default_model_paths, write_default_models
 from liveavatar_core.errors import InputError
 from liveavatar_core.generation import EncodedAudio, PromptEmbeddings, make_job, render, worker_model_files
-from liveavatar_core.models import ModelFiles, load_models
 from liveavatar_core.parallel.shared_pools import release_shared_pool, shared_pool
 from liveavatar_core.streaming import GenerationCancelled, SamplerSettings
 from liveavatar_core.video_writer import read_video_info
@@ -31,13 +29,8 @@ AUDIO_FRAMES = 40
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("models")
-    write_default_models(folder)
-    paths = default_model_paths(folder)
-    files = ModelFiles(paths["diffusion_models"], paths["text_encoders"], paths["vae"], paths["audio_encoders"],
-                       lora=paths["loras"])
-    yield load_models(files, dtype="fp32")
+def models(default_models):
+    yield default_models
     release_shared_pool()
 
 
@@ -78,6 +71,7 @@ def assert_same(chunks, expected):
         assert torch.equal(got.frames, want.frames), f"clip {got.clip} block {got.block} differs"
 
 
+@pytest.mark.slow
 def test_two_gpus_give_the_frames_and_progress_of_one_and_stay_warm(models, reference):
     expected, expected_steps = reference
     job = video_job(models, 2)
@@ -91,6 +85,7 @@ def test_two_gpus_give_the_frames_and_progress_of_one_and_stay_warm(models, refe
     assert pool.pids == workers, "the next run started new workers"
 
 
+@pytest.mark.slow
 def test_cancel_keeps_the_earlier_frames_in_the_mp4(models, reference, tmp_path):
     expected, _ = reference
     seen = []
@@ -104,6 +99,7 @@ def test_cancel_keeps_the_earlier_frames_in_the_mp4(models, reference, tmp_path)
     assert shared_pool(worker_model_files(models), 2, "cpu").running, "Cancel must not end the workers"
 
 
+@pytest.mark.slow
 def test_another_count_replaces_the_pool_and_one_gpu_ends_it(models, reference):
     expected, _ = reference
     two = shared_pool(worker_model_files(models), 2, "cpu")
@@ -138,6 +134,7 @@ def test_other_bad_gpu_counts_are_refused(models):
         video_job(dataclasses.replace(models, device=torch.device("mps")), 2)
 
 
+@pytest.mark.slow
 def test_workers_do_not_run_the_host_applications_main_script(models, tmp_path):
     """A host's main script (ComfyUI's main.py) runs again in every spawned worker unless
     hidden: here each run of the script leaves a mark; only the host's own may."""
@@ -146,13 +143,14 @@ def test_workers_do_not_run_the_host_applications_main_script(models, tmp_path):
         "import os, sys\n"
         "open(os.path.join(sys.argv[1], f'ran-{os.getpid()}'), 'w').close()\n"
         "if __name__ == '__main__':\n"
-        "    from liveavatar_core.parallel import ModelFiles\n"
+        "    from liveavatar_core.model_files import ModelFiles\n"
+        "    from liveavatar_core.parallel import FileModels\n"
         "    from liveavatar_core.parallel.shared_pools import shared_pool\n"
-        "    pool = shared_pool(ModelFiles(sys.argv[2], sys.argv[3]), 2, 'cpu')\n"
+        "    pool = shared_pool(FileModels(ModelFiles(dit=sys.argv[2], vae=sys.argv[3])), 2, 'cpu')\n"
         "    pool.start()\n"
         "    print('workers', len(pool.pids))\n"
     )
-    files = worker_model_files(models)
+    files = worker_model_files(models).files
     result = subprocess.run(
         [sys.executable, str(script), str(tmp_path), str(files.dit), str(files.vae)], cwd=ROOT, capture_output=True,
         text=True, timeout=300, check=False, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},

@@ -11,7 +11,9 @@ from safetensors.torch import load_file
 from conftest import OFFICIAL_TINY
 from liveavatar_core.dit import load_dit
 from liveavatar_core.errors import InputError
-from liveavatar_core.pipeline import StreamingPipeline, fit_reference, parse_size
+from liveavatar_core.pipeline import StreamingPipeline
+from liveavatar_core.run_spec import RunSpec
+from liveavatar_core.sizing import fit_reference, parse_size
 from liveavatar_core.streaming import GenerationCancelled, SamplerSettings
 from liveavatar_core.vae import WanVAE
 
@@ -41,10 +43,12 @@ def features(frames: int) -> torch.Tensor:
 
 def collect(pipeline, context, audio_frames, **kwargs):
     settings = kwargs.pop("settings", SamplerSettings(sample_steps=1, infer_frames=16))
-    chunks = list(pipeline.stream(portrait(), features(audio_frames), context, kwargs.pop("size", SMALL), settings, **kwargs))
+    spec = RunSpec.make(portrait(), features(audio_frames), context, kwargs.pop("size", SMALL), settings, **kwargs)
+    chunks = list(pipeline.stream(spec))
     return chunks, torch.cat([c.frames for c in chunks])
 
 
+@pytest.mark.slow
 def test_auto_clip_count_follows_the_audio_and_trims_to_it(pipeline, context):
     chunks, frames = collect(pipeline, context, audio_frames=40)  # 2.5 clips of 16 frames
     assert {c.clip for c in chunks} == {0, 1, 2}
@@ -52,29 +56,33 @@ def test_auto_clip_count_follows_the_audio_and_trims_to_it(pipeline, context):
     assert frames.dtype == torch.float32 and 0 <= frames.min() and frames.max() <= 1
 
 
+@pytest.mark.slow
 def test_fixed_clip_count_renders_past_the_audio_with_silence_when_asked(pipeline, context):
     _, frames = collect(pipeline, context, audio_frames=10, num_clip=2, trim_to_audio=False)
     assert frames.shape[0] == 2 * 16 - 3
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_frames(pipeline, context):
     _, a = collect(pipeline, context, audio_frames=20)
     _, b = collect(pipeline, context, audio_frames=20)
     assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overlap_decode", [False, True], ids=["decode in line", "decode beside"])
 def test_stop_keeps_everything_finished_before_it(pipeline, context, overlap_decode):
     runner = StreamingPipeline(pipeline.dit, pipeline.vae, overlap_decode=overlap_decode)
     seen = []
     calls = iter(range(10**6))
     with pytest.raises(GenerationCancelled):
-        for chunk in runner.stream(portrait(), features(64), context, SMALL, SamplerSettings(sample_steps=1, infer_frames=16),
-                                   should_stop=lambda: next(calls) >= 4):
+        spec = RunSpec.make(portrait(), features(64), context, SMALL, SamplerSettings(sample_steps=1, infer_frames=16))
+        for chunk in runner.stream(spec, should_stop=lambda: next(calls) >= 4):
             seen.append(chunk)
     assert [(c.clip, c.block) for c in seen] == [(0, 0), (0, 1), (1, 0), (1, 1)]
 
 
+@pytest.mark.slow
 def test_decoding_beside_generation_gives_the_same_chunks(pipeline, context):
     overlapped = StreamingPipeline(pipeline.dit, pipeline.vae, overlap_decode=True)
     in_line, frames = collect(pipeline, context, audio_frames=20)  # two clips: the sink roll waits for clip 0
@@ -121,12 +129,13 @@ def sine(seconds: float, rate: int = 16000) -> torch.Tensor:
 @pytest.mark.slow
 def test_three_clips_at_preview_size_make_a_playable_mp4_with_audio(pipeline, context, tmp_path):
     """3 clips of 48 frames at 384*256: the file read back has the frames, size, fps and audio."""
-    from liveavatar_core.pipeline import FPS, VIDEO_START_OFFSET, write_video
+    from liveavatar_core.pipeline import write_video
+    from liveavatar_core.time_grid import FPS, VIDEO_START_OFFSET
     from liveavatar_core.video_writer import read_video_info
 
     frames = 3 * 48
     audio = sine(frames / FPS)
-    chunks = pipeline.stream(portrait(), features(frames), context, "384*256", SamplerSettings(sample_steps=1))
+    chunks = pipeline.stream(RunSpec.make(portrait(), features(frames), context, "384*256", SamplerSettings(sample_steps=1)))
     path = tmp_path / "avatar.mp4"
     written = write_video(chunks, path, audio, 16000, "384*256")
     info = read_video_info(path)
@@ -137,14 +146,14 @@ def test_three_clips_at_preview_size_make_a_playable_mp4_with_audio(pipeline, co
 
 @pytest.mark.slow
 def test_run_stopped_after_two_clips_leaves_those_clips_with_audio(pipeline, context, tmp_path):
-    from liveavatar_core.pipeline import FPS, write_video
+    from liveavatar_core.pipeline import write_video
+    from liveavatar_core.time_grid import FPS
     from liveavatar_core.video_writer import read_video_info
 
     infer = 16
     finished = []
-    chunks = pipeline.stream(portrait(), features(5 * infer), context, SMALL,
-                             SamplerSettings(sample_steps=1, infer_frames=infer),
-                             should_stop=lambda: len(finished) >= 2)
+    spec = RunSpec.make(portrait(), features(5 * infer), context, SMALL, SamplerSettings(sample_steps=1, infer_frames=infer))
+    chunks = pipeline.stream(spec, should_stop=lambda: len(finished) >= 2)
 
     def tracked():
         for chunk in chunks:

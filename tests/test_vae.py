@@ -199,6 +199,7 @@ def test_encode_rejects_video_it_would_truncate(small_vae):
 
 
 # -- streaming decode ------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("chunks", [(1, 3, 2), (2, 4), (1, 1, 1, 1, 1, 1)])
 def test_streaming_decode_equals_whole_decode(small_vae, chunks):
     latents = random_latents(sum(chunks), 4, 6)

@@ -95,7 +95,7 @@ def test_error_inside_the_block_keeps_what_was_written(tmp_path):
         with StreamingVideoWriter(path, FPS, WIDTH, HEIGHT, audio=sine(8.0), sample_rate=SAMPLE_RATE) as writer:
             writer.write_frames(clip_frames(0))
             writer.write_frames(clip_frames(1)[:10], clip_boundary=False)
-            1 / 0
+            raise ZeroDivisionError("a failure in the middle of clip 1")
     info = read_video_info(path)
     assert info["frames"] == CLIP + 10
     assert info["audio_duration_s"] == pytest.approx((CLIP + 10) / FPS, abs=1 / FPS)

@@ -14,6 +14,8 @@ from ..errors import CheckpointError
 HEAD_DIM = 128
 # Which blocks are followed by an audio injector is not visible in the tensors either.
 WAN22_S2V_14B_INJECT_LAYERS = (0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39)
+# Pixel frames of motion context Wan2.2-S2V was trained with (19 latent frames).
+MOTION_FRAMES = 73
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class S2VConfig:
     num_audio_token: int = 4
     audio_inject_layers: tuple[int, ...] = WAN22_S2V_14B_INJECT_LAYERS
     cond_dim: int = 16
-    motion_frames: int = 73
+    motion_frames: int = MOTION_FRAMES
     framepack_buckets: tuple[int, int, int] = (1, 2, 16)
     eps: float = 1e-6
     # Temporal RoPE index of the reference frame in Wan2.2-S2V.
@@ -119,7 +121,7 @@ def config_from_shapes(
         raise bad("audio_inject_layers", list(inject), f"names blocks outside 0..{num_layers - 1} or twice",
                   "Use the config.json that came with this model.")
     text_len = _positive_int(hints.get("text_len", 512), "text_len", bad, "Use 512, umT5's length in Wan2.2.")
-    motion_frames = _positive_int(hints.get("motion_frames", 73), "motion_frames", bad, "Use 73, as Wan2.2-S2V.")
+    motion_frames = _positive_int(hints.get("motion_frames", MOTION_FRAMES), "motion_frames", bad, "Use 73, as Wan2.2-S2V.")
     eps = hints.get("eps", 1e-6)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
         raise bad("eps", eps, "is not a small positive number", "Use 1e-6, as Wan2.2-S2V.")

@@ -3,8 +3,9 @@ matrix units (`torch._scaled_mm`).
 
 Weights are stored as float8_e4m3fn with one float32 scale per tensor (ComfyUI's "scaled fp8"
 files hold exactly this: `<layer>.weight` in fp8 and `<layer>.scale_weight`), so those files
-load without upcasting. Activations are quantised per token at run time (a scale per row),
-which keeps outliers in one token from flattening the others.
+load without upcasting. Activations are quantised at run time with one scale per tensor by
+default (cuBLAS's fast fp8 kernels); `set_activation_scaling_(model, "row")` gives each token
+its own scale instead, which keeps outliers in one token from flattening the others.
 
 As in LiveAvatar's own fp8 mode, the layers that set the conditioning stay in bf16: the text
 and time embeddings, the time projection, the output head and the audio encoder's final
@@ -56,19 +57,24 @@ def _quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # H200 a streaming block step took 192 ms this way against 274 ms with "row", a scale per
 # token, for the same latents after one clip (0.033 from bf16 either way).
 ACTIVATION_SCALINGS = ("row", "tensor")
-_activation_scaling = "tensor"
 
 
-def set_activation_scaling(kind: str) -> None:
-    global _activation_scaling
+def set_activation_scaling_(model: nn.Module, kind: str) -> nn.Module:
+    """How every fp8 layer of `model` scales its inputs: "tensor" (the default) or "row"."""
     if kind not in ACTIVATION_SCALINGS:
         raise ValueError(f"activation scaling must be one of {ACTIVATION_SCALINGS}, got {kind!r}")
-    _activation_scaling = kind
+    for module in model.modules():
+        if isinstance(module, Fp8Linear):
+            module.activation_scaling = kind
+    return model
 
 
 class Fp8Linear(nn.Module):
     """A linear layer with an fp8 weight [out, in] and a per-tensor scale (names as ComfyUI's
-    scaled-fp8 files: `weight`, `scale_weight`, `bias`)."""
+    scaled-fp8 files: `weight`, `scale_weight`, `bias`); inputs are scaled per tensor unless
+    `activation_scaling` is "row" (per token)."""
+
+    activation_scaling = "tensor"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
@@ -96,7 +102,7 @@ class Fp8Linear(nn.Module):
         if not has_fp8_matmul(x.device) or self.in_features % 16 or self.out_features % 16:
             return F.linear(x, self.dequantized_weight(), self.bias)
         rows = x.reshape(-1, self.in_features)
-        if _activation_scaling == "row":
+        if self.activation_scaling == "row":
             x8, x_scale = fused.run(_quantize_rows, rows)
             w_scale = self.scale_weight.reshape(1, 1).expand(1, self.out_features).contiguous()
         else:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fused
+from .attention import attention
 
 
 class RMSNorm(nn.Module):
@@ -31,13 +32,6 @@ class LayerNorm32(nn.LayerNorm):
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention over [B, L, heads, head_dim] tensors; returns [B, Lq, heads * head_dim].
-    `mask` [Lq, Lk] (True = may attend) is only used by reference computations in tests."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-    return out.transpose(1, 2).flatten(2)
 
 
 class QKVProjection(nn.Module):

@@ -50,7 +50,8 @@ def _json_object(text: str, source: str, fix: str) -> dict:
 
 
 def _drop_fp8_extras(name: str) -> str | None:
-    # Input scales of ComfyUI's scaled-fp8 files are not used: inputs are scaled per token.
+    # Input scales of ComfyUI's scaled-fp8 files are not used: inputs are scaled at run time
+    # (one scale per call by default, see `fp8.ACTIVATION_SCALINGS`).
     return None if name == SCALED_FP8_MARKER or name.endswith(".scale_input") else name
 
 

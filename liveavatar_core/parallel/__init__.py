@@ -7,9 +7,9 @@ ranks own denoising steps, block latents flow rank to rank, the last rank decode
 - `run_stage`: one rank's part of a run, for other launchers.
 """
 
-from .models import ModelFiles, ModelSource
+from .models import FileModels, ModelSource
 from .plan import StagePlan, plan_stages
 from .pool import WorkerPool
-from .stage import Job, run_stage
+from .stage import run_stage
 
-__all__ = ["Job", "ModelFiles", "ModelSource", "StagePlan", "WorkerPool", "plan_stages", "run_stage"]
+__all__ = ["FileModels", "ModelSource", "StagePlan", "WorkerPool", "plan_stages", "run_stage"]

@@ -7,12 +7,21 @@ process group's device (the rank's GPU with NCCL, the CPU with gloo).
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-BLOCK, SINK, STOP, INPUTS, ABORT = 1, 2, 3, 4, 5
+
+class Kind(enum.IntEnum):
+    BLOCK = 1  # a block's latents (and the solver's history) for the next rank
+    SINK = 2  # the sink's reference and motion latents, from the decoding rank
+    STOP = 3  # the run was stopped before (clip, block)
+    INPUTS = 4  # torchrun: the run's inputs, from the rank that read them
+    ABORT = 5  # torchrun: the inputs could not be read
+
+
 MAX_TENSORS = 4
 MAX_DIMS = 6
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64)
@@ -22,7 +31,7 @@ _HEADER = 4 + MAX_TENSORS * _FIELDS  # kind, clip, block, count, then the tensor
 
 @dataclass
 class Message:
-    kind: int
+    kind: Kind
     clip: int = -1
     block: int = -1
     tensors: tuple[torch.Tensor, ...] = ()
@@ -32,7 +41,7 @@ def send(message: Message, dst: int, device: torch.device) -> None:
     tensors = [t.detach().to(device).contiguous() for t in message.tensors]
     if len(tensors) > MAX_TENSORS:
         raise ValueError(f"a message holds at most {MAX_TENSORS} tensors")
-    header = [message.kind, message.clip, message.block, len(tensors)]
+    header = [int(message.kind), message.clip, message.block, len(tensors)]
     for t in tensors:
         if t.dim() > MAX_DIMS:
             raise ValueError(f"tensors of at most {MAX_DIMS} dimensions travel, got {tuple(t.shape)}")
@@ -53,4 +62,4 @@ def recv(src: int, device: torch.device) -> Message:
         t = torch.empty(shape[:ndim], dtype=_DTYPES[dtype], device=device)
         dist.recv(t, src)
         tensors.append(t)
-    return Message(kind, clip, block, tuple(tensors))
+    return Message(Kind(kind), clip, block, tuple(tensors))

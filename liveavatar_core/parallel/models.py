@@ -1,7 +1,8 @@
 """The networks a rank needs, loaded by the rank itself from the same files.
 
-A `ModelSource` is anything picklable with `load_dit(device)` and `load_vae(device)`: worker
-processes receive it and build their own copies (no weights cross process boundaries).
+A `ModelSource` is anything picklable with `load_dit(device)` and `load_vae(device)` (such as
+`FileModels`): worker processes receive it and build their own copies (no weights cross
+process boundaries).
 `RankModels` loads each network the first time the rank's stage needs it and keeps it for
 later runs, so a rank that never decodes never holds the VAE.
 """
@@ -9,13 +10,12 @@ later runs, so a rank that never decodes never holds the VAE.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from ..dit import WanS2VTransformer
-from ..dit.fp8 import FP8
+from ..model_files import ModelFiles, Precision
 from ..vae import WanVAE, load_vae
 
 
@@ -26,40 +26,24 @@ class ModelSource(Protocol):
 
 
 @dataclass(frozen=True)
-class ModelFiles:
-    """The DiT (official shards, one of them, or ComfyUI's file), LiveAvatar's LoRA and the VAE."""
+class FileModels:
+    """A `ModelSource` that loads the DiT (+ LoRA) and the VAE of `files` in `precision`."""
 
-    dit: Path
-    vae: Path
-    lora: Path | None = None
-    lora_strength: float = 1.0  # LiveAvatar's LoRA is a distillation at full strength
-    dtype: torch.dtype = torch.bfloat16  # float8_e4m3fn: the DiT's linear layers in fp8, the rest bf16
+    files: ModelFiles
+    precision: Precision = Precision()
 
     def stamp(self) -> str:
-        """Sizes and modification times of the files: a warm pool whose files changed on disk
-        is replaced rather than reused (see `shared_pools`)."""
-        from ..file_stamps import file_stamp
-        from ..models import whole_checkpoint
-
-        return "|".join(file_stamp(p) for p in (whole_checkpoint(self.dit), self.vae, self.lora))
-
-    @property
-    def fp8(self) -> bool:
-        return self.dtype == FP8
-
-    @property
-    def full_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.fp8 else self.dtype
+        """A warm pool whose files changed on disk is replaced rather than reused."""
+        return self.files.stamp()
 
     def load_dit(self, device: torch.device) -> WanS2VTransformer:
         # Imported here: `..models` brings in the text and audio encoders, which ranks never run.
         from ..models import load_dit_as
 
-        return load_dit_as(self, device, self.full_dtype, self.fp8)
+        return load_dit_as(self.files, device, self.precision)
 
     def load_vae(self, device: torch.device) -> WanVAE:
-        # Half-precision convolutions are slow on the CPU (as in `models.load_models`).
-        return load_vae(self.vae, device=device, dtype=self.full_dtype if device.type == "cuda" else torch.float32)
+        return load_vae(self.files.vae, device=device, dtype=self.precision.small(device))
 
 
 class RankModels:

@@ -1,7 +1,7 @@
 """A warm pool of pipeline worker processes, driven from the caller's process.
 
-    with WorkerPool(5, ModelFiles(dit, vae, lora)) as pool:
-        for chunk in pool.run(Job(image, features, context, "688*368", settings)):
+    with WorkerPool(5, FileModels(ModelFiles(dit=dit, vae=vae, lora=lora))) as pool:
+        for chunk in pool.run(RunSpec.make(image, features, context, "688*368", settings)):
             ...  # FrameChunks, as StreamingPipeline.stream yields them
 
 Workers are started once (one per GPU, or CPU processes with gloo when there is no GPU),
@@ -24,18 +24,16 @@ import types
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..errors import DistributedError, LiveAvatarError
-from ..pipeline import FrameChunk, fit_reference
+from ..run_spec import RunSpec
+from ..semantics import FrameChunk
 from ..streaming import GenerationCancelled
 from .group import JOIN_HINT, resolve_device_kind
 from .models import ModelSource
-from .plan import plan_stages
-from .stage import Job
-from .worker import worker_main
+from .worker import Chunk, Done, Failed, Ready, RunRequest, Shutdown, worker_main
 
 POLL_S = 0.1
 # Spawned workers import torch and the package before they start joining.
@@ -111,9 +109,9 @@ class WorkerPool:
         deadline = time.monotonic() + wait_s
         while len(ready) < self.world_size:
             event = self._next_event()
-            if event is not None and event[0] == "ready":
-                ready.add(event[1])
-            elif event is not None and event[0] == "error":
+            if isinstance(event, Ready):
+                ready.add(event.rank)
+            elif isinstance(event, Failed):
                 raise self._failure([event], [], "while starting")[1]
             elif self._dead():
                 raise self._failure([], [], "while starting")[1]
@@ -126,7 +124,7 @@ class WorkerPool:
         """Asks the workers to leave, then ends any that do not."""
         for jobs, process in zip(getattr(self, "_jobs", []), self._procs):
             if process.is_alive():
-                jobs.put(("shutdown",))
+                jobs.put(Shutdown())
         end = time.monotonic() + SHUTDOWN_WAIT_S
         for process in self._procs:
             process.join(max(0.0, end - time.monotonic()))
@@ -145,18 +143,15 @@ class WorkerPool:
         self.shutdown()
 
     # -- runs ---------------------------------------------------------------------------------
-    def run(self, job: Job, should_stop: Callable[[], bool] | None = None) -> Iterator[FrameChunk]:
-        """Checks `job` now (InputError), starts the workers if needed, and returns an iterator
-        of its FrameChunks. `should_stop` is polled while waiting for frames."""
-        run = job.plan()
-        fit_reference(job.image, run.width, run.height)  # the image check, here rather than on the decoding rank
-        plan_stages(self.world_size, job.settings.sample_steps)
+    def run(self, spec: RunSpec, should_stop: Callable[[], bool] | None = None) -> Iterator[FrameChunk]:
+        """Starts the workers if needed and returns an iterator of the run's FrameChunks.
+        `should_stop` is polled while waiting for frames."""
         if self._busy:
             raise RuntimeError("this pool is already running a video; finish or close that iterator first")
         self.start()
-        return self._stream(job, should_stop)
+        return self._stream(spec, should_stop)
 
-    def _stream(self, job: Job, should_stop) -> Iterator[FrameChunk]:
+    def _stream(self, spec: RunSpec, should_stop) -> Iterator[FrameChunk]:
         if self._busy:
             raise RuntimeError("this pool is already running a video; finish or close that iterator first")
         self.start()
@@ -167,7 +162,7 @@ class WorkerPool:
         try:
             self._stop.clear()
             for jobs in self._jobs:
-                jobs.put(("job", job_id, job))
+                jobs.put(RunRequest(job_id, spec))
             while len(done) < self.world_size:
                 if should_stop is not None and not self._stop.is_set() and should_stop():
                     self._stop.set()
@@ -178,15 +173,14 @@ class WorkerPool:
                         yield from kept
                         raise error
                     continue
-                kind = event[0]
-                if kind == "chunk" and event[1] == job_id:
-                    chunk = _chunk(event)
+                if isinstance(event, Chunk) and event.job_id == job_id:
+                    chunk = event.frame_chunk()
                     frames += chunk.frames.shape[0]
                     yield chunk
-                elif kind == "done" and event[1] == job_id:
-                    done.add(event[2])
-                    cancelled |= event[3]
-                elif kind == "error":
+                elif isinstance(event, Done) and event.job_id == job_id:
+                    done.add(event.rank)
+                    cancelled |= event.cancelled
+                elif isinstance(event, Failed):
                     kept, error = self._failure([event], [], "during the run", job_id, frames)
                     yield from kept
                     raise error
@@ -204,32 +198,31 @@ class WorkerPool:
         deadline = time.monotonic() + self.drain_timeout_s
         while len(done) < self.world_size and time.monotonic() < deadline and not self._dead():
             event = self._next_event()
-            if event is not None and event[0] == "done" and event[1] == job_id:
-                done.add(event[2])
-            elif event is not None and event[0] == "error":
+            if isinstance(event, Done) and event.job_id == job_id:
+                done.add(event.rank)
+            elif isinstance(event, Failed):
                 break
         if len(done) < self.world_size:
             self._teardown()
 
     # -- failures -----------------------------------------------------------------------------
-    def _failure(self, errors: list, kept: list, when: str, job_id: int | None = None, frames: int = 0):
+    def _failure(self, errors: list[Failed], kept: list[FrameChunk], when: str, job_id: int | None = None,
+                 frames: int = 0):
         """Collects what arrives for a moment, tears the pool down, and returns the chunks that
         arrived and the error to raise: a rank that died without a word is the cause (its
         neighbours only lost their links to it), else the first rank that reported."""
         end = time.monotonic() + FAILURE_GRACE_S
         while time.monotonic() < end:
             event = self._next_event()
-            if event is None:
-                continue
-            if event[0] == "error":
+            if isinstance(event, Failed):
                 errors.append(event)
-            elif event[0] == "chunk" and event[1] == job_id:
-                kept.append(_chunk(event))
+            elif isinstance(event, Chunk) and event.job_id == job_id:
+                kept.append(event.frame_chunk())
         dead = self._dead_ranks()
         self._teardown()
         frames += sum(c.frames.shape[0] for c in kept)
         saved = f" The {frames} frames made before it were kept." if job_id is not None else ""
-        reported = {e[2] for e in errors}
+        reported = {e.rank for e in errors}
         silent = [(rank, code) for rank, code in dead if rank not in reported]
         if silent:
             rank, code = silent[0]
@@ -238,7 +231,7 @@ class WorkerPool:
             )
         if not errors:
             return kept, DistributedError(f"the pipeline stopped answering {when}.{saved}")
-        _, _, rank, error, trace = errors[0]
+        rank, error, trace = errors[0].rank, errors[0].error, errors[0].trace
         if isinstance(error, LiveAvatarError) and not isinstance(error, DistributedError):
             return kept, error
         detail = f"{type(error).__name__}: {error}"
@@ -310,11 +303,6 @@ def _main_script_hidden(hide: bool):
             del sys.modules["__main__"]
         else:
             sys.modules["__main__"] = main
-
-
-def _chunk(event) -> FrameChunk:
-    _, _, clip, block, frames, ends_clip = event
-    return FrameChunk(clip, block, torch.from_numpy(frames), ends_clip)
 
 
 def _exit_reason(code: int) -> str:

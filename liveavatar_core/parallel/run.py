@@ -27,19 +27,21 @@ import numpy as np
 import torch
 
 from ..errors import DistributedError, InputError, LiveAvatarError
-from ..pipeline import FPS, write_video
+from ..model_files import ModelFiles, Precision
+from ..pipeline import write_video
+from ..run_spec import RunSpec
 from ..semantics import SEMANTICS, VideoSemantics
 from ..streaming import SamplerSettings
-from ..streaming.sampler import NOISE_SOURCES
+from ..streaming.sampler import KV_CACHE_PLACES, NOISE_SOURCES
 from ..streaming.solvers import SOLVERS
 from . import messages
 from .group import join, leave, rank_device, resolve_device_kind
-from .messages import ABORT, INPUTS, Message
-from .models import ModelFiles, RankModels
+from .messages import Kind, Message
+from .models import FileModels, RankModels
 from .plan import plan_stages
-from .stage import Job, run_stage
+from .stage import run_stage
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = ("bf16", "fp16", "fp32")  # `model_files.WEIGHT_DTYPES` names this command offers
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                           "--enable_online_decode)")
     run.add_argument("--noise", choices=NOISE_SOURCES, default="cpu",
                      help="cpu: the same noise on every machine; official: as the official code draws it")
-    run.add_argument("--kv-cache", choices=("device", "host"), default="device",
+    run.add_argument("--kv-cache", choices=KV_CACHE_PLACES, default="device",
                      help="where each rank keeps its attention caches: on its GPU, or in host memory (low VRAM)")
     out = p.add_argument_group("output and processes")
     out.add_argument("--output", required=True, help="the mp4 to write")
@@ -101,20 +103,20 @@ def main(argv=None) -> int:
             sample_steps=args.sample_steps, infer_frames=args.infer_frames, sample_solver=args.sample_solver,
             guide_scale=args.sample_guide_scale, seed=args.seed, noise=args.noise,
         )
-        settings.validate()
+        settings.validate()  # before the ranks join: a bad setting needs no process group
         plan = plan_stages(world, settings.sample_steps)
         if plan.stage(rank) is None:
             print(f"rank {rank}: idle ({settings.sample_steps} steps keep at most {len(plan.stages)} processes busy)")
         device = rank_device(resolve_device_kind(args.device, local_world), local_rank)
         if world > 1:
             join(rank, world, device, None, args.join_timeout)
-        job, waveform = share_inputs(args, settings, plan.decoder, rank, world, device)
-        run = job.plan()
-        models = RankModels(ModelFiles(args.dit, args.vae, args.lora, args.lora_strength, DTYPES[args.dtype]), device)
-        chunks = run_stage(job, plan, rank, device, models)
+        spec, waveform = share_inputs(args, settings, plan.decoder, rank, world, device)
+        files = ModelFiles(dit=args.dit, vae=args.vae, lora=args.lora, lora_strength=args.lora_strength)
+        models = RankModels(FileModels(files, Precision.of(args.dtype)), device)
+        chunks = run_stage(spec, plan, rank, device, models)
         if rank == plan.decoder:
             started = time.monotonic()
-            written = write_video(chunks, args.output, waveform[None], 16000, (run.width, run.height), crf=args.crf)
+            written = write_video(chunks, args.output, waveform[None], 16000, (spec.width, spec.height), crf=args.crf)
             seconds = time.monotonic() - started
             print(f"wrote {written} frames to {args.output} in {seconds:.1f} s ({written / seconds:.2f} frames/s)")
         else:
@@ -129,7 +131,7 @@ def main(argv=None) -> int:
 
 
 def share_inputs(args, settings: SamplerSettings, source: int, rank: int, world: int, device):
-    """The `Job` on every rank (and the 16 kHz track on the rank that writes the mp4): the
+    """The `RunSpec` on every rank (and the 16 kHz track on the rank that writes the mp4): the
     source rank reads and encodes the inputs and sends them to the others."""
     others = [r for r in range(world) if r != rank]
     if rank == source:
@@ -138,38 +140,39 @@ def share_inputs(args, settings: SamplerSettings, source: int, rank: int, world:
         except LiveAvatarError:
             # The others wait for the inputs: tell them why none come, so the log names this rank.
             for r in others:
-                messages.send(Message(ABORT), r, device)
+                messages.send(Message(Kind.ABORT), r, device)
             raise
         tensors = (image, features, context) + (() if negative is None else (negative,))
         for r in others:
-            messages.send(Message(INPUTS, tensors=tensors), r, device)
+            messages.send(Message(Kind.INPUTS, tensors=tensors), r, device)
     else:
         message, waveform = messages.recv(source, device), None
-        if message.kind == ABORT:
+        if message.kind == Kind.ABORT:
             raise DistributedError(f"stopped: rank {source} could not read the inputs (its message says why).")
         tensors = message.tensors
     image, features, context, *negative = tensors
-    job = Job(image, features, context, args.size, settings, args.num_clip or None,
-              negative[0] if negative else None, not args.no_trim, args.kv_cache,
-              VideoSemantics(args.semantics, sink_roll=not args.no_sink_roll))
-    return job, waveform
+    spec = RunSpec.make(image, features, context, args.size, settings, num_clip=args.num_clip or None,
+                        negative_context=negative[0] if negative else None, trim_to_audio=not args.no_trim,
+                        semantics=VideoSemantics(args.semantics, sink_roll=not args.no_sink_roll),
+                        kv_cache=args.kv_cache, gpus=world)
+    return spec, waveform
 
 
 def read_inputs(args, settings: SamplerSettings, device):
     from ..audio_encoder import load_audio_encoder
-    from ..audio_io import load_audio
+    from ..audio_io import SAMPLE_RATE, load_audio
+    from ..conditioning import encode_audio
     from ..dit.loading import open_dit_file
-    from ..generation import FEATURE_DTYPE
-    from ..models import whole_checkpoint
+    from ..model_files import whole_checkpoint
 
     image = load_image(args.image)
     waveform = load_audio(args.audio)
     dit_config = open_dit_file(whole_checkpoint(args.dit))[1]
-    small_dtype = DTYPES[args.dtype] if device.type == "cuda" else torch.float32
+    precision = Precision.of(args.dtype)
     encoder = load_audio_encoder(
-        args.audio_encoder, device, small_dtype, dit_config.audio_dim, dit_config.num_audio_layers
+        args.audio_encoder, device, precision.small(device), dit_config.audio_dim, dit_config.num_audio_layers
     )
-    features = encoder.features_for_video(waveform, FPS).to("cpu", FEATURE_DTYPE)
+    features = encode_audio(encoder, waveform, SAMPLE_RATE, name=f"audio file {args.audio}").features
     del encoder
     context, negative = read_prompt(args, settings.guide_scale > 0, device)
     if device.type == "cuda":
@@ -186,15 +189,13 @@ def read_prompt(args, guided: bool, device):
             wanted = "'context' and 'negative_context'" if guided else "'context'"
             raise InputError(f"{args.prompt_embedding} must hold {wanted} (text embeddings [tokens, 4096]).")
         return tensors["context"], tensors.get("negative_context") if guided else None
-    from ..generation import WAN_NEGATIVE_PROMPT
+    from ..conditioning import check_prompt, encode_prompt
     from ..text_encoder import load_text_encoder
 
-    if not args.prompt.strip():
-        raise InputError("the prompt is empty: describe the speaker and the scene (one or two sentences).")
-    encoder = load_text_encoder(args.text_encoder, args.tokenizer, device, DTYPES[args.dtype])
-    negative = args.negative_prompt if args.negative_prompt and args.negative_prompt.strip() else WAN_NEGATIVE_PROMPT
-    context, negative_context = (t.cpu() for t in encoder.encode([args.prompt, negative]))
-    return context, negative_context if guided else None
+    check_prompt(args.prompt)  # before loading umT5
+    encoder = load_text_encoder(args.text_encoder, args.tokenizer, device, Precision.of(args.dtype).dense)
+    prompt = encode_prompt(encoder, args.prompt, args.negative_prompt)
+    return prompt.positive, prompt.negative if guided else None
 
 
 def load_image(path) -> torch.Tensor:

@@ -1,12 +1,9 @@
 """The loop of one pool worker process: join the group, then run jobs until told to stop.
 
-Everything the parent needs to hear goes through one events queue:
-  ("ready", rank)
-  ("chunk", job_id, clip, block, frames as a numpy array, ends_clip)   decoding rank only
-  ("done", job_id, rank, cancelled)
-  ("error", job_id or None, rank, exception, traceback text)
-After an error the worker exits: its neighbours are blocked on it, and only a closed link
-frees them.
+Each worker reads `RunRequest`s (or `Shutdown`) from its own queue; everything the parent needs
+to hear goes through one events queue: `Ready`, `Chunk` (decoding rank only), `Done` and
+`Failed`. After a failure the worker exits: its neighbours are blocked on it, and only a
+closed link frees them.
 """
 
 from __future__ import annotations
@@ -18,12 +15,16 @@ import pickle
 import queue
 import threading
 import traceback
+from dataclasses import dataclass
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from ..errors import DistributedError
+from ..run_spec import RunSpec
+from ..semantics import FrameChunk
 from ..streaming import GenerationCancelled
 from .group import join, leave, rank_device
 from .models import ModelSource, RankModels
@@ -32,6 +33,51 @@ from .stage import run_stage
 
 POLL_S = 1.0
 EXIT_PARENT_GONE = 3
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    job_id: int
+    spec: RunSpec
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+@dataclass(frozen=True)
+class Ready:
+    rank: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A block's frames, as a numpy array (cheaper through the queue than a tensor)."""
+
+    job_id: int
+    clip: int
+    block: int
+    frames: np.ndarray
+    ends_clip: bool
+
+    def frame_chunk(self) -> FrameChunk:
+        return FrameChunk(self.clip, self.block, torch.from_numpy(self.frames), self.ends_clip)
+
+
+@dataclass(frozen=True)
+class Done:
+    job_id: int
+    rank: int
+    cancelled: bool
+
+
+@dataclass(frozen=True)
+class Failed:
+    job_id: int | None  # None: while starting
+    rank: int
+    error: BaseException
+    trace: str
 
 
 def worker_main(
@@ -54,23 +100,24 @@ def worker_main(
         store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=timedelta(seconds=join_timeout_s))
 
         def stuck(message):
-            events.put(("error", None, rank, DistributedError(message), ""))
+            events.put(Failed(None, rank, DistributedError(message), ""))
             _flush(events)
 
         join(rank, world_size, device, store, join_timeout_s, on_stuck=stuck)
     except BaseException as err:
         _fail(events, None, rank, err)
-    events.put(("ready", rank))
+    events.put(Ready(rank))
     models = RankModels(source, device)
     while (request := _next_request(jobs)) is not None:
-        _, job_id, job = request
+        job_id, spec = request.job_id, request.spec
         try:
             should_stop = stop.is_set if rank == 0 else None
-            for chunk in run_stage(job, plan_stages(world_size, job.settings.sample_steps), rank, device, models, should_stop):
-                events.put(("chunk", job_id, chunk.clip, chunk.block, chunk.frames.numpy(), chunk.ends_clip))
-            events.put(("done", job_id, rank, False))
+            plan = plan_stages(world_size, spec.settings.sample_steps)
+            for chunk in run_stage(spec, plan, rank, device, models, should_stop):
+                events.put(Chunk(job_id, chunk.clip, chunk.block, chunk.frames.numpy(), chunk.ends_clip))
+            events.put(Done(job_id, rank, False))
         except GenerationCancelled:
-            events.put(("done", job_id, rank, True))
+            events.put(Done(job_id, rank, True))
         except BaseException as err:
             _fail(events, job_id, rank, err)
     leave()
@@ -95,8 +142,8 @@ def exit_with_parent() -> None:
     threading.Thread(target=watch, name="liveavatar-parent-watchdog", daemon=True).start()
 
 
-def _next_request(jobs):
-    """The next job, or None on shutdown or when the parent process is gone."""
+def _next_request(jobs) -> RunRequest | None:
+    """The next run, or None on shutdown or when the parent process is gone."""
     while True:
         try:
             request = jobs.get(timeout=POLL_S)
@@ -104,11 +151,11 @@ def _next_request(jobs):
             if not multiprocessing.parent_process().is_alive():
                 return None
             continue
-        return None if request[0] == "shutdown" else request
+        return None if isinstance(request, Shutdown) else request
 
 
 def _fail(events, job_id, rank: int, err: BaseException) -> None:
-    events.put(("error", job_id, rank, _portable(err), traceback.format_exc()))
+    events.put(Failed(job_id, rank, _portable(err), traceback.format_exc()))
     _flush(events)
     os._exit(1)
 

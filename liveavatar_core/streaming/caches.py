@@ -6,6 +6,16 @@
 - `SinkCache`: per layer, the keys (not yet rotated) and values of the reference and motion
   tokens, computed once by a prefill pass at timestep 0 and shared by every step. The keys
   are rotated at each use because the reference frame's position rolls with generation.
+
+`BlockKVCache.write_and_read_with_sink` keeps each layer's ring behind a slot for the sink in
+one buffer, [sink | ring], so a DiT call attends to one slice of it instead of a fresh
+concatenation of ring and sink (two copies of every cached key and value per layer).
+Attention does not depend on the order of the keys, so both give the same output up to
+rounding.
+
+Tensors here keep their storage from call to call (slots are remembered per ring position,
+a refilled sink is copied into the old one): a captured CUDA graph of a DiT call reads them
+by address.
 """
 
 from __future__ import annotations
@@ -16,36 +26,69 @@ from ..dit.rope import apply_rope
 
 
 class BlockKVCache:
+    reads_sink_in_place = True  # has `write_and_read_with_sink`
+
     def __init__(self, num_layers: int, frames: int, tokens_per_frame: int):
         self.frames = frames
         self.tokens_per_frame = tokens_per_frame
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.keys: list[torch.Tensor | None] = [None] * num_layers  # the rings
         self.values: list[torch.Tensor | None] = [None] * num_layers
-        self._slots: tuple[tuple, torch.Tensor] | None = None  # every layer of a call writes the same slots
+        # Per layer, with the sink: [sink | ring] buffers; keys/values are then views of their rings.
+        self._joint: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+        self._slots: dict[tuple, torch.Tensor] = {}  # every layer of a call writes the same slots
 
     def token_slots(self, first_frame: int, frames: int, device) -> torch.Tensor:
         """Ring indices of the tokens of frames [first_frame, first_frame + frames)."""
-        key = (first_frame, frames, torch.device(device))
-        if self._slots is None or self._slots[0] != key:
+        key = (first_frame % self.frames, frames, torch.device(device))
+        if key not in self._slots:
             starts = (torch.arange(first_frame, first_frame + frames, device=device) % self.frames) * self.tokens_per_frame
             tokens = starts[:, None] + torch.arange(self.tokens_per_frame, device=device)[None]
-            self._slots = key, tokens.flatten()
-        return self._slots[1]
+            self._slots[key] = tokens.flatten()
+        return self._slots[key]
 
-    def write_and_read(self, layer: int, first_frame: int, frames: int, keys: torch.Tensor, values: torch.Tensor):
-        """Stores a block's keys/values and returns every cached frame's (block included).
+    def _ring_shape(self, keys: torch.Tensor) -> tuple[int, ...]:
+        return (keys.shape[0], self.frames * self.tokens_per_frame, *keys.shape[2:])
+
+    def _write(self, layer: int, first_frame: int, frames: int, keys: torch.Tensor, values: torch.Tensor) -> int:
+        """Stores a block's keys/values in the ring; returns how many ring tokens are filled.
 
         Blocks arrive in order from frame 0, so the filled slots are always the first
         min(ring size, frames so far) ones."""
-        if self.keys[layer] is None:
-            shape = (keys.shape[0], self.frames * self.tokens_per_frame, *keys.shape[2:])
-            self.keys[layer] = keys.new_zeros(shape)
-            self.values[layer] = values.new_zeros(shape)
         slots = self.token_slots(first_frame, frames, keys.device)
         self.keys[layer].index_copy_(1, slots, keys.to(self.keys[layer].dtype))
         self.values[layer].index_copy_(1, slots, values.to(self.values[layer].dtype))
-        used = min(self.frames, first_frame + frames) * self.tokens_per_frame
+        return min(self.frames, first_frame + frames) * self.tokens_per_frame
+
+    def write_and_read(self, layer: int, first_frame: int, frames: int, keys: torch.Tensor, values: torch.Tensor):
+        """Stores a block's keys/values and returns every cached frame's (block included)."""
+        if self.keys[layer] is None:
+            self.keys[layer] = keys.new_zeros(self._ring_shape(keys))
+            self.values[layer] = values.new_zeros(self._ring_shape(values))
+        used = self._write(layer, first_frame, frames, keys, values)
         return self.keys[layer][:, :used], self.values[layer][:, :used]
+
+    def write_and_read_with_sink(self, layer: int, first_frame: int, frames: int, keys: torch.Tensor,
+                                 values: torch.Tensor, sink_keys: torch.Tensor, sink_values: torch.Tensor):
+        """As `write_and_read`, followed by the sink's keys/values, but returned as
+        [sink | cached frames]: slices of one buffer, no concatenation."""
+        sink = sink_keys.shape[1]
+        joint = self._joint[layer]
+        if joint is None or joint[0].shape[1] != sink + self.frames * self.tokens_per_frame:
+            if self.keys[layer] is not None and joint is None:
+                raise RuntimeError("this cache was filled without the sink; read it with write_and_read")
+            shape = list(self._ring_shape(keys))
+            shape[1] += sink
+            joint = keys.new_zeros(shape), values.new_zeros(shape)
+            if self.keys[layer] is not None:  # the sink changed size: keep the ring
+                joint[0][:, sink:].copy_(self.keys[layer])
+                joint[1][:, sink:].copy_(self.values[layer])
+            self._joint[layer] = joint
+            self.keys[layer], self.values[layer] = joint[0][:, sink:], joint[1][:, sink:]
+        joint_keys, joint_values = joint
+        used = self._write(layer, first_frame, frames, keys, values)
+        joint_keys[:, :sink].copy_(sink_keys)
+        joint_values[:, :sink].copy_(sink_values)
+        return joint_keys[:, : sink + used], joint_values[:, : sink + used]
 
 
 class SinkCache:
@@ -56,7 +99,12 @@ class SinkCache:
         self.ref_tokens = 0
 
     def store(self, layer: int, raw_keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.raw_keys[layer], self.values[layer] = raw_keys, values
+        old_keys, old_values = self.raw_keys[layer], self.values[layer]
+        if old_keys is not None and old_keys.shape == raw_keys.shape and old_keys.dtype == raw_keys.dtype:
+            old_keys.copy_(raw_keys)  # in place: a captured DiT call reads the sink by address
+            old_values.copy_(values)
+        else:
+            self.raw_keys[layer], self.values[layer] = raw_keys, values
 
     def rotated(self, layer: int, rope) -> tuple[torch.Tensor, torch.Tensor]:
         return apply_rope(self.raw_keys[layer], rope), self.values[layer]

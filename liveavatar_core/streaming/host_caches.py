@@ -132,6 +132,8 @@ class KVStager:
 class HostKVCache(BlockKVCache):
     """`BlockKVCache` whose rings live in host memory (see the module docstring)."""
 
+    reads_sink_in_place = False  # the staging rings hold no sink: DiT calls concatenate it
+
     def __init__(self, num_layers: int, frames: int, tokens_per_frame: int, stager: KVStager):
         super().__init__(num_layers, frames, tokens_per_frame)
         self.stager = stager

@@ -21,12 +21,12 @@ import torch
 
 from ..errors import InputError
 from ..finite import require_finite
+from ..time_grid import BLOCK_FRAMES, TEMPORAL_STRIDE
 from .caches import BlockKVCache, SinkCache
 from .causal_dit import CausalDiT
 from .host_caches import HostKVCache, KVStager
 from .solvers import SOLVERS, FlowSolver, flow_sigmas
 
-BLOCK_FRAMES = 3  # latent frames per block
 # The sink's lead over the current block is drawn from this range at every DiT call, as in
 # LiveAvatar's training; ours comes from the run's seed, so a seed gives one video.
 SINK_DISTANCE = (4, 30)
@@ -83,7 +83,7 @@ class SamplerSettings:
 
     @property
     def latent_frames(self) -> int:
-        return self.infer_frames // 4
+        return self.infer_frames // TEMPORAL_STRIDE
 
     def blocks(self) -> list[tuple[int, int]]:
         """(first latent frame within the clip, frame count) of each block."""
@@ -183,12 +183,13 @@ class CausalSampler:
     def generate_clip(
         self,
         clip: int,
-        audio: torch.Tensor,
+        clip_features: torch.Tensor,
         progress: Callable[[Progress], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """Yields (first latent frame within the clip, clean block latents [1, 16, f, h, w])
-        for clip number `clip`; `audio` [1, 25, audio_dim, infer_frames] are its features."""
+        for clip number `clip`; `clip_features` [1, 25, audio_dim, infer_frames] are its audio
+        features. (A whole run's schedule is `RunSpec.schedule`, which the pipeline runs.)"""
         s = self.settings
         noise = self.clip_noise(clip).to(self.device)
         blocks = s.blocks()
@@ -200,7 +201,7 @@ class CausalSampler:
                 def after_step(step, block=block_index):
                     progress(Progress(clip, block, len(blocks), step, s.sample_steps))
             x = noise[:, :, start : start + frames]
-            x = self.denoise(clip, block_index, x, self.new_solver(), range(s.sample_steps), audio, after_step)
+            x = self.denoise(clip, block_index, x, self.new_solver(), range(s.sample_steps), clip_features, after_step)
             yield start, x
 
     def denoise(
@@ -210,30 +211,31 @@ class CausalSampler:
         x: torch.Tensor,
         solver: FlowSolver,
         steps: range,
-        audio: torch.Tensor,
+        clip_features: torch.Tensor,
         after_step: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """Runs `steps` (consecutive step indices) of block `block` of clip `clip` on its
-        latents `x`; `audio`: the clip's features [1, 25, audio_dim, infer_frames]."""
+        latents `x`; `clip_features`: the clip's audio features [1, 25, audio_dim, infer_frames]."""
         start, frames = self.settings.blocks()[block]
         first_frame = clip * self.settings.latent_frames + start
-        block_audio = audio[..., start * 4 : (start + frames) * 4].to(self.device)
+        block_features = clip_features[..., start * TEMPORAL_STRIDE : (start + frames) * TEMPORAL_STRIDE]
+        block_features = block_features.to(self.device)
         x = x.to(self.device)
         for step in steps:
             distance = sink_distance(self.settings.seed, clip, block, step, self.settings.sink_distance)
-            velocity = self._velocity(x, solver.timestep(step), step, first_frame, block_audio, distance)
+            velocity = self._velocity(x, solver.timestep(step), step, first_frame, block_features, distance)
             x = solver.step(step, x, velocity)
             if after_step is not None:
                 after_step(step)
         return x
 
-    def _velocity(self, x, timestep, step, first_frame, audio, distance):
+    def _velocity(self, x, timestep, step, first_frame, block_features, distance):
         outputs = []
         for branch in self._branches:
-            branch_audio = torch.zeros_like(audio) if branch.silent else audio
+            features = torch.zeros_like(block_features) if branch.silent else block_features
             outputs.append(
                 self.dit.denoise_block(
-                    x, timestep, first_frame, branch.context, branch_audio, branch.caches[step], branch.sink, distance
+                    x, timestep, first_frame, branch.context, features, branch.caches[step], branch.sink, distance
                 )
             )
         if len(outputs) == 1:

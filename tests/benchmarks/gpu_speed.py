@@ -2,6 +2,8 @@
 
 Parts (each fits well inside 10 minutes on one 80 GB GPU, so they can run as separate jobs):
 
+- attention: each attention kernel at the streaming block's Standard shape, and its error
+          against float32 (the FlashAttention-3 row needs `flash_attn_interface`).
 - dit:    one clip's full DiT forward, ours (`WanS2VTransformer`) against ComfyUI's
           `WanModel_S2V` with the very same weight tensors and inputs; speed-up, TFLOP/s,
           peak memory, and the relative difference of the outputs: as given, and with audio
@@ -64,23 +66,42 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from liveavatar_core.dit import S2VConfig, WanS2VTransformer, fused, load_dit, save_dit  # noqa: E402
-from liveavatar_core.dit.fp8 import quantize_dit_, set_activation_scaling  # noqa: E402
-from liveavatar_core.pipeline import FPS, StreamingPipeline, parse_size, write_video  # noqa: E402
+from liveavatar_core.dit import attention as attention_dispatch  # noqa: E402
+from liveavatar_core.dit.fp8 import quantize_dit_, set_activation_scaling_  # noqa: E402
+from liveavatar_core.pipeline import StreamingPipeline, write_video  # noqa: E402
+from liveavatar_core.run_spec import RunSpec  # noqa: E402
 from liveavatar_core.semantics import MOTION_FRAMES, REFERENCE_COPIES  # noqa: E402
-from liveavatar_core.streaming import CausalDiT, CausalSampler, SamplerSettings  # noqa: E402
+from liveavatar_core.sizing import parse_size  # noqa: E402
+from liveavatar_core.streaming import (  # noqa: E402
+    CausalDiT,
+    CausalSampler,
+    SamplerSettings,
+    causal_dit,  # noqa: E402
+)
 from liveavatar_core.streaming.sampler import BLOCK_FRAMES  # noqa: E402
-from liveavatar_core.vae import latent_frame_count  # noqa: E402
-from liveavatar_core.vae import WanVAE  # noqa: E402
+from liveavatar_core.time_grid import FPS  # noqa: E402
+from liveavatar_core.vae import WanVAE, latent_frame_count  # noqa: E402
 
 GIB = 2**30
 TEXT_TOKENS = 64  # prompt length before padding to text_len; the DiT always sees 512 rows
 SAMPLE_RATE = 16000
-PARTS = ("dit", "stream", "vae", "e2e", "load")
+PARTS = ("attention", "dit", "stream", "vae", "e2e", "load")
 # How our DiT runs: "eager" = every element-wise op on its own (the state before fusion),
 # "compiled" = the fused element-wise chains of liveavatar_core/dit/fused.py compiled.
 # "fp8" = compiled, with the DiT's linear layers in fp8 (liveavatar_core/dit/fp8.py), inputs
 # scaled per token; "fp8-tensor" the same with one input scale per call.
+# A variant may add options after "+" (e.g. "fp8-tensor+inplace+graphs"); without them it runs
+# as the pack did before they existed:
+#   inplace  the KV ring and the sink read from one [sink | ring] buffer (no concatenation)
+#   graphs   steady-state streaming DiT calls replayed as CUDA graphs
+#   vae      the VAE's cuDNN autotuning and channels-last convolutions (e2e part)
+#   cudnn, flash, efficient, fa3: the attention kernel (default: SDPA's own pick)
 VARIANTS = ("eager", "compiled", "fp8", "fp8-tensor")
+OPTIONS = ("inplace", "graphs", "vae", "cudnn", "flash", "efficient", "fa3")
+ATTENTION_OPTIONS = ("cudnn", "flash", "efficient", "fa3")
+# The VAE part's variants: "plain" (cuDNN's default kernels), "autotune" (cudnn.benchmark),
+# "channels-last" (NDHWC activations and weights), "autotune+channels-last" (WanVAE's default on CUDA).
+VAE_VARIANTS = ("plain", "autotune", "channels-last", "autotune+channels-last")
 TINY_DIT = S2VConfig(dim=256, ffn_dim=512, num_heads=4, num_layers=4, text_dim=64, audio_dim=32,
                      audio_inject_layers=(0, 2), freq_dim=256)
 
@@ -233,9 +254,17 @@ def build_vae(bench: Bench, seed: int = 1) -> WanVAE:
     return WanVAE(net.to(bench.dtype).eval().requires_grad_(False))
 
 
+def split_variant(variant: str) -> tuple[str, set[str]]:
+    base, *options = variant.split("+")
+    return base, set(options)
+
+
 def use_variant(variant: str) -> None:
-    fused.set_compiled(variant != "eager")
-    set_activation_scaling("tensor" if variant == "fp8-tensor" else "row")
+    base, options = split_variant(variant)
+    fused.set_compiled(base != "eager")
+    chosen = [o for o in ATTENTION_OPTIONS if o in options]
+    attention_dispatch.set_backend(chosen[0] if chosen else "sdpa")
+    causal_dit.set_defaults(sink_in_place="inplace" in options, cuda_graphs="graphs" in options)
 
 
 class VariantModels:
@@ -248,14 +277,14 @@ class VariantModels:
 
     def __call__(self, variant: str) -> WanS2VTransformer:
         use_variant(variant)
-        if not variant.startswith("fp8"):
+        if not split_variant(variant)[0].startswith("fp8"):
             return self.model
         if self._fp8 is None:
             with torch.device("meta"):
                 twin = WanS2VTransformer(self.model.config)
             twin.load_state_dict(self.model.state_dict(), assign=True)
             self._fp8 = quantize_dit_(twin).eval().requires_grad_(False)
-        return self._fp8
+        return set_activation_scaling_(self._fp8, "tensor" if variant == "fp8-tensor" else "row")
 
     def release(self) -> None:
         self._fp8 = None
@@ -266,7 +295,8 @@ def profile(bench: Bench, name: str, fn) -> None:
     that take the most device time to <profile>/profiles.txt."""
     if bench.profile_dir is None:
         return
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.cuda else [])
     fn()
@@ -420,6 +450,41 @@ def comfy_twin(comfy, ours: WanS2VTransformer):
 
 
 # -- parts ----------------------------------------------------------------------------------------
+def part_attention(bench: Bench) -> list[dict]:
+    """Each attention kernel at the streaming block's shape (Standard: a block's queries against
+    the full ring and the sink), timed, and its error against float32 SDPA (math kernel)."""
+    c = bench.config
+    p = PRESETS["standard"]
+    h, w = bench.latent_hw(p)
+    tpf = tokens_per_frame(c, h, w)
+    q_len = BLOCK_FRAMES * tpf
+    k_len = p.infer_frames // 4 * tpf + sink_tokens(c, h, w)
+    heads, head_dim = c.num_heads, c.head_dim
+    q, k, v = (bench.randn(1, n, heads, head_dim, seed=s).to(bench.dtype) for n, s in ((q_len, 1), (k_len, 2), (k_len, 3)))
+    attention_dispatch.set_backend("math")
+    reference = attention_dispatch.attention(q.float(), k.float(), v.float())
+    flops = 4 * q_len * k_len * heads * head_dim
+    rows = []
+    for backend in ("sdpa", "cudnn", "flash", "efficient", "fa3"):
+        row = {"part": "attention", "preset": "standard", "variant": backend, "q tokens": q_len, "k tokens": k_len}
+        try:
+            attention_dispatch.set_backend(backend)
+            out = attention_dispatch.attention(q, k, v)
+            ms = statistics.median(bench.measure(partial(attention_dispatch.attention, q, k, v), iters=20))
+        except (RuntimeError, ValueError) as error:
+            rows.append({**row, "note": f"not run: {str(error).splitlines()[0][:120]}"})
+            print(f"attention [{backend}]: not run ({str(error).splitlines()[0][:120]})", flush=True)
+            continue
+        row.update({"ms": ms, "TFLOP/s": flops / ms / 1e9, "rel error vs float32": relative_error(out, reference)})
+        rows.append(row)
+        print(f"attention [{backend}]: {ms:.2f} ms, {row['TFLOP/s']:.0f} TFLOP/s, "
+              f"rel error {row['rel error vs float32']:.2e}", flush=True)
+    attention_dispatch.set_backend("auto")
+    del q, k, v, reference
+    bench.release()
+    return rows
+
+
 def part_dit(bench: Bench, presets: list[str]) -> list[dict]:
     c = bench.config
     model = build_dit(bench)
@@ -524,9 +589,10 @@ class TimedDenoise:
 def part_stream(bench: Bench, presets: list[str]) -> list[dict]:
     c = bench.config
     variant_models = VariantModels(build_dit(bench))
-    rows, first_clips = [], {}
+    rows, first_clips, last_clips = [], {}, {}
     for name, variant in [(n, v) for n in presets for v in bench.variants]:
         model = variant_models(variant)
+        base, options = split_variant(variant)
         p = PRESETS[name]
         row = {"part": "stream", "preset": name, "variant": variant, "KV caches GiB": stream_cache_gib(bench, p)}
         note = check_room(bench, p)
@@ -560,38 +626,52 @@ def part_stream(bench: Bench, presets: list[str]) -> list[dict]:
                 bench.sync()
                 if clip == 0:
                     first_clips[name, variant] = torch.cat(blocks, dim=2).cpu()
+                last_clips[name, variant] = torch.cat(blocks, dim=2).cpu()
                 clip_s.append(time.perf_counter() - t0)
                 if clip == 0 and bench.clips > 1:
                     sampler.replace_sink(first, x["motion"])  # the pipeline's sink roll
             timer.resolve()
         steady = [k for k in timer.calls if k["clip"] >= 1] or timer.calls
         full = [k for k in steady if k["frames"] == BLOCK_FRAMES] or steady
+        last = [k for k in timer.calls if k["clip"] == bench.clips - 1 and k["frames"] == BLOCK_FRAMES] or full
         call_ms = statistics.median(k["ms"] for k in full)
         steady_clip_s = statistics.median(clip_s[1:] or clip_s)
         row.update({
             "tokens/block": BLOCK_FRAMES * tokens_per_frame(c, h, w),
             "keys/block (steady)": max(k["keys"] for k in full),
             "ms/call (steady)": call_ms,
+            "ms/call (last clip)": statistics.median(k["ms"] for k in last),
             "ms/block-step": call_ms * p.branches,
             "TFLOP/s (steady)": sum(k["flops"] for k in steady) / sum(k["ms"] for k in steady) / 1e9,
             "sink prefill ms": prefill_ms,
             "clip 0 DiT s": clip_s[0],
+            "clip 1 DiT s": clip_s[1] if len(clip_s) > 1 else None,
             "steady clip DiT s": steady_clip_s,
+            "last clip DiT s": clip_s[-1],
             "DiT-only fps": p.infer_frames / steady_clip_s,
+            "DiT-only fps (last clip)": p.infer_frames / clip_s[-1],
+            "CUDA graphs": dit.graphs.count() if "graphs" in options else None,
             "device peak GiB": bench.peak_gib(),
         })
+        if dit.graphs.failed:
+            row["note"] = f"graph capture failed: {dit.graphs.failed[:200]}"
         bf16 = first_clips.get((name, "compiled"), first_clips.get((name, "eager")))
-        if variant.startswith("fp8") and bf16 is not None:
+        if base.startswith("fp8") and bf16 is not None:
             # The issue's quality proxy: same seed and weights, latents after one clip.
             row["clip 0 latents rel diff vs bf16"] = relative_error(first_clips[name, variant], bf16)
-        elif variant.startswith("fp8"):
+        elif base.startswith("fp8"):
             print(f"stream {name} [{variant}]: no bf16 variant in this run to compare the latents with", flush=True)
+        if options and (name, base) in last_clips:
+            # Each option's own error: the same run without the options, clip 0 and the last clip.
+            row["rel diff vs no options, clip 0"] = relative_error(first_clips[name, variant], first_clips[name, base])
+            row["rel diff vs no options, last clip"] = relative_error(last_clips[name, variant], last_clips[name, base])
         rows.append(row)
-        print(f"stream {name} [{variant}]: {call_ms:.1f} ms/call, steady clip {steady_clip_s:.2f} s "
-              f"({row['DiT-only fps']:.1f} fps DiT only)", flush=True)
+        print(f"stream {name} [{variant}]: {call_ms:.1f} ms/call, last clip {row['ms/call (last clip)']:.1f} ms/call, "
+              f"steady clip {steady_clip_s:.2f} s ({row['DiT-only fps']:.1f} fps DiT only), "
+              f"clips {', '.join(f'{t:.2f}' for t in clip_s)} s", flush=True)
         with torch.inference_mode():
             dit.denoise_block = timer.inner
-            profile(bench, f"stream-{name}-{variant}", lambda: next(iter(sampler.generate_clip(bench.clips, audio))))
+            profile(bench, f"stream-{name}-{variant}", lambda sampler=sampler, audio=audio: next(iter(sampler.generate_clip(bench.clips, audio))))
         del sampler, dit, timer
         bench.release()
     del model, variant_models
@@ -600,53 +680,68 @@ def part_stream(bench: Bench, presets: list[str]) -> list[dict]:
 
 
 def part_vae(bench: Bench, presets: list[str]) -> list[dict]:
-    vae = build_vae(bench)
     rows = []
-    with torch.inference_mode():
-        for name in presets:
-            p = PRESETS[name]
-            h, w = bench.latent_hw(p)
-            width, height = bench.size(p)
-            frames = p.infer_frames // 4
-            bench.reset_peak()
-            clip_ms = []
-            with vae.streaming_decoder() as decoder:
-                for clip in range(bench.clips):
-                    latents = bench.randn(1, 16, frames, h, w, seed=200 + clip)
-                    start = bench.mark()
-                    for first in range(0, frames, BLOCK_FRAMES):  # block by block, as the pipeline does
-                        decoder.decode_next(latents[:, :, first : first + BLOCK_FRAMES])
-                    clip_ms.append((start, bench.mark()))
-                bench.sync()
-                clip_ms = [bench.ms(a, b) for a, b in clip_ms]
-            decode_ms = statistics.median(clip_ms[1:] or clip_ms)
-            motion = bench.randn(1, 3, MOTION_FRAMES, height, width, seed=3).clamp(-1, 1)
-            ref = motion[:, :, :5]
-            motion_ms = statistics.median(bench.measure(partial(vae.encode, motion)))
-            ref_ms = statistics.median(bench.measure(partial(vae.encode, ref)))
-            # official-single-gpu's extra work per clip: the 365-frame window re-encoded, and the
-            # clip decoded behind its 92 motion latents.
-            window = motion.repeat(1, 1, REFERENCE_COPIES, 1, 1)
-            window_ms = statistics.median(bench.measure(partial(vae.encode, window), iters=2))
-            prefix = bench.randn(1, 16, latent_frame_count(window.shape[2]), h, w, seed=4)
-            prefix_ms = statistics.median(bench.measure(partial(decode_from_scratch, vae, prefix), iters=2))
-            del window, prefix
-            rows.append({
-                "part": "vae", "preset": name,
-                "decode clip ms (steady)": decode_ms,
-                "decode ms/frame": decode_ms / p.infer_frames,
-                "decode clip 0 ms": clip_ms[0],
-                f"encode motion ({MOTION_FRAMES} frames) ms": motion_ms,
-                "encode reference (5 frames) ms": ref_ms,
-                "single-gpu: encode 365-frame window ms": window_ms,
-                "single-gpu: decode 92-latent prefix ms": prefix_ms,
-                "device peak GiB": bench.peak_gib(),
-            })
-            print(f"vae {name}: decode {decode_ms:.0f} ms/clip, encode motion {motion_ms:.0f} ms", flush=True)
-            bench.release()
-    del vae
-    bench.release()
+    decoded = {}
+    for variant in bench.args.vae_variants.split(","):
+        vae = build_vae(bench)
+        vae.autotune = "autotune" in variant
+        vae.channels_last = "channels-last" in variant
+        with torch.inference_mode():
+            for name in presets:
+                rows.append(vae_row(bench, vae, name, variant, decoded))
+        del vae
+        bench.release()
     return rows
+
+
+def vae_row(bench: Bench, vae: WanVAE, name: str, variant: str, decoded: dict) -> dict:
+    p = PRESETS[name]
+    h, w = bench.latent_hw(p)
+    width, height = bench.size(p)
+    frames = p.infer_frames // 4
+    bench.reset_peak()
+    clip_ms, last = [], None
+    with vae.streaming_decoder() as decoder:
+        for clip in range(bench.clips):
+            latents = bench.randn(1, 16, frames, h, w, seed=200 + clip)
+            start = bench.mark()
+            out = [decoder.decode_next(latents[:, :, first : first + BLOCK_FRAMES])  # block by block, as the pipeline
+                   for first in range(0, frames, BLOCK_FRAMES)]
+            clip_ms.append((start, bench.mark()))
+            last = torch.cat(out, dim=2)
+        bench.sync()
+        clip_ms = [bench.ms(a, b) for a, b in clip_ms]
+    decoded[name, variant] = last.cpu()
+    decode_ms = statistics.median(clip_ms[1:] or clip_ms)
+    motion = bench.randn(1, 3, MOTION_FRAMES, height, width, seed=3).clamp(-1, 1)
+    ref = motion[:, :, :5]
+    motion_ms = statistics.median(bench.measure(partial(vae.encode, motion)))
+    ref_ms = statistics.median(bench.measure(partial(vae.encode, ref)))
+    row = {
+        "part": "vae", "preset": name, "variant": variant,
+        "decode clip ms (steady)": decode_ms,
+        "decode ms/frame": decode_ms / p.infer_frames,
+        "decode clip 0 ms": clip_ms[0],
+        f"encode motion ({MOTION_FRAMES} frames) ms": motion_ms,
+        "encode reference (5 frames) ms": ref_ms,
+    }
+    plain = decoded.get((name, "plain"))
+    if plain is not None and variant != "plain":
+        row["last clip frames rel diff vs plain"] = relative_error(decoded[name, variant], plain)
+    if bench.args.vae_windows:
+        # official-single-gpu's extra work per clip: the 365-frame window re-encoded, and the
+        # clip decoded behind its 92 motion latents.
+        window = motion.repeat(1, 1, REFERENCE_COPIES, 1, 1)
+        row["single-gpu: encode 365-frame window ms"] = statistics.median(bench.measure(partial(vae.encode, window), iters=2))
+        prefix = bench.randn(1, 16, latent_frame_count(window.shape[2]), h, w, seed=4)
+        row["single-gpu: decode 92-latent prefix ms"] = statistics.median(
+            bench.measure(partial(decode_from_scratch, vae, prefix), iters=2))
+        del window, prefix
+    row["device peak GiB"] = bench.peak_gib()
+    print(f"vae {name} [{variant}]: decode {decode_ms:.0f} ms/clip (clip 0 {clip_ms[0]:.0f}), "
+          f"encode motion {motion_ms:.0f} ms", flush=True)
+    bench.release()
+    return row
 
 
 def decode_from_scratch(vae, latents):
@@ -668,7 +763,9 @@ def part_e2e(bench: Bench, presets: list[str]) -> list[dict]:
     clips = bench.args.e2e_clips if bench.args.e2e_clips is not None else bench.clips
     rows = []
     semantics_list = bench.args.semantics.split(",")
-    for name, variant, semantics in [(n, v, s) for n in presets for v in bench.variants for s in semantics_list]:
+    e2e_variants = [v for v in (bench.args.e2e_variants or ",".join(bench.variants)).split(",") if v]
+    for name, variant, semantics in [(n, v, s) for n in presets for v in e2e_variants for s in semantics_list]:
+        vae.autotune = vae.channels_last = "vae" in split_variant(variant)[1]
         pipeline = StreamingPipeline(variant_models(variant), vae, bench.device)
         p = PRESETS[name]
         row = {"part": "e2e", "preset": name, "variant": variant, "semantics": semantics, "clips": clips,
@@ -686,14 +783,15 @@ def part_e2e(bench: Bench, presets: list[str]) -> list[dict]:
         image = torch.rand(512, 512, 3, generator=torch.Generator().manual_seed(8))
         stamps = []  # (seconds since start, frames, clip)
         with torch.inference_mode():  # one untimed clip: compiles, and lets cuDNN pick its kernels
-            for _ in pipeline.stream(image, features, context, bench.size(p), settings, num_clip=1):
+            for _ in pipeline.stream(RunSpec.make(image, features, context, bench.size(p), settings, num_clip=1)):
                 pass
         bench.reset_peak()
         with torch.inference_mode(), tempfile.TemporaryDirectory() as folder:
             t0 = time.perf_counter()
             clip_peaks = {}
-            chunks = stamped(pipeline.stream(image, features, context, bench.size(p), settings, num_clip=clips,
-                                             negative_context=negative, semantics=semantics), t0, stamps, clip_peaks)
+            spec = RunSpec.make(image, features, context, bench.size(p), settings, num_clip=clips,
+                                negative_context=negative, semantics=semantics)
+            chunks = stamped(pipeline.stream(spec), t0, stamps, clip_peaks)
             if writer:
                 waveform = torch.zeros(1, SAMPLE_RATE * frames // FPS)
                 path = Path(folder) / "e2e.mp4"
@@ -707,12 +805,15 @@ def part_e2e(bench: Bench, presets: list[str]) -> list[dict]:
         made = sum(s[1] for s in stamps)
         clip0_end = max(s[0] for s in stamps if s[2] == 0)
         later = sum(s[1] for s in stamps if s[2] > 0)
+        clip1_end = max((s[0] for s in stamps if s[2] == 1), default=None)
+        after_1 = sum(s[1] for s in stamps if s[2] > 1)
         row.update({
             "frames": made,
             "first-frame latency s": stamps[0][0],
             "total s": total,
             "fps": made / total,
             "fps after clip 0": later / (total - clip0_end) if later else None,
+            "fps after clip 1": after_1 / (total - clip1_end) if after_1 else None,
             "device peak GiB": bench.peak_gib(),
             # Memory must not grow with the clip count: the peak after clip 2 and after the last.
             "device peak GiB at clip 2": clip_peaks.get(2),
@@ -921,6 +1022,10 @@ def main() -> None:
     parser.add_argument("--force", action="store_true", help="run presets whose caches look too big for the GPU")
     parser.add_argument("--variants", default="compiled",
                         help=f"comma list of {', '.join(VARIANTS)}: how our DiT runs in the dit and stream parts")
+    parser.add_argument("--e2e-variants", help="comma list of the e2e part's variants (default: --variants)")
+    parser.add_argument("--vae-variants", default="plain", help=f"comma list of {', '.join(VAE_VARIANTS)}")
+    parser.add_argument("--vae-windows", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the single-GPU semantics' window encode and prefix decode")
     parser.add_argument("--profile", metavar="DIR", help="also profile one call per preset and variant into DIR")
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="only fold these result files into --out")
     parser.add_argument("--load-child", help=argparse.SUPPRESS)
@@ -939,7 +1044,11 @@ def main() -> None:
     parts = [p for p in args.parts.split(",") if p]
     presets = [p for p in args.presets.split(",") if p]
     unknown = [p for p in parts if p not in PARTS] + [p for p in presets if p not in PRESETS]
-    unknown += [v for v in args.variants.split(",") if v and v not in VARIANTS]
+    for variant in (v for v in f"{args.variants},{args.e2e_variants or ''}".split(",") if v):
+        base, options = split_variant(variant)
+        unknown += [base] if base not in VARIANTS else []
+        unknown += sorted(options - set(OPTIONS))
+    unknown += [v for v in args.vae_variants.split(",") if v not in VAE_VARIANTS]
     if unknown:
         parser.error(f"unknown part or preset: {', '.join(unknown)}")
     bench = Bench(args)
@@ -949,9 +1058,12 @@ def main() -> None:
           f"{bench.warmup} warm-up + {bench.iters} timed runs", flush=True)
 
     rows = []
+    name = f"gpu_speed-{dt.date.today().isoformat()}" + ("-tiny" if bench.tiny else "")
     for part in parts:
         start = time.perf_counter()
-        if part == "dit":
+        if part == "attention":
+            rows += part_attention(bench)
+        elif part == "dit":
             rows += part_dit(bench, presets)
         elif part == "stream":
             rows += part_stream(bench, presets)
@@ -962,11 +1074,12 @@ def main() -> None:
         elif part == "load":
             rows += part_load(bench)
         print(f"[{part} took {time.perf_counter() - start:.0f} s]", flush=True)
+        if args.out:  # after every part: a run cut short still leaves what it measured
+            store(Path(args.out), name, rows_to_runs(rows, env, bench.tiny))
 
     runs = rows_to_runs(rows, env, bench.tiny)
     print("\n" + tables(runs))
     if args.out:
-        name = f"gpu_speed-{dt.date.today().isoformat()}" + ("-tiny" if bench.tiny else "")
         json_path, md_path = store(Path(args.out), name, runs)
         print(f"results: {json_path} and {md_path.name}")
 

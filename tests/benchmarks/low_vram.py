@@ -58,6 +58,7 @@ from gpu_speed import (  # noqa: E402
 )
 
 from liveavatar_core.pipeline import StreamingPipeline, write_video  # noqa: E402
+from liveavatar_core.run_spec import RunSpec  # noqa: E402
 from liveavatar_core.streaming import SamplerSettings  # noqa: E402
 
 
@@ -85,11 +86,17 @@ class Inputs:
         self.size = bench.size(preset)
 
 
-def run_video(bench: Bench, pipeline: StreamingPipeline, inputs: Inputs, clips: int) -> tuple[dict, torch.Tensor]:
+def run_video(bench: Bench, pipeline: StreamingPipeline, inputs: Inputs, clips: int,
+              kv_cache: str = "device") -> tuple[dict, torch.Tensor]:
     """One untimed clip (compiles, picks kernels, allocates the caches' first time), then
     `clips` clips into an mp4; returns the figures and every frame made."""
+
+    def spec(num_clip: int) -> RunSpec:
+        return RunSpec.make(inputs.image, inputs.features, inputs.context, inputs.size, inputs.settings,
+                            num_clip=num_clip, kv_cache=kv_cache)
+
     with torch.inference_mode():
-        for _ in pipeline.stream(inputs.image, inputs.features, inputs.context, inputs.size, inputs.settings, num_clip=1):
+        for _ in pipeline.stream(spec(1)):
             pass
     bench.reset_peak()
     stamps, clip_peaks, kept = [], {}, []
@@ -101,8 +108,7 @@ def run_video(bench: Bench, pipeline: StreamingPipeline, inputs: Inputs, clips: 
 
     with torch.inference_mode(), tempfile.TemporaryDirectory() as folder:
         t0 = time.perf_counter()
-        chunks = stamped(pipeline.stream(inputs.image, inputs.features, inputs.context, inputs.size, inputs.settings,
-                                         num_clip=clips), t0, stamps, clip_peaks)
+        chunks = stamped(pipeline.stream(spec(clips)), t0, stamps, clip_peaks)
         try:
             import av  # noqa: F401
 
@@ -203,8 +209,8 @@ def main() -> None:
         bench.release()
 
     if args.host_uncapped:
-        pipeline = StreamingPipeline(dit, vae, bench.device, overlap_decode=False, kv_cache="host")
-        record("host KV caches, no cap, decode in line", *run_video(bench, pipeline, inputs, args.clips))
+        pipeline = StreamingPipeline(dit, vae, bench.device, overlap_decode=False)
+        record("host KV caches, no cap, decode in line", *run_video(bench, pipeline, inputs, args.clips, "host"))
         del pipeline
         bench.release()
 
@@ -221,9 +227,9 @@ def main() -> None:
     bench.sync()
     moved_s = time.perf_counter() - start
     label = f"low VRAM (host KV caches), cap {args.cap_gib:g} GiB"
-    pipeline = StreamingPipeline(dit, vae, bench.device, overlap_decode=True, kv_cache="host")
+    pipeline = StreamingPipeline(dit, vae, bench.device, overlap_decode=True)
     try:
-        row, frames = run_video(bench, pipeline, inputs, args.clips)
+        row, frames = run_video(bench, pipeline, inputs, args.clips, "host")
         record(label, {**row, "DiT from CPU s": moved_s}, frames)
     except torch.OutOfMemoryError as err:
         record(label, {"note": f"out of memory: {err}"[:300]})

@@ -23,8 +23,10 @@ sys.path.insert(0, str(ROOT))
 from diffusers import AutoencoderKLWan  # noqa: E402
 
 from liveavatar_core.dit import S2VConfig, WanS2VTransformer  # noqa: E402
-from liveavatar_core.pipeline import FPS, StreamingPipeline, write_video  # noqa: E402
+from liveavatar_core.pipeline import StreamingPipeline, write_video  # noqa: E402
+from liveavatar_core.run_spec import RunSpec  # noqa: E402
 from liveavatar_core.streaming import SamplerSettings  # noqa: E402
+from liveavatar_core.time_grid import FPS  # noqa: E402
 from liveavatar_core.vae import WanVAE  # noqa: E402
 
 SMALL_DIT = S2VConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=4, text_dim=64, audio_dim=32,
@@ -69,8 +71,9 @@ def main() -> None:
                           f"{rows[-1][3]:.0f} s", flush=True)
             yield chunk
 
-    chunks = on_chunk(pipeline.stream(image, features, context, args.size, SamplerSettings(sample_steps=args.steps),
-                                      num_clip=args.clips))
+    spec = RunSpec.make(image, features, context, args.size, SamplerSettings(sample_steps=args.steps),
+                        num_clip=args.clips)
+    chunks = on_chunk(pipeline.stream(spec))
     if args.mp4:
         audio = torch.zeros(1, 16000 * frames // FPS)
         write_video(chunks, args.mp4, audio, 16000, args.size)
