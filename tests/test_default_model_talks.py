@@ -33,7 +33,8 @@ import talking_faces as faces  # noqa: E402
 from liveavatar_core.default_models import DEFAULT_FILES, SHIPPED_DIR  # noqa: E402
 from liveavatar_core.generation import encode_audio, encode_prompt, make_job  # noqa: E402
 from liveavatar_core.models import ModelFiles, load_models  # noqa: E402
-from liveavatar_core.pipeline import VIDEO_START_OFFSET, fit_reference  # noqa: E402
+from liveavatar_core.sizing import fit_reference  # noqa: E402
+from liveavatar_core.time_grid import VIDEO_START_OFFSET  # noqa: E402
 from liveavatar_core.streaming import SamplerSettings  # noqa: E402
 
 pytestmark = pytest.mark.slow
