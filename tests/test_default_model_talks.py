@@ -53,8 +53,8 @@ OTHER_STYLE = faces.FaceStyle(background=(90, 120, 70), skin=(150, 100, 70), ski
 @lru_cache(maxsize=1)
 def models():
     files = {folder: SHIPPED_DIR / name for folder, name in DEFAULT_FILES.items()}
-    return load_models(ModelFiles(files["diffusion_models"], files["text_encoders"], files["vae"],
-                                  files["audio_encoders"], files["loras"]), dtype="bf16")
+    return load_models(ModelFiles(dit=files["diffusion_models"], vae=files["vae"], text_encoder=files["text_encoders"],
+                                  audio_encoder=files["audio_encoders"], lora=files["loras"]), dtype="bf16")
 
 
 def run(image: np.ndarray, wave: np.ndarray, seed: int = 1) -> np.ndarray:
