@@ -1,8 +1,8 @@
 """The tiny default model set, trained by the pack itself, for trying it without downloads.
 
 The five files in `default_model/` ship with the pack; `write_default_models` copies them into
-a ComfyUI `models/` folder. `scripts/train_default_model.py` made them (command, seed and data
-recipe in its docstring): the VAE and the DiT were trained on synthetic talking cartoon faces,
+a ComfyUI `models/` folder. An earlier version of `scripts/train_default_model.py` (see its
+history) made them: the VAE and the DiT were trained on synthetic talking cartoon faces,
 the DiT through our own streaming sampler. It is a small model with little training: through
 the pipeline the video shows a blurred silhouette of the given portrait's layout (hair above,
 shoulders below; correlation with the portrait 0.43-0.56 at 128*128, where random weights gave
