@@ -34,11 +34,22 @@ from .run_spec import RunSpec
 from .semantics import FrameChunk, VideoSemantics
 from .streaming import Progress, SamplerSettings
 
-__all__ = ["EncodedAudio", "PromptEmbeddings", "RenderResult", "VideoJob", "encode_audio", "encode_prompt",
-           "make_job", "render", "worker_model_files"]
+__all__ = [
+    "EncodedAudio",
+    "PromptEmbeddings",
+    "RenderResult",
+    "VideoJob",
+    "encode_audio",
+    "encode_prompt",
+    "make_job",
+    "render",
+    "worker_model_files",
+]
 
 
-def encode_audio(models: LiveAvatarModels, waveform: torch.Tensor, sample_rate: int, name: str = "audio") -> EncodedAudio:
+def encode_audio(
+    models: LiveAvatarModels, waveform: torch.Tensor, sample_rate: int, name: str = "audio"
+) -> EncodedAudio:
     """Any sample rate, mono or stereo, [channels, samples] or [batch, channels, samples]."""
     placed = functools.partial(models.on_device, "audio_encoder")
     return conditioning.encode_audio(models.audio_encoder, waveform, sample_rate, name, placed)
@@ -122,8 +133,10 @@ def worker_model_files(models: LiveAvatarModels) -> FileModels:
     """What worker processes load the DiT and VAE from: the files (without the encoders, which
     they never run) and the weight precision."""
     if models.files.vae is None:
-        raise InputError("gpus > 1: the worker processes load the VAE from its file, but this one was given ready-made "
-                         "(e.g. from core Load VAE): pick the VAE file in the loader instead, or set gpus to 1.")
+        raise InputError(
+            "gpus > 1: the worker processes load the VAE from its file, but this one was given ready-made "
+            "(e.g. from core Load VAE): pick the VAE file in the loader instead, or set gpus to 1."
+        )
     files = dataclasses.replace(models.files, text_encoder=None, audio_encoder=None)
     return FileModels(files, models.precision)
 
@@ -201,9 +214,20 @@ def make_job(
     kept warm between runs. The attention caches live where the models were loaded to keep
     them (`LiveAvatarModels.kv_cache`).
     """
-    spec = RunSpec.make(image, audio.features, prompt.positive, size, settings, num_clip=num_clip or None,
-                        negative_context=prompt.negative, trim_to_audio=trim_to_audio, semantics=semantics,
-                        kv_cache=models.kv_cache, gpus=gpus, size_mode=size_mode)
+    spec = RunSpec.make(
+        image,
+        audio.features,
+        prompt.positive,
+        size,
+        settings,
+        num_clip=num_clip or None,
+        negative_context=prompt.negative,
+        trim_to_audio=trim_to_audio,
+        semantics=semantics,
+        kv_cache=models.kv_cache,
+        gpus=gpus,
+        size_mode=size_mode,
+    )
     _check_machine(models, gpus)
     return VideoJob(models, spec, audio)
 

@@ -77,8 +77,15 @@ class StreamingPipeline:
                         features = clip_features(spec.audio_features, item.clip, settings.infer_frames)
                     x = noise[:, :, item.start : item.start + item.frames]
                     after_step = None if progress is None else _reporter(progress, item, spec)
-                    latents = sampler.denoise(item.clip, item.block, x, sampler.new_solver(),
-                                              range(settings.sample_steps), features, after_step)
+                    latents = sampler.denoise(
+                        item.clip,
+                        item.block,
+                        x,
+                        sampler.new_solver(),
+                        range(settings.sample_steps),
+                        features,
+                        after_step,
+                    )
                     yield from decoder.submit(item.clip, item.block, latents)
                     if item == schedule.roll_after:
                         yield from decoder.drain()  # the sink roll needs clip 0's frames
@@ -125,7 +132,9 @@ def write_video(
     with StreamingVideoWriter(path, FPS, width, height, waveform[..., skip:], sample_rate, crf=crf) as writer:
         # Encoding runs beside generation; leaving this block waits for it, so the file holds
         # every chunk made before a stop or failure.
-        with BackgroundWriter(lambda chunk: writer.write_frames(chunk.frames, clip_boundary=chunk.ends_clip)) as background:
+        with BackgroundWriter(
+            lambda chunk: writer.write_frames(chunk.frames, clip_boundary=chunk.ends_clip)
+        ) as background:
             for chunk in chunks:
                 background.put(chunk)
         return writer.frames_written

@@ -129,7 +129,7 @@ def strip_prefix(name: str, prefixes: Iterable[str]) -> str:
     """`name` without the first of `prefixes` it starts with (unchanged when none)."""
     for prefix in prefixes:
         if name.startswith(prefix):
-            return name[len(prefix):]
+            return name[len(prefix) :]
     return name
 
 

@@ -78,7 +78,7 @@ def vae_tensors_in_diffusers_names(tensors: TensorFile) -> TensorFile:
         raise CheckpointError(_not_a_vae_message(tensors.label, keys))
     if prefix:
         # A whole-model file: keep only the VAE's tensors.
-        tensors = tensors.renamed(lambda name: name[len(prefix):] if name.startswith(prefix) else None)
+        tensors = tensors.renamed(lambda name: name[len(prefix) :] if name.startswith(prefix) else None)
     if WAN22_MARKER in tensors:
         raise CheckpointError(_wan22_message(tensors.label))
     if WAN_MARKER in tensors:
@@ -137,8 +137,10 @@ def identify_network(keys: Iterable[str]) -> tuple[str, str] | None:
 
     if any_key(lambda k: "lora_" in k or ".lora." in k):
         return "a LoRA (such as liveavatar.safetensors)", "models/loras (the LiveAvatar LoRA input)"
-    if "token_embedding.weight" in keys or "shared.weight" in keys or any_key(
-        lambda k: k.startswith(("encoder.block.", "text_encoders.")) or ".SelfAttention." in k
+    if (
+        "token_embedding.weight" in keys
+        or "shared.weight" in keys
+        or any_key(lambda k: k.startswith(("encoder.block.", "text_encoders.")) or ".SelfAttention." in k)
     ):
         return "the umT5 text encoder", "models/text_encoders (the text-encoder input)"
     if any_key(lambda k: "patch_embedding" in k or ".self_attn." in k or k.startswith("model.diffusion_model.")):

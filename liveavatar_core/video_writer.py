@@ -203,8 +203,9 @@ class StreamingVideoWriter:
             self._file = open(self.path, "ab")
         except OSError as err:
             self._partial.unlink(missing_ok=True)
-            raise InputError(f"Cannot write {self.path} ({err.strerror}); choose a writable output path "
-                             "with free space.") from None
+            raise InputError(
+                f"Cannot write {self.path} ({err.strerror}); choose a writable output path with free space."
+            ) from None
 
     @property
     def created(self) -> bool:

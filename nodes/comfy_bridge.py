@@ -128,8 +128,9 @@ class ComfyPlacement:
     def acquire(self, networks: dict, device) -> None:
         import comfy.model_management
 
-        comfy.model_management.load_models_gpu([self.patcher(m, device) for m in networks.values()],
-                                               force_full_load=True)
+        comfy.model_management.load_models_gpu(
+            [self.patcher(m, device) for m in networks.values()], force_full_load=True
+        )
         for module in networks.values():  # under --novram ComfyUI loads no whole module itself
             module.to(device)
 
@@ -239,8 +240,9 @@ class NodeProgress:
         self.preview = ("JPEG", Image.fromarray(last), self.PREVIEW_SIZE)
 
 
-def new_output_file(prefix: str, width: int, height: int, extension: str,
-                    default_prefix: str = "LiveAvatar/avatar") -> tuple[Path, str, str]:
+def new_output_file(
+    prefix: str, width: int, height: int, extension: str, default_prefix: str = "LiveAvatar/avatar"
+) -> tuple[Path, str, str]:
     """A fresh file name in ComfyUI's output folder: (path, file name, subfolder). The prefix is
     checked first (see `output_names`); the file itself is made by the writer."""
     import folder_paths
@@ -265,8 +267,11 @@ def show_output_on_node(ui: dict) -> None:
         server = PromptServer.instance
         node = server.last_node_id
         if server.client_id is not None and node is not None:
-            server.send_sync("executed", {"node": node, "display_node": node, "output": ui,
-                                          "prompt_id": server.last_prompt_id}, server.client_id)
+            server.send_sync(
+                "executed",
+                {"node": node, "display_node": node, "output": ui, "prompt_id": server.last_prompt_id},
+                server.client_id,
+            )
     except Exception:  # showing is a courtesy: the node's own error matters more
         pass
 

@@ -119,33 +119,72 @@ SEED = 7
 
 # Formant targets F1, F2, F3 in Hz (typical adult values, raised a little for a light voice).
 VOWELS = {
-    "i": (300, 2300, 2950), "I": (420, 1950, 2600), "e": (560, 1850, 2550), "ae": (720, 1700, 2500),
-    "a": (780, 1240, 2550), "@": (520, 1450, 2500), "o": (520, 920, 2450), "u": (330, 920, 2350),
-    "U": (460, 1080, 2400), "er": (490, 1350, 1700),
+    "i": (300, 2300, 2950),
+    "I": (420, 1950, 2600),
+    "e": (560, 1850, 2550),
+    "ae": (720, 1700, 2500),
+    "a": (780, 1240, 2550),
+    "@": (520, 1450, 2500),
+    "o": (520, 920, 2450),
+    "u": (330, 920, 2350),
+    "U": (460, 1080, 2400),
+    "er": (490, 1350, 1700),
 }
 SONORANTS = {  # (F1, F2, F3, loudness relative to a vowel)
-    "m": (260, 1100, 2300, 0.35), "n": (260, 1700, 2550, 0.35), "l": (360, 1100, 2700, 0.6),
-    "y": (290, 2200, 2950, 0.6), "r": (420, 1250, 1650, 0.6),
+    "m": (260, 1100, 2300, 0.35),
+    "n": (260, 1700, 2550, 0.35),
+    "l": (360, 1100, 2700, 0.6),
+    "y": (290, 2200, 2950, 0.6),
+    "r": (420, 1250, 1650, 0.6),
 }
 FRICATIVES = {  # (centre Hz, bandwidth Hz, loudness, voiced)
-    "s": (5200, 1800, 0.22, False), "f": (3800, 3500, 0.08, False), "v": (3800, 3500, 0.06, True),
+    "s": (5200, 1800, 0.22, False),
+    "f": (3800, 3500, 0.08, False),
+    "v": (3800, 3500, 0.06, True),
 }
 STOPS = {  # burst (centre Hz, bandwidth Hz), closure ms, burst ms, aspiration ms
-    "t": ((4200, 2200), 55, 12, 35), "p": ((1000, 1500), 60, 10, 30), "k": ((1900, 900), 55, 14, 40),
+    "t": ((4200, 2200), 55, 12, 35),
+    "p": ((1000, 1500), 60, 10, 30),
+    "k": ((1900, 900), 55, 14, 40),
 }
 
 # "Hello, I am your live avatar. Nice to meet you!": (phone, ms, stress) per segment;
 # "|" is a pause between phrases. Stress scales loudness and raises the pitch.
 UTTERANCE = [
     ("|", 160, 0),
-    ("h", 60, 0), ("e", 85, 0.6), ("l", 55, 0), ("o", 170, 1.0), ("U", 90, 0.8),
+    ("h", 60, 0),
+    ("e", 85, 0.6),
+    ("l", 55, 0),
+    ("o", 170, 1.0),
+    ("U", 90, 0.8),
     ("|", 220, 0),
-    ("a", 120, 1.0), ("i", 80, 0.8), ("ae", 90, 0.6), ("m", 80, 0), ("y", 45, 0), ("er", 110, 0.6),
-    ("l", 55, 0), ("I", 105, 0.8), ("v", 70, 0), ("ae", 120, 1.0), ("v", 55, 0), ("@", 65, 0.5),
-    ("t", 0, 0), ("a", 140, 0.8), ("er", 90, 0.6),
+    ("a", 120, 1.0),
+    ("i", 80, 0.8),
+    ("ae", 90, 0.6),
+    ("m", 80, 0),
+    ("y", 45, 0),
+    ("er", 110, 0.6),
+    ("l", 55, 0),
+    ("I", 105, 0.8),
+    ("v", 70, 0),
+    ("ae", 120, 1.0),
+    ("v", 55, 0),
+    ("@", 65, 0.5),
+    ("t", 0, 0),
+    ("a", 140, 0.8),
+    ("er", 90, 0.6),
     ("|", 300, 0),
-    ("n", 70, 0), ("a", 125, 1.0), ("i", 75, 0.8), ("s", 110, 0), ("t", 0, 0), ("u", 80, 0.5),
-    ("m", 70, 0), ("i", 160, 1.0), ("t", 0, 0), ("y", 50, 0), ("u", 230, 0.8),
+    ("n", 70, 0),
+    ("a", 125, 1.0),
+    ("i", 75, 0.8),
+    ("s", 110, 0),
+    ("t", 0, 0),
+    ("u", 80, 0.5),
+    ("m", 70, 0),
+    ("i", 160, 1.0),
+    ("t", 0, 0),
+    ("y", 50, 0),
+    ("u", 230, 0.8),
 ]
 # Pitch (Hz) at the start and end of each phrase: it declines through a phrase and falls at its end.
 PHRASE_PITCH = [(200, 170), (205, 150), (210, 135)]
@@ -191,8 +230,9 @@ def _expand_stops(utterance):
     return out
 
 
-def synthesise_speech(utterance=UTTERANCE, duration_s: float = DURATION_S, seed: int = SEED,
-                      phrase_pitch=PHRASE_PITCH) -> np.ndarray:
+def synthesise_speech(
+    utterance=UTTERANCE, duration_s: float = DURATION_S, seed: int = SEED, phrase_pitch=PHRASE_PITCH
+) -> np.ndarray:
     """Speech-like sound at 16 kHz, float32 in [-1, 1]; by default the 4 s example track.
     `utterance`: (phone, ms, stress) segments as `UTTERANCE`; `phrase_pitch`: (start, end)
     pitch in Hz of each phrase."""

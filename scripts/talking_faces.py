@@ -47,6 +47,7 @@ def _shade(colour, factor):
 
 def random_style(rng: np.random.Generator) -> FaceStyle:
     """A face with other colours, place and size (the example's layout kept)."""
+
     def colour(lo, hi):
         return tuple(int(v) for v in rng.integers(lo, hi, 3))
 
@@ -61,16 +62,24 @@ def random_style(rng: np.random.Generator) -> FaceStyle:
         shirt=shirt,
         shirt_shade=_shade(shirt, 0.8),
         iris=colour(20, 200),
-        mouth=_shade((140 + rng.integers(-30, 30), 38 + rng.integers(-20, 30), 50 + rng.integers(-20, 30)),
-                     rng.uniform(0.6, 1.1)),
+        mouth=_shade(
+            (140 + rng.integers(-30, 30), 38 + rng.integers(-20, 30), 50 + rng.integers(-20, 30)), rng.uniform(0.6, 1.1)
+        ),
         dx=float(rng.uniform(-40, 40)),
         dy=float(rng.uniform(-30, 30)),
         size=float(rng.uniform(0.85, 1.15)),
     )
 
 
-def draw_face(style: FaceStyle, opening: float, width: int, height: int, zoom: float = 1.0,
-              centre: tuple[float, float] | None = None, supersample: int = 2) -> Image.Image:
+def draw_face(
+    style: FaceStyle,
+    opening: float,
+    width: int,
+    height: int,
+    zoom: float = 1.0,
+    centre: tuple[float, float] | None = None,
+    supersample: int = 2,
+) -> Image.Image:
     """The face at `width` x `height` with the mouth `opening` (0..1). zoom 1 and the default
     centre (the canvas centre) show what `fit_reference` crops from a 512x640 portrait."""
     cx, cy = centre if centre is not None else (CANVAS[0] / 2, CANVAS[1] / 2)
@@ -139,8 +148,9 @@ def _draw_mouth(d, box, w, style, opening):
     d.arc(box(290, 356, 308, 374), -70, 70, fill=media.LINE, width=w(3))
 
 
-def mouth_box(style: FaceStyle, width: int, height: int, zoom: float = 1.0,
-              centre: tuple[float, float] | None = None) -> tuple[int, int, int, int]:
+def mouth_box(
+    style: FaceStyle, width: int, height: int, zoom: float = 1.0, centre: tuple[float, float] | None = None
+) -> tuple[int, int, int, int]:
     """(x0, y0, x1, y1) output pixels of the region the mouth moves in."""
     cx, cy = centre if centre is not None else (CANVAS[0] / 2, CANVAS[1] / 2)
     k = zoom * max(width / CANVAS[0], height / CANVAS[1])
@@ -194,7 +204,9 @@ def mouth_track(wave16k: np.ndarray, frames: int, rate: int = media.RATE) -> np.
     frame, in decibels from 30 dB below the track's peak (0) to 6 dB below it (1)."""
     hop = rate // FPS
     padded = np.pad(np.asarray(wave16k, dtype=np.float64), (hop, hop))
-    rms = np.array([np.sqrt(np.mean(padded[i * hop + hop // 2: i * hop + hop // 2 + 2 * hop] ** 2)) for i in range(frames)])
+    rms = np.array(
+        [np.sqrt(np.mean(padded[i * hop + hop // 2 : i * hop + hop // 2 + 2 * hop] ** 2)) for i in range(frames)]
+    )
     level = 20 * np.log10(rms + 1e-6)
     peak = max(level.max(), -60.0)
     opening = np.clip((level - (peak - 30)) / 24, 0, 1)
@@ -205,4 +217,13 @@ def default_style() -> FaceStyle:
     return FaceStyle()
 
 
-__all__ = ["FaceStyle", "random_style", "draw_face", "mouth_box", "random_speech", "mouth_track", "default_style", "replace"]
+__all__ = [
+    "FaceStyle",
+    "random_style",
+    "draw_face",
+    "mouth_box",
+    "random_speech",
+    "mouth_track",
+    "default_style",
+    "replace",
+]

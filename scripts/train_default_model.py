@@ -88,15 +88,16 @@ PROMPTS = [
 # -- data -------------------------------------------------------------------------------------
 def _face_levels(args):
     """One face drawn at every mouth level: uint8 [LEVELS, SIZE, SIZE, 3], and its mouth box."""
-    seed, = args
+    (seed,) = args
     rng = np.random.default_rng(10_000 + seed)
     style = faces.FaceStyle() if rng.random() < 0.25 else faces.random_style(rng)
     zoom = float(rng.choice([1.0, 1.0, 1.0, rng.uniform(1.0, 2.5)]))
     # Zoomed in, the centre moves towards the mouth so it stays in view.
     t = (zoom - 1) / 2
     centre = (256 + style.dx * t + rng.uniform(-20, 20) * t, 320 + (40 + style.dy) * t)
-    images = [np.asarray(faces.draw_face(style, level / (LEVELS - 1), SIZE, SIZE, zoom, centre))
-              for level in range(LEVELS)]
+    images = [
+        np.asarray(faces.draw_face(style, level / (LEVELS - 1), SIZE, SIZE, zoom, centre)) for level in range(LEVELS)
+    ]
     return np.stack(images), faces.mouth_box(style, SIZE, SIZE, zoom, centre)
 
 
@@ -141,7 +142,7 @@ class Batches:
     def pixels(self, face, level_index):
         """[B, T] level indices -> [B, 3, T, H, W] in -1..1."""
         frames = self.levels[face[:, None], level_index]  # [B, T, H, W, 3]
-        return (frames.to(self.device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1)
+        return frames.to(self.device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
 
     def mouth_weight(self, face, scale=8, value=MOUTH_WEIGHT):
         boxes = self.boxes[face]
@@ -227,14 +228,18 @@ def train_decoder(vae, batches: Batches, steps: int, seconds: float, device, log
         for group in opt.param_groups:
             group["lr"] = _lr(1e-3, progress)
         face, ref_level, level, _ = batches.clip(batch, 4 * latents)
-        video = torch.cat([batches.pixels(face, ref_level[:, None]).repeat(1, 1, still_frames, 1, 1),
-                           batches.pixels(face, level)], dim=2)
+        video = torch.cat(
+            [batches.pixels(face, ref_level[:, None]).repeat(1, 1, still_frames, 1, 1), batches.pixels(face, level)],
+            dim=2,
+        )
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             with torch.no_grad():
                 mu = vae.encode(video).latent_dist.mode()
             out = vae.decode(mu).sample.float()
         weight = batches.mouth_weight(face, 1, 10.0)
-        loss = (weight * (out - video).abs())[:, :, still_frames:].mean() + 0.1 * (out - video)[:, :, :still_frames].abs().mean()
+        loss = (weight * (out - video).abs())[:, :, still_frames:].mean() + 0.1 * (out - video)[
+            :, :, :still_frames
+        ].abs().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -328,8 +333,19 @@ def cache_latents(vae, batches: Batches, count: int, frames: int, device, log, c
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
-def train_dit(cache, contexts, steps: int, seconds: float, seed: int, device, log, batch: int = 128,
-              peak_lr: float = 2e-3, checkpoint=None, init_state=None):
+def train_dit(
+    cache,
+    contexts,
+    steps: int,
+    seconds: float,
+    seed: int,
+    device,
+    log,
+    batch: int = 128,
+    peak_lr: float = 2e-3,
+    checkpoint=None,
+    init_state=None,
+):
     """Teacher-forced through the streaming sampler's own DiT calls: for every clip, every
     block and each of the first two of the three steps, `CausalDiT.denoise_block` runs as
     `CausalSampler.denoise` runs it (the step's KV cache holding the earlier blocks' keys at
@@ -389,8 +405,9 @@ def train_dit(cache, contexts, steps: int, seconds: float, seed: int, device, lo
                     features = clip_feats[..., a * TEMPORAL_STRIDE : (a + n) * TEMPORAL_STRIDE]
                     distance = sink_distance(settings.seed, clip, b, s, settings.sink_distance)
                     with autocast:
-                        v = dit.denoise_block(xs[b], sigma * 1000, clip * per_clip + a, context, features,
-                                              caches[s], sink, distance).float()
+                        v = dit.denoise_block(
+                            xs[b], sigma * 1000, clip * per_clip + a, context, features, caches[s], sink, distance
+                        ).float()
                     clean = xs[b] - sigma * v
                     loss = loss + (weight * (clean - goal[:, :, a : a + n]) ** 2).mean()
                     terms += 1
@@ -399,8 +416,16 @@ def train_dit(cache, contexts, steps: int, seconds: float, seed: int, device, lo
                 with torch.no_grad(), autocast:
                     a, n = settings.blocks()[0]
                     distance = sink_distance(settings.seed, 0, 0, STEPS - 1, settings.sink_distance)
-                    v = dit.denoise_block(xs[0], sigmas[-2] * 1000, 0, context, clip_feats[..., : n * TEMPORAL_STRIDE],
-                                          GradKVCache(model.config.num_layers, per_clip, tokens), sink, distance).float()
+                    v = dit.denoise_block(
+                        xs[0],
+                        sigmas[-2] * 1000,
+                        0,
+                        context,
+                        clip_feats[..., : n * TEMPORAL_STRIDE],
+                        GradKVCache(model.config.num_layers, per_clip, tokens),
+                        sink,
+                        distance,
+                    ).float()
                     first = (xs[0] + (sigmas[-1] - sigmas[-2]) * v)[:, :, :1]
                 with autocast:
                     sink = SinkCache(model.config.num_layers)
@@ -415,7 +440,9 @@ def train_dit(cache, contexts, steps: int, seconds: float, seed: int, device, lo
             average = value if average is None else 0.9 * average + 0.1 * value
         if step % 50 == 0:
             rate = step / max(1e-6, time.monotonic() - began)
-            log(f"dit step {step} clips {clips} loss {value:.4f} (avg {average:.4f}) lr {opt.param_groups[0]['lr']:.2e} {rate:.2f} steps/s")
+            log(
+                f"dit step {step} clips {clips} loss {value:.4f} (avg {average:.4f}) lr {opt.param_groups[0]['lr']:.2e} {rate:.2f} steps/s"
+            )
         if checkpoint is not None and time.monotonic() - last_save > 60:
             checkpoint(model, step)
             last_save = time.monotonic()
@@ -452,7 +479,11 @@ def write_vae(out: Path, vae, seed: int):
     metadata = {dm.MARKER_KEY: json.dumps({"version": dm.FORMAT_VERSION, "seed": seed, "trained": True})}
     ours = dm._state(vae, torch.bfloat16)
     mapping = wan_to_diffusers_names(dm.wan_vae_names())
-    save_file({w: ours[d].cpu().contiguous() for w, d in mapping.items()}, str(out / dm.DEFAULT_FILES["vae"]), metadata=metadata)
+    save_file(
+        {w: ours[d].cpu().contiguous() for w, d in mapping.items()},
+        str(out / dm.DEFAULT_FILES["vae"]),
+        metadata=metadata,
+    )
 
 
 def main(argv=None):
@@ -463,9 +494,13 @@ def main(argv=None):
     parser.add_argument("--dit-steps", type=int, default=2000)
     parser.add_argument("--vae-seconds", type=float, default=1e9, help="also stop the VAE's training after this long")
     parser.add_argument("--dit-seconds", type=float, default=1e9, help="also stop the DiT's training after this long")
-    parser.add_argument("--vae-from", type=Path, default=None, help="take this trained VAE file instead of training one")
+    parser.add_argument(
+        "--vae-from", type=Path, default=None, help="take this trained VAE file instead of training one"
+    )
     parser.add_argument("--decoder-steps", type=int, default=400)
-    parser.add_argument("--decoder-seconds", type=float, default=1e9, help="also stop the decoder's training after this long")
+    parser.add_argument(
+        "--decoder-seconds", type=float, default=1e9, help="also stop the decoder's training after this long"
+    )
     parser.add_argument("--vae-init", type=Path, default=None, help="continue training the VAE of this file")
     parser.add_argument("--dit-from", type=Path, default=None, help="start the DiT from this checkpoint")
     parser.add_argument("--faces", type=int, default=800)
@@ -495,8 +530,9 @@ def main(argv=None):
     save_file(text_state, str(tmp / "t.safetensors"))
     save_file(audio_state, str(tmp / "a.safetensors"))
     text = load_text_encoder(tmp / "t.safetensors", dtype=torch.float32)
-    audio = load_audio_encoder(tmp / "a.safetensors", expected_hidden_size=dm.AUDIO_DIM,
-                               expected_hidden_states=dm.AUDIO_LAYERS + 1)
+    audio = load_audio_encoder(
+        tmp / "a.safetensors", expected_hidden_size=dm.AUDIO_DIM, expected_hidden_states=dm.AUDIO_LAYERS + 1
+    )
     # Zero rows past a prompt's end are what `embed_text` pads with at inference too.
     contexts = torch.stack(_pad(list(text.encode(PROMPTS)))).to(device)
     log("drawing faces and synthesising speech")
@@ -520,8 +556,11 @@ def main(argv=None):
         log(f"cached latents {tuple(cache['target'].shape)}")
 
     def checkpoint(model, step):
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()},
-                  str(args.out / "dit_checkpoint.safetensors"), metadata={"step": str(step)})
+        save_file(
+            {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()},
+            str(args.out / "dit_checkpoint.safetensors"),
+            metadata={"step": str(step)},
+        )
         log(f"checkpoint at step {step}")
 
     init = load_file(str(args.dit_from)) if args.dit_from is not None else None
@@ -536,8 +575,19 @@ def main(argv=None):
         shutil.rmtree(tmp)
         log(f"wrote {args.out}")
         return
-    dit, steps = train_dit(cache, contexts, args.dit_steps, args.dit_seconds, args.seed, device, log,
-                           batch=args.batch, peak_lr=args.lr, checkpoint=checkpoint, init_state=init)
+    dit, steps = train_dit(
+        cache,
+        contexts,
+        args.dit_steps,
+        args.dit_seconds,
+        args.seed,
+        device,
+        log,
+        batch=args.batch,
+        peak_lr=args.lr,
+        checkpoint=checkpoint,
+        init_state=init,
+    )
     checkpoint(dit, steps)
     write_files(args.out, dit, vae, text_state, audio_state, args.seed)
     shutil.rmtree(tmp)

@@ -45,16 +45,33 @@ INFER_FRAMES = 32
 PROMPT = "A friendly cartoon character looks straight at the camera and talks."
 PORTRAIT = ROOT / "workflows" / "media" / "liveavatar_example_portrait.png"
 UNHEARD_SEED = 987_654_321  # training draws utterances from seeds below 10^7
-OTHER_STYLE = faces.FaceStyle(background=(90, 120, 70), skin=(150, 100, 70), skin_shade=(130, 86, 60),
-                              hair=(30, 30, 34), shirt=(200, 60, 40), shirt_shade=(160, 48, 32),
-                              iris=(60, 60, 140), dx=-25, dy=20, size=0.95)
+OTHER_STYLE = faces.FaceStyle(
+    background=(90, 120, 70),
+    skin=(150, 100, 70),
+    skin_shade=(130, 86, 60),
+    hair=(30, 30, 34),
+    shirt=(200, 60, 40),
+    shirt_shade=(160, 48, 32),
+    iris=(60, 60, 140),
+    dx=-25,
+    dy=20,
+    size=0.95,
+)
 
 
 @lru_cache(maxsize=1)
 def models():
     files = {folder: SHIPPED_DIR / name for folder, name in DEFAULT_FILES.items()}
-    return load_models(ModelFiles(dit=files["diffusion_models"], vae=files["vae"], text_encoder=files["text_encoders"],
-                                  audio_encoder=files["audio_encoders"], lora=files["loras"]), dtype="bf16")
+    return load_models(
+        ModelFiles(
+            dit=files["diffusion_models"],
+            vae=files["vae"],
+            text_encoder=files["text_encoders"],
+            audio_encoder=files["audio_encoders"],
+            lora=files["loras"],
+        ),
+        dtype="bf16",
+    )
 
 
 def run(image: np.ndarray, wave: np.ndarray, seed: int = 1) -> np.ndarray:
@@ -63,8 +80,16 @@ def run(image: np.ndarray, wave: np.ndarray, seed: int = 1) -> np.ndarray:
     audio = encode_audio(m, torch.from_numpy(wave)[None], 16000)
     prompt = encode_prompt(m, PROMPT)
     settings = SamplerSettings(sample_steps=3, infer_frames=INFER_FRAMES, seed=seed)
-    job = make_job(m, torch.from_numpy(image).float()[None] / 255, audio, prompt, f"{SIZE}*{SIZE}", settings,
-                   num_clip=CLIPS, trim_to_audio=False)
+    job = make_job(
+        m,
+        torch.from_numpy(image).float()[None] / 255,
+        audio,
+        prompt,
+        f"{SIZE}*{SIZE}",
+        settings,
+        num_clip=CLIPS,
+        trim_to_audio=False,
+    )
     with torch.inference_mode():
         return torch.cat([chunk.frames for chunk in job.frames()]).numpy()
 

@@ -121,8 +121,10 @@ def test_shipped_encoders_are_the_seeded_builders(models_dir, tmp_path):
     # The DiT was trained on these umT5 and wav2vec2, the builders' seed-0 networks. The umT5's
     # sentencepiece pieces (and so its embedding rows) depend on the sentencepiece version,
     # which is why the files ship instead of being rebuilt; every other tensor is the builder's.
-    for folder, state, version_bound in (("text_encoders", text_encoder_state(0), {"spiece_model", "shared.weight"}),
-                                         ("audio_encoders", audio_encoder_state(0), set())):
+    for folder, state, version_bound in (
+        ("text_encoders", text_encoder_state(0), {"spiece_model", "shared.weight"}),
+        ("audio_encoders", audio_encoder_state(0), set()),
+    ):
         shipped = load_file(str(models_dir / folder / DEFAULT_FILES[folder]))
         assert sorted(shipped) == sorted(state), folder
         assert all(torch.equal(shipped[k], state[k]) for k in state if k not in version_bound), folder

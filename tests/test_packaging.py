@@ -16,7 +16,9 @@ from PIL import Image
 
 from conftest import ROOT
 
-PACKAGE_LIMIT = 8_000_000  # bytes, zipped: the shipped tiny default model is ~5 MB of it; the test fixtures alone are ~45 MB
+PACKAGE_LIMIT = (
+    8_000_000  # bytes, zipped: the shipped tiny default model is ~5 MB of it; the test fixtures alone are ~45 MB
+)
 
 
 def git_files(*args: str) -> list[str]:

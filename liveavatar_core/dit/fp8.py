@@ -108,8 +108,9 @@ class Fp8Linear(nn.Module):
         else:
             x8, x_scale = fused.run(_quantize_tensor, rows)
             w_scale = self.scale_weight
-        out = torch._scaled_mm(x8, self.weight.t(), scale_a=x_scale, scale_b=w_scale,
-                               bias=self.bias, out_dtype=self.compute_dtype)
+        out = torch._scaled_mm(
+            x8, self.weight.t(), scale_a=x_scale, scale_b=w_scale, bias=self.bias, out_dtype=self.compute_dtype
+        )
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -118,8 +119,9 @@ class Fp8Linear(nn.Module):
 
 def fp8_layer_names(model: nn.Module) -> list[str]:
     """The linear layers that run in fp8 (all but `FP8_EXEMPT`)."""
-    return [name for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and not FP8_EXEMPT.match(name)]
+    return [
+        name for name, module in model.named_modules() if isinstance(module, nn.Linear) and not FP8_EXEMPT.match(name)
+    ]
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -148,8 +150,13 @@ def dequantize_dit_(model: nn.Module) -> nn.Module:
     fp8 file)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, Fp8Linear):
-            linear = nn.Linear(module.in_features, module.out_features, module.bias is not None,
-                               device=module.weight.device, dtype=module.compute_dtype)
+            linear = nn.Linear(
+                module.in_features,
+                module.out_features,
+                module.bias is not None,
+                device=module.weight.device,
+                dtype=module.compute_dtype,
+            )
             linear.weight.copy_(module.dequantized_weight())
             if module.bias is not None:
                 linear.bias.copy_(module.bias)

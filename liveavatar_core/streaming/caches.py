@@ -41,7 +41,9 @@ class BlockKVCache:
         """Ring indices of the tokens of frames [first_frame, first_frame + frames)."""
         key = (first_frame % self.frames, frames, torch.device(device))
         if key not in self._slots:
-            starts = (torch.arange(first_frame, first_frame + frames, device=device) % self.frames) * self.tokens_per_frame
+            starts = (
+                torch.arange(first_frame, first_frame + frames, device=device) % self.frames
+            ) * self.tokens_per_frame
             tokens = starts[:, None] + torch.arange(self.tokens_per_frame, device=device)[None]
             self._slots[key] = tokens.flatten()
         return self._slots[key]
@@ -67,8 +69,16 @@ class BlockKVCache:
         used = self._write(layer, first_frame, frames, keys, values)
         return self.keys[layer][:, :used], self.values[layer][:, :used]
 
-    def write_and_read_with_sink(self, layer: int, first_frame: int, frames: int, keys: torch.Tensor,
-                                 values: torch.Tensor, sink_keys: torch.Tensor, sink_values: torch.Tensor):
+    def write_and_read_with_sink(
+        self,
+        layer: int,
+        first_frame: int,
+        frames: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        sink_keys: torch.Tensor,
+        sink_values: torch.Tensor,
+    ):
         """As `write_and_read`, followed by the sink's keys/values, but returned as
         [sink | cached frames]: slices of one buffer, no concatenation."""
         sink = sink_keys.shape[1]
