@@ -19,6 +19,7 @@ dequantised per call: the same numbers, slower, which is what the tests check.
 from __future__ import annotations
 
 import functools
+import os
 import re
 from typing import NamedTuple
 
@@ -80,6 +81,11 @@ ACTIVATION_SCALINGS = ("row", "tensor", "static")
 # e4m3 is a float format: a scale 4x too large loses no relative precision but for inputs
 # below 1/7000 of the calibrated peak, while inputs up to 4x that peak still fit.
 STATIC_HEADROOM = 4.0
+# What layers not set by `set_activation_scaling_` use: LIVEAVATAR_FP8_SCALING=static turns the
+# static scales on everywhere (calibrated on each layer's first call).
+DEFAULT_SCALING = os.environ.get("LIVEAVATAR_FP8_SCALING", "tensor")
+if DEFAULT_SCALING not in ACTIVATION_SCALINGS:
+    raise ValueError(f"LIVEAVATAR_FP8_SCALING must be one of {', '.join(ACTIVATION_SCALINGS)}, got {DEFAULT_SCALING!r}")
 
 
 def set_activation_scaling_(model: nn.Module, kind: str, calibration_calls: int = 1,
@@ -127,9 +133,9 @@ class Fp8Linear(nn.Module):
     only cast, one element-wise pass that a compiled producer can do itself. An input already
     quantised (`Fp8Activation`) is used with its own scale, in any mode."""
 
-    activation_scaling = "tensor"
+    activation_scaling = DEFAULT_SCALING
     input_scale: torch.Tensor | None = None
-    calibration_left = 0
+    calibration_left = 1 if DEFAULT_SCALING == "static" else 0
     headroom = STATIC_HEADROOM
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.bfloat16):
