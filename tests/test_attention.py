@@ -52,3 +52,15 @@ def test_flash_attention_3_is_refused_when_it_does_not_import(monkeypatch):
     monkeypatch.setattr(dispatch, "_fa3", lambda: None)
     with pytest.raises(ValueError, match="FlashAttention-3"):
         dispatch.set_backend("fa3")
+
+
+def test_flash_attention_3_comes_from_either_package_name(monkeypatch, tmp_path):
+    """The upstream build is `flash_attn_interface`; the forward-only fa3-fwd wheel names its
+    module `fa3_fwd_interface`: either one is found."""
+    (tmp_path / "fa3_fwd_interface.py").write_text("def flash_attn_func(q, k, v):\n    return 'fa3-fwd'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    dispatch._fa3.cache_clear()
+    try:
+        assert dispatch._fa3()(None, None, None) == "fa3-fwd"
+    finally:
+        dispatch._fa3.cache_clear()

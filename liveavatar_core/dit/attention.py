@@ -1,9 +1,10 @@
 """The one place where the DiT's attention runs, and the choice of kernel behind it.
 
 Backends (`set_backend`, or the environment variable LIVEAVATAR_ATTENTION):
-- "auto" (default): FlashAttention-3 when its package (`flash_attn_interface`) imports and the
-  device is a Hopper GPU, else PyTorch's `scaled_dot_product_attention` with its own pick
-  (cuDNN on Hopper with recent PyTorch; the fused CPU kernel on CPUs).
+- "auto" (default): FlashAttention-3 when its package imports (`flash_attn_interface`, or the
+  forward-only `fa3_fwd_interface` of the `fa3-fwd` wheel) and the device is a Hopper GPU,
+  else PyTorch's `scaled_dot_product_attention` with its own pick (cuDNN on Hopper with
+  recent PyTorch; the fused CPU kernel on CPUs).
 - "sdpa": PyTorch's pick, never FlashAttention-3.
 - "cudnn", "flash", "efficient", "math": PyTorch's SDPA held to that one kernel (an error where
   it cannot run the inputs).
@@ -16,6 +17,7 @@ rounding. Masks (used by reference computations in tests) always go to PyTorch's
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 
 import torch
@@ -31,7 +33,8 @@ def set_backend(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}, got {name!r}")
     if name == "fa3" and _fa3() is None:
-        raise ValueError("attention backend 'fa3' needs FlashAttention-3 (the flash_attn_interface package)")
+        raise ValueError("attention backend 'fa3' needs FlashAttention-3 (the flash_attn_interface package, "
+                         "or fa3_fwd_interface from the fa3-fwd wheel)")
     _backend = name
 
 
@@ -39,13 +42,19 @@ def backend() -> str:
     return _backend
 
 
+# FlashAttention-3's Python module: the upstream build's name, then the forward-only wheel's.
+FA3_MODULES = ("flash_attn_interface", "fa3_fwd_interface")
+
+
 @functools.cache
 def _fa3():
-    try:
-        import flash_attn_interface
-    except ImportError:
-        return None
-    return flash_attn_interface.flash_attn_func
+    for name in FA3_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except (ImportError, OSError):  # OSError: a build whose CUDA or PyTorch libraries are missing
+            continue
+        return module.flash_attn_func
+    return None
 
 
 @functools.cache

@@ -9,8 +9,10 @@ Two options make the calls cheaper without changing what they compute (each can 
 off): `sink_in_place` reads the sink and the cached frames as one slice of a [sink | ring]
 buffer instead of concatenating them (the same output up to rounding: the keys come in
 another order), and `cuda_graphs` replays each steady-state call as a captured CUDA graph
-(`graphs`). `set_defaults` (or LIVEAVATAR_SINK_IN_PLACE=0/1, LIVEAVATAR_CUDA_GRAPHS=0/1) sets
-what a CausalDiT made without them uses.
+(`graphs`). A third, `kv_fp8`, changes the numbers a little: the caches on the device keep
+their keys and values in e4m3 with a scale per token and head (`caches.Fp8BlockKVCache`), for
+half their memory. `set_defaults` (or LIVEAVATAR_SINK_IN_PLACE=0/1, LIVEAVATAR_CUDA_GRAPHS=0/1,
+LIVEAVATAR_KV_FP8=0/1) sets what a CausalDiT made without them uses.
 
 Defaults, from one H200 at Standard 688*368 with the fp8 DiT: the sink in place took a block
 step from 196 to 191 ms, but gives every step cache room for a sink copy (+20%, 7.6 GiB), so
@@ -38,12 +40,13 @@ def _env_flag(name: str) -> bool | None:
     return None if value is None else value != "0"
 
 
-_defaults = {"sink_in_place": _env_flag("LIVEAVATAR_SINK_IN_PLACE"), "cuda_graphs": _env_flag("LIVEAVATAR_CUDA_GRAPHS")}
+_defaults = {"sink_in_place": _env_flag("LIVEAVATAR_SINK_IN_PLACE"), "cuda_graphs": _env_flag("LIVEAVATAR_CUDA_GRAPHS"),
+             "kv_fp8": _env_flag("LIVEAVATAR_KV_FP8")}
 
 
-def set_defaults(sink_in_place: bool | None = None, cuda_graphs: bool | None = None) -> None:
+def set_defaults(sink_in_place: bool | None = None, cuda_graphs: bool | None = None, kv_fp8: bool | None = None) -> None:
     """The options a `CausalDiT` made without them takes (None: back to the automatic choice)."""
-    _defaults["sink_in_place"], _defaults["cuda_graphs"] = sink_in_place, cuda_graphs
+    _defaults["sink_in_place"], _defaults["cuda_graphs"], _defaults["kv_fp8"] = sink_in_place, cuda_graphs, kv_fp8
 
 
 def _sink_in_place_fits(device: torch.device) -> bool:
@@ -53,12 +56,14 @@ def _sink_in_place_fits(device: torch.device) -> bool:
 
 
 class CausalDiT:
-    def __init__(self, model: WanS2VTransformer, sink_in_place: bool | None = None, cuda_graphs: bool | None = None):
+    def __init__(self, model: WanS2VTransformer, sink_in_place: bool | None = None, cuda_graphs: bool | None = None,
+                 kv_fp8: bool | None = None):
         self.model = model
         self.config = model.config
         # None: decided at the first call, from its device.
         self.sink_in_place = _defaults["sink_in_place"] if sink_in_place is None else sink_in_place
         self.cuda_graphs = bool(_defaults["cuda_graphs"]) if cuda_graphs is None else cuda_graphs
+        self.kv_fp8 = bool(_defaults["kv_fp8"]) if kv_fp8 is None else kv_fp8  # read by the sampler's caches
         self.graphs = BlockGraphs(model)
 
     def tokens_per_frame(self, height: int, width: int) -> int:

@@ -22,7 +22,7 @@ import torch
 from ..errors import InputError
 from ..finite import require_finite
 from ..time_grid import BLOCK_FRAMES, TEMPORAL_STRIDE
-from .caches import BlockKVCache, SinkCache
+from .caches import BlockKVCache, Fp8BlockKVCache, Fp8SinkCache, SinkCache
 from .causal_dit import CausalDiT
 from .host_caches import HostKVCache, KVStager
 from .solvers import SOLVERS, FlowSolver, flow_sigmas
@@ -104,11 +104,15 @@ class _Branch:
     """One guidance branch: its text, its sink and its per-step caches."""
 
     def __init__(self, context: torch.Tensor, num_layers: int, steps: int, frames: int, tokens_per_frame: int, silent: bool,
-                 stager: KVStager | None = None):
+                 stager: KVStager | None = None, fp8: bool = False):
         self.context = context
         self.silent = silent
-        self.sink = SinkCache(num_layers)
-        make_cache = BlockKVCache if stager is None else functools.partial(HostKVCache, stager=stager)
+        fp8 = fp8 and stager is None  # e4m3 caches live on the device only
+        self.sink = (Fp8SinkCache if fp8 else SinkCache)(num_layers)
+        if stager is not None:
+            make_cache = functools.partial(HostKVCache, stager=stager)
+        else:
+            make_cache = Fp8BlockKVCache if fp8 else BlockKVCache
         self.caches = [make_cache(num_layers, frames, tokens_per_frame) for _ in range(steps)]
 
 
@@ -144,7 +148,8 @@ class CausalSampler:
         for text, silent in contexts:
             embedded = model.embed_text([text.to(self.device)])
             self._branches.append(
-                _Branch(embedded, model.config.num_layers, s.sample_steps, s.latent_frames, tokens, silent, stager)
+                _Branch(embedded, model.config.num_layers, s.sample_steps, s.latent_frames, tokens, silent, stager,
+                        fp8=getattr(self.dit, "kv_fp8", False))
             )
         self.replace_sink(ref, motion)
 
