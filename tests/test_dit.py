@@ -189,3 +189,18 @@ def test_missing_shard_is_named(tmp_path):
     victim.unlink()
     with pytest.raises(CheckpointError, match=f"1 shard file.*{victim.name}"):
         load_dit(folder)
+
+
+def test_model_trains_and_gives_the_same_output_with_autograd(official_model, golden):
+    # The default model's training backpropagates through the audio injectors, which add in
+    # place at inference: with autograd on they must give the same output and a gradient.
+    model = load_dit(TINY_DIR, dtype=torch.float32).requires_grad_(True)
+    with torch.enable_grad():
+        out = model(
+            golden["x"][None], golden["t"], [golden["context"]], golden["ref"][None],
+            golden["motion"][None], golden["audio"], cond=golden["cond"][None],
+        )[0]
+        out.square().mean().backward()
+    assert torch.equal(out.detach(), predict(model, golden))
+    injector = next(p for name, p in model.named_parameters() if name.startswith("audio_injector."))
+    assert injector.grad is not None and injector.grad.abs().sum() > 0
