@@ -144,8 +144,10 @@ class WanS2VTransformer(nn.Module):
                 residual = self.audio_injector(
                     self.injector_after[index], x[:, :video_tokens], audio_local, audio_global
                 )
-                # x is this block's fresh output: adding in place spares a copy of the stream.
-                x[:, :video_tokens] += residual.float()
+                if torch.is_grad_enabled():  # training: the injector's backward reads x as it was
+                    x = torch.cat([x[:, :video_tokens] + residual.float(), x[:, video_tokens:]], dim=1)
+                else:  # x is this block's fresh output: adding in place spares a copy of the stream.
+                    x[:, :video_tokens] += residual.float()
         return x
 
     def unpatchify(self, x: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:
