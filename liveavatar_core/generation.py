@@ -193,17 +193,18 @@ def make_job(
     trim_to_audio: bool = True,
     gpus: int = 1,
     semantics: VideoSemantics | str | None = None,
+    kv_cache: str = "device",
 ) -> VideoJob:
     """Checks every input now (see `RunSpec.make`), so a bad one fails before minutes of compute.
 
     num_clip: None or 0 = as many clips as the audio needs. gpus: 1 = this process; more =
     that many worker processes, one per GPU (CPU processes when the models run on the CPU),
-    kept warm between runs. The attention caches live where the models were loaded to keep
-    them (`LiveAvatarModels.kv_cache`).
+    kept warm between runs. kv_cache: where the sampler's attention caches live, "device" or
+    "host" memory (the low-VRAM mode; the same video), in every process of the run.
     """
     spec = RunSpec.make(image, audio.features, prompt.positive, size, settings, num_clip=num_clip or None,
                         negative_context=prompt.negative, trim_to_audio=trim_to_audio, semantics=semantics,
-                        kv_cache=models.kv_cache, gpus=gpus, size_mode=size_mode)
+                        kv_cache=kv_cache, gpus=gpus, size_mode=size_mode)
     _check_machine(models, gpus)
     return VideoJob(models, spec, audio)
 

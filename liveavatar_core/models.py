@@ -30,7 +30,6 @@ from .errors import CheckpointError, InputError
 from .finite import require_finite
 from .lora import merge_lora
 from .model_files import WEIGHT_DTYPES, ModelFiles, Precision, whole_checkpoint
-from .streaming.sampler import check_kv_cache
 from .text_encoder import TextEncoder, load_text_encoder
 from .vae import WanVAE, load_vae
 
@@ -77,8 +76,6 @@ class LiveAvatarModels:
     precision: Precision = Precision()  # the DiT's weights, as loaded
     # Where the networks came from: worker processes of a multi-GPU run load their own copies.
     files: ModelFiles | None = None
-    # Where the sampler's attention caches live: "device", or "host" memory (low VRAM).
-    kv_cache: str = "device"
     placement: Placement = field(default_factory=TorchPlacement)
 
     @property
@@ -111,7 +108,6 @@ def load_models(
     dtype: torch.dtype | str = torch.bfloat16,
     offload: bool = False,
     compile_elementwise: bool | None = None,
-    kv_cache: str = "device",
     vae: WanVAE | None = None,
     audio_encoder: AudioEncoder | None = None,
 ) -> LiveAvatarModels:
@@ -121,14 +117,13 @@ def load_models(
     float32 on the CPU, where half-precision convolutions are slow. fp8 (`float8_e4m3fn`)
     puts the DiT's linear layers in fp8 and the rest in bf16. `compile_elementwise` turns the
     compiled element-wise chains of `dit.fused` on or off for the process (None: leave as is).
-    `kv_cache` "host" keeps the sampler's attention caches in host memory: with fp8 and
-    `offload` this is the low-VRAM mode. `vae` and `audio_encoder`, when given, are used
+    With fp8 and `offload`, a run's attention caches in host memory (`RunSpec.kv_cache`) make
+    the low-VRAM mode. `vae` and `audio_encoder`, when given, are used
     instead of loading `files.vae` / `files.audio_encoder` (they are checked and placed alike).
     Raises CheckpointError
     naming the file when one holds another network or the networks do not fit together.
     """
     device = torch.device(device)
-    check_kv_cache(kv_cache)
     require_finite("lora_strength", files.lora_strength, "Give a number from -2 to 2; 1.0 is what LiveAvatar was trained for.")
     if compile_elementwise is not None:
         fused.set_compiled(compile_elementwise)
@@ -158,7 +153,7 @@ def load_models(
             f"the VAE {vae.label} has {vae.model.config.z_dim} latent channels but the diffusion "
             f"model expects {dit.config.in_dim}. Pick the Wan 2.1 VAE (wan_2.1_vae.safetensors)."
         )
-    return LiveAvatarModels(dit, vae, text_encoder, audio_encoder, device, offload, precision, files, kv_cache)
+    return LiveAvatarModels(dit, vae, text_encoder, audio_encoder, device, offload, precision, files)
 
 
 def load_dit_as(files: ModelFiles, home: torch.device, precision: Precision) -> WanS2VTransformer:

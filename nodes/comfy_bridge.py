@@ -151,9 +151,10 @@ def _same_device(a: torch.device | None, b: torch.device) -> bool:
     return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
 
 
-def make_room_for_run(models) -> None:
+def make_room_for_run(job) -> None:
     """Before a video whose attention caches live on the device: ComfyUI frees the other models."""
-    if isinstance(models.placement, ComfyPlacement) and models.kv_cache == "device":
+    models = job.models
+    if isinstance(models.placement, ComfyPlacement) and job.spec.kv_cache == "device":
         models.placement.make_room(models.device)
 
 
