@@ -120,12 +120,12 @@ class VideoJob:
 
 def worker_model_files(models: LiveAvatarModels) -> FileModels:
     """What worker processes load the DiT and VAE from: the files (without the encoders, which
-    they never run) and the weight precision."""
+    they never run), the weight precision and whether the DiT compiles."""
     if models.files.vae is None:
         raise InputError("gpus > 1: the worker processes load the VAE from its file, but this one was given ready-made "
                          "(e.g. from core Load VAE): pick the VAE file in the loader instead, or set gpus to 1.")
     files = dataclasses.replace(models.files, text_encoder=None, audio_encoder=None)
-    return FileModels(files, models.precision)
+    return FileModels(files, models.precision, models.dit.kernels.compile_elementwise)
 
 
 def _with_block_progress(

@@ -71,8 +71,8 @@ class LoadLiveAvatarModel:
                     "default": True,
                     "tooltip": "Compile the diffusion model's element-wise work into fused GPU kernels "
                                "(torch.compile): about 1.3x faster at 688*368 and up. The first run compiles "
-                               "for a minute. Small sizes such as 384*256 run faster with it off. Applies to "
-                               "every LiveAvatar model in this ComfyUI."}),
+                               "for a minute. Small sizes such as 384*256 run faster with it off. Applies to this "
+                               "model (and to its worker processes when gpus > 1)."}),
                 "vae_model": ("VAE", {
                     "tooltip": "Optional: the Wan 2.1 VAE from core Load VAE, used instead of the vae file "
                                "(its weights are copied into LiveAvatar's streaming decoder: the same video)."}),

@@ -12,6 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import FIXTURES, OFFICIAL_TINY, ROOT, relative_error
 from liveavatar_core.dit import S2VConfig, WanS2VTransformer, load_dit, save_dit
+from liveavatar_core.dit import attention as dispatch
+from liveavatar_core.dit.kernels import Kernels
+from liveavatar_core.dit.kernels import current as current_kernels
 from liveavatar_core.errors import CheckpointError
 from liveavatar_core.lora import merge_lora
 
@@ -59,6 +62,23 @@ def test_official_layout_reproduces_official_output(official_model, golden):
     error = relative_error(predict(official_model, golden), golden["out_base"])
     print(f"\nDiT vs official out_base: relative error {error:.3e}")
     assert error <= TOLERANCE
+
+
+def test_each_model_runs_with_its_own_kernel_choices(official_model, golden, monkeypatch):
+    """Kernel choices are options of a model, not of the process: a second model held to the
+    math attention kernel uses it in its calls only, and both give the official output."""
+    held = []
+    real = dispatch._sdpa_kernel
+    monkeypatch.setattr(dispatch, "_sdpa_kernel", lambda name: held.append(name) or real(name))
+    other = load_dit(TINY_DIR, dtype=torch.float32)
+    other.kernels = Kernels(attention="math")
+    assert relative_error(predict(other, golden), golden["out_base"]) <= TOLERANCE
+    assert held and set(held) == {"math"}
+    held.clear()
+    assert official_model.kernels.attention == "auto"
+    assert relative_error(predict(official_model, golden), golden["out_base"]) <= TOLERANCE
+    assert held == [], "the other model's choice leaked into this one"
+    assert current_kernels().attention == "auto"
 
 
 def test_lora_merge_reproduces_official_output(golden):
