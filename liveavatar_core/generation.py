@@ -3,10 +3,10 @@
 - `encode_audio`: any waveform -> `EncodedAudio` (wav2vec2 features per video frame, kept on
   the CPU in bfloat16, the DiT's own input precision, plus the original track for the mp4).
 - `encode_prompt`: prompt (+ negative) -> `PromptEmbeddings`.
-- `make_job` -> `VideoJob`: the models and the run's `RunSpec` (every input checked when it is
-  made), run only when its frames are pulled (`frames`), so generation and decoding
-  interleave and memory stays flat. With `gpus` > 1 it runs in warm worker processes, one per
-  GPU (`parallel.shared_pools`).
+- `job_for` (a made `RunSpec`) or `make_job` (its inputs) -> `VideoJob`: the models and the
+  run's `RunSpec` (every input checked when it is made), run only when its frames are pulled
+  (`frames`), so generation and decoding interleave and memory stays flat. With `gpus` > 1 it
+  runs in warm worker processes, one per GPU (`parallel.shared_pools`).
 - `render`: pull a job into an mp4 (streamed, with audio) and/or one frame tensor.
 """
 
@@ -35,7 +35,7 @@ from .semantics import FrameChunk, VideoSemantics
 from .streaming import Progress, SamplerSettings
 
 __all__ = ["EncodedAudio", "PromptEmbeddings", "RenderResult", "VideoJob", "encode_audio", "encode_prompt",
-           "make_job", "render", "worker_model_files"]
+           "job_for", "make_job", "render", "worker_model_files"]
 
 
 def encode_audio(models: LiveAvatarModels, waveform: torch.Tensor, sample_rate: int, name: str = "audio") -> EncodedAudio:
@@ -205,7 +205,13 @@ def make_job(
     spec = RunSpec.make(image, audio.features, prompt.positive, size, settings, num_clip=num_clip or None,
                         negative_context=prompt.negative, trim_to_audio=trim_to_audio, semantics=semantics,
                         kv_cache=kv_cache, gpus=gpus, size_mode=size_mode)
-    _check_machine(models, gpus)
+    return job_for(models, spec, audio)
+
+
+def job_for(models: LiveAvatarModels, spec: RunSpec, audio: EncodedAudio) -> VideoJob:
+    """The job running `spec` with `models`; refuses (InputError) a `spec.gpus` that this
+    machine or these models cannot serve. `audio`: the track the spec's features came from."""
+    _check_machine(models, spec.gpus)
     return VideoJob(models, spec, audio)
 
 

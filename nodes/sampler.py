@@ -1,4 +1,5 @@
-"""LiveAvatarSampler: checks the inputs and hands a video stream to Online VAE Decode.
+"""LiveAvatarSampler: checks the inputs (`RunSpec.make`) and hands a video stream to Online VAE
+Decode.
 
 Nothing is generated here: the decode node pulls the stream block by block, so generation and
 decoding interleave and each frame leaves memory once written.
@@ -7,7 +8,8 @@ decoding interleave and each frame leaves memory once written.
 from __future__ import annotations
 
 from liveavatar_core.errors import InputError
-from liveavatar_core.generation import make_job
+from liveavatar_core.generation import job_for
+from liveavatar_core.run_spec import RunSpec
 from liveavatar_core.semantics import SEMANTICS, VideoSemantics
 from liveavatar_core.sizing import OFFICIAL_SIZES, SIZE_MODES
 from liveavatar_core.streaming import SamplerSettings
@@ -129,8 +131,8 @@ class LiveAvatarSampler:
             raise InputError(f"kv_cache must be one of {', '.join(KV_CACHE_CHOICES)}, got {kv_cache!r}.")
         settings = SamplerSettings(sample_steps=sample_steps, infer_frames=infer_frames, sample_solver=sample_solver,
                                    guide_scale=sample_guide_scale, seed=seed, noise=noise)
-        job = make_job(model, image, audio_features, prompt, size, settings, num_clip=num_clip or None,
-                       size_mode=size_mode, trim_to_audio=trim_to_audio, gpus=gpus,
-                       semantics=VideoSemantics(semantics, sink_roll=sink_roll),
-                       kv_cache=KV_CACHE_CHOICES[kv_cache])
-        return (job,)
+        spec = RunSpec.make(image, audio_features.features, prompt.positive, size, settings,
+                            num_clip=num_clip or None, negative_context=prompt.negative,
+                            trim_to_audio=trim_to_audio, semantics=VideoSemantics(semantics, sink_roll=sink_roll),
+                            kv_cache=KV_CACHE_CHOICES[kv_cache], gpus=gpus, size_mode=size_mode)
+        return (job_for(model, spec, audio_features),)
