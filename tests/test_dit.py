@@ -37,6 +37,7 @@ def official_model():
     return load_dit(TINY_DIR, dtype=torch.float32)
 
 
+@pytest.mark.slow
 def test_expected_keys_of_14b_match_the_real_checkpoint():
     result = subprocess.run(
         [sys.executable, "-m", "liveavatar_core.checkpoints", "expected-keys", "dit"],
@@ -91,6 +92,7 @@ def test_lora_merge_reproduces_official_output(golden):
 
 
 @pytest.mark.parametrize("lora_prefix", ["", "diffusion_model."])
+@pytest.mark.slow
 def test_lora_variants_with_adapter_names_and_prefixes(tmp_path, golden, lora_prefix):
     renamed = {}
     for key, value in load_file(str(TINY_LORA)).items():
@@ -123,6 +125,7 @@ def test_lora_of_another_model_is_refused(tmp_path, official_model):
 
 @pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.slow
 def test_single_file_layouts_give_the_same_output(tmp_path, official_model, golden, prefix, dtype):
     state = {prefix + k: v.to(dtype) for k, v in load_dit(TINY_DIR, dtype=torch.float32).state_dict().items()}
     path = tmp_path / "wan2.2_s2v_tiny.safetensors"
@@ -140,6 +143,7 @@ def test_single_file_layouts_give_the_same_output(tmp_path, official_model, gold
     assert error <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_file_written_by_us_carries_its_config(tmp_path, official_model, golden):
     path = tmp_path / "model.safetensors"
     save_dit(official_model, path, prefix="model.diffusion_model.")

@@ -23,6 +23,7 @@ def fp8_model():
     return quantize_dit_(load_dit(TINY_DIR, dtype=torch.bfloat16))
 
 
+@pytest.mark.slow
 def test_block_linears_go_to_fp8_and_the_conditioning_layers_stay(golden):
     model = fp8_model()
     kinds = {name: type(m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, Fp8Linear))}
@@ -38,6 +39,7 @@ def test_block_linears_go_to_fp8_and_the_conditioning_layers_stay(golden):
     assert model.blocks[0].ffn[0].weight.nbytes * 2 == bf16.blocks[0].ffn[0].weight.nbytes
 
 
+@pytest.mark.slow
 def test_fp8_output_stays_close_to_bf16(golden):
     bf16 = predict(load_dit(TINY_DIR, dtype=torch.bfloat16), golden)
     error = relative_error(predict(fp8_model(), golden), bf16)
