@@ -3,10 +3,10 @@
 - `encode_audio`: any waveform -> `EncodedAudio` (wav2vec2 features per video frame, kept on
   the CPU in bfloat16, the DiT's own input precision, plus the original track for the mp4).
 - `encode_prompt`: prompt (+ negative) -> `PromptEmbeddings`.
-- `make_job` -> `VideoJob`: the models and the run's `RunSpec` (every input checked when it is
-  made), run only when its frames are pulled (`frames`), so generation and decoding
-  interleave and memory stays flat. With `gpus` > 1 it runs in warm worker processes, one per
-  GPU (`parallel.shared_pools`).
+- `job_for` (a made `RunSpec`) or `make_job` (its inputs) -> `VideoJob`: the models and the
+  run's `RunSpec` (every input checked when it is made), run only when its frames are pulled
+  (`frames`), so generation and decoding interleave and memory stays flat. With `gpus` > 1 it
+  runs in warm worker processes, one per GPU (`parallel.shared_pools`).
 - `render`: pull a job into an mp4 (streamed, with audio) and/or one frame tensor.
 """
 
@@ -35,7 +35,7 @@ from .semantics import FrameChunk, VideoSemantics
 from .streaming import Progress, SamplerSettings
 
 __all__ = ["EncodedAudio", "PromptEmbeddings", "RenderResult", "VideoJob", "encode_audio", "encode_prompt",
-           "make_job", "render", "worker_model_files"]
+           "job_for", "make_job", "render", "worker_model_files"]
 
 
 def encode_audio(models: LiveAvatarModels, waveform: torch.Tensor, sample_rate: int, name: str = "audio") -> EncodedAudio:
@@ -120,12 +120,12 @@ class VideoJob:
 
 def worker_model_files(models: LiveAvatarModels) -> FileModels:
     """What worker processes load the DiT and VAE from: the files (without the encoders, which
-    they never run) and the weight precision."""
+    they never run), the weight precision and whether the DiT compiles."""
     if models.files.vae is None:
         raise InputError("gpus > 1: the worker processes load the VAE from its file, but this one was given ready-made "
                          "(e.g. from core Load VAE): pick the VAE file in the loader instead, or set gpus to 1.")
     files = dataclasses.replace(models.files, text_encoder=None, audio_encoder=None)
-    return FileModels(files, models.precision)
+    return FileModels(files, models.precision, models.dit.kernels.compile_elementwise)
 
 
 def _with_block_progress(
@@ -193,18 +193,25 @@ def make_job(
     trim_to_audio: bool = True,
     gpus: int = 1,
     semantics: VideoSemantics | str | None = None,
+    kv_cache: str = "device",
 ) -> VideoJob:
     """Checks every input now (see `RunSpec.make`), so a bad one fails before minutes of compute.
 
     num_clip: None or 0 = as many clips as the audio needs. gpus: 1 = this process; more =
     that many worker processes, one per GPU (CPU processes when the models run on the CPU),
-    kept warm between runs. The attention caches live where the models were loaded to keep
-    them (`LiveAvatarModels.kv_cache`).
+    kept warm between runs. kv_cache: where the sampler's attention caches live, "device" or
+    "host" memory (the low-VRAM mode; the same video), in every process of the run.
     """
     spec = RunSpec.make(image, audio.features, prompt.positive, size, settings, num_clip=num_clip or None,
                         negative_context=prompt.negative, trim_to_audio=trim_to_audio, semantics=semantics,
-                        kv_cache=models.kv_cache, gpus=gpus, size_mode=size_mode)
-    _check_machine(models, gpus)
+                        kv_cache=kv_cache, gpus=gpus, size_mode=size_mode)
+    return job_for(models, spec, audio)
+
+
+def job_for(models: LiveAvatarModels, spec: RunSpec, audio: EncodedAudio) -> VideoJob:
+    """The job running `spec` with `models`; refuses (InputError) a `spec.gpus` that this
+    machine or these models cannot serve. `audio`: the track the spec's features came from."""
+    _check_machine(models, spec.gpus)
     return VideoJob(models, spec, audio)
 
 

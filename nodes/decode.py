@@ -57,7 +57,7 @@ class OnlineVAEDecode:
 
     def decode(self, video_stream, output, filename_prefix, crf):
         job = video_stream
-        comfy_bridge.make_room_for_run(job.models)
+        comfy_bridge.make_room_for_run(job)
         progress = comfy_bridge.NodeProgress(job.total_steps)
         mp4 = file = subfolder = None
         if output != "frames":

@@ -102,11 +102,11 @@ COMMON_NOTE = (
 def _nodes(p: Preset) -> list[dict]:
     """(id, type, position, size, widgets, inputs {name: (type, from id, from slot)}, outputs [(name, type)])."""
     model = [MODEL_FILES["diffusion_model"], MODEL_FILES["lora"], 1.0, MODEL_FILES["text_encoder"],
-             MODEL_FILES["vae"], MODEL_FILES["audio_encoder"], p.weight_dtype, p.offload, p.compile, p.kv_cache]
+             MODEL_FILES["vae"], MODEL_FILES["audio_encoder"], p.weight_dtype, p.offload, p.compile]
     sampler = [p.size, "exact", p.num_clip, p.steps, p.infer_frames, "euler", p.guide_scale, 42, "fixed", True,
-               p.gpus, p.semantics, p.sink_roll, p.noise]
+               p.gpus, p.semantics, p.sink_roll, p.noise, p.kv_cache]
     nodes = [
-        dict(id=1, type="LoadLiveAvatarModel", pos=[40, 60], size=[360, 290], widgets=model, inputs={},
+        dict(id=1, type="LoadLiveAvatarModel", pos=[40, 60], size=[360, 266], widgets=model, inputs={},
              outputs=[("model", "LIVEAVATAR_MODEL")]),
         dict(id=2, type="LoadImage", pos=[40, 380], size=[320, 360], widgets=[PORTRAIT, "image"], inputs={},
              outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")]),
@@ -118,7 +118,7 @@ def _nodes(p: Preset) -> list[dict]:
                       ("num_frames", "INT")]),
         dict(id=5, type="EncodePrompt", pos=[450, 60], size=[400, 300], widgets=[PROMPT, ""],
              inputs={"model": ("LIVEAVATAR_MODEL", 1, 0)}, outputs=[("prompt", "LIVEAVATAR_PROMPT")]),
-        dict(id=6, type="LiveAvatarSampler", pos=[900, 60], size=[340, 490], widgets=sampler,
+        dict(id=6, type="LiveAvatarSampler", pos=[900, 60], size=[340, 514], widgets=sampler,
              inputs={"model": ("LIVEAVATAR_MODEL", 1, 0), "image": ("IMAGE", 2, 0),
                      "audio_features": ("LIVEAVATAR_AUDIO", 4, 0), "prompt": ("LIVEAVATAR_PROMPT", 5, 0)},
              outputs=[("video_stream", "LIVEAVATAR_VIDEO_STREAM")]),
@@ -172,14 +172,14 @@ def _with_core_loaders(nodes: list[dict]) -> list[dict]:
 # Widget order of each node's inputs, for the API format (the UI format is positional).
 WIDGET_NAMES = {
     "LoadLiveAvatarModel": ["diffusion_model", "lora", "lora_strength", "text_encoder", "vae", "audio_encoder",
-                            "weight_dtype", "offload_model", "compile", "kv_cache"],
+                            "weight_dtype", "offload_model", "compile"],
     "LoadImage": ["image", None],
     "LoadAudio": ["audio", None, None],
     "EncodeAudio": ["infer_frames"],
     "EncodePrompt": ["prompt", "negative_prompt"],
     "LiveAvatarSampler": ["size", "size_mode", "num_clip", "sample_steps", "infer_frames", "sample_solver",
                           "sample_guide_scale", "seed", None, "trim_to_audio", "gpus", "semantics", "sink_roll",
-                          "noise"],
+                          "noise", "kv_cache"],
     "OnlineVAEDecode": ["output", "filename_prefix", "crf"],
     "UpscaleModelLoader": ["model_name"],
     "LiveAvatarStreamUpscale": ["rescale_factor"],

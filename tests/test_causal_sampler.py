@@ -144,6 +144,7 @@ def run_clips(model, golden, clips=2, kv_cache="device", sink_in_place=True, kv_
     return torch.cat(out, dim=2)
 
 
+@pytest.mark.slow
 def test_same_seed_same_video_other_seed_other_video(model, golden):
     a, b = run_clips(model, golden), run_clips(model, golden)
     assert torch.equal(a, b)
@@ -151,6 +152,7 @@ def test_same_seed_same_video_other_seed_other_video(model, golden):
 
 
 @pytest.mark.parametrize("solver", ["euler", "dpmpp_2m"])
+@pytest.mark.slow
 def test_solvers_and_guidance_produce_finite_distinct_latents(model, golden, solver):
     plain = run_clips(model, golden, sample_solver=solver)
     guided = run_clips(model, golden, sample_solver=solver, guide_scale=5.0)
@@ -169,6 +171,7 @@ def test_caches_in_host_memory_give_the_same_video(model, golden, overrides):
 
 
 @pytest.mark.parametrize("overrides", [dict(infer_frames=32, sample_steps=3), dict(infer_frames=24, guide_scale=4.0)])
+@pytest.mark.slow
 def test_sink_read_in_place_gives_the_same_video_as_concatenation(model, golden, overrides):
     """[sink | ring] read as one slice attends to the same keys as ring + sink concatenated,
     in another order: three clips (the ring wraps, a short last block, several steps; or two

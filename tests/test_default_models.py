@@ -84,6 +84,7 @@ def test_networks_load_and_fit_together(loaded):
     assert features.shape[:3] == (1, dit.config.num_audio_layers, dit.config.audio_dim)
 
 
+@pytest.mark.slow
 def test_the_pipeline_runs_on_them(loaded):
     text, audio = loaded["text"], loaded["audio"]
     context, negative = text.encode(["a friendly face talking", "blurry"])

@@ -11,8 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from conftest import OFFICIAL_TINY, relative_error
-from liveavatar_core.dit import load_dit
-from liveavatar_core.dit import fp8
+from liveavatar_core.dit import fp8, load_dit
 from liveavatar_core.dit.fp8 import (
     FP8,
     SCALED_FP8_MARKER,
@@ -31,6 +30,7 @@ def fp8_model():
     return quantize_dit_(load_dit(TINY_DIR, dtype=torch.bfloat16))
 
 
+@pytest.mark.slow
 def test_block_linears_go_to_fp8_and_the_conditioning_layers_stay(golden):
     model = fp8_model()
     kinds = {name: type(m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, Fp8Linear))}
@@ -46,6 +46,7 @@ def test_block_linears_go_to_fp8_and_the_conditioning_layers_stay(golden):
     assert model.blocks[0].ffn[0].weight.nbytes * 2 == bf16.blocks[0].ffn[0].weight.nbytes
 
 
+@pytest.mark.slow
 def test_fp8_output_stays_close_to_bf16(golden):
     bf16 = predict(load_dit(TINY_DIR, dtype=torch.bfloat16), golden)
     error = relative_error(predict(fp8_model(), golden), bf16)

@@ -56,6 +56,7 @@ def test_three_clips_play_back_with_matching_audio(tmp_path):
 
 
 @pytest.mark.parametrize("with_audio", [True, False], ids=["audio", "no_audio"])
+@pytest.mark.slow
 def test_killed_run_keeps_every_finished_clip(tmp_path, with_audio):
     path = tmp_path / "killed.mp4"
     audio = f"audio=sine(8.0), sample_rate={SAMPLE_RATE}" if with_audio else "audio=None"
@@ -179,6 +180,7 @@ def test_more_than_two_audio_channels_are_rejected(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_memory_does_not_grow_with_clips_written(tmp_path):
     def resident_mb() -> float:
         with open("/proc/self/statm") as statm:

@@ -1,6 +1,7 @@
 """The one place where the DiT's attention runs, and the choice of kernel behind it.
 
-Backends (`set_backend`, or the environment variable LIVEAVATAR_ATTENTION):
+Backends (the model's `Kernels.attention`, by default the environment variable
+LIVEAVATAR_ATTENTION):
 - "auto" (default): FlashAttention-3 when its package imports (`flash_attn_interface`, or the
   forward-only `fa3_fwd_interface` of the `fa3-fwd` wheel) and the device is a Hopper GPU,
   else PyTorch's `scaled_dot_product_attention` with its own pick (cuDNN on Hopper with
@@ -18,28 +19,22 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 
 import torch
 import torch.nn.functional as F
 
+from . import kernels
+
 BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "math", "fa3")
-_backend = os.environ.get("LIVEAVATAR_ATTENTION", "auto")
 
 
-def set_backend(name: str) -> None:
-    """Picks the attention kernel for every later call (see the module docstring)."""
-    global _backend
+def check_backend(name: str) -> None:
+    """ValueError unless `name` is a backend that can run here (see the module docstring)."""
     if name not in BACKENDS:
         raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}, got {name!r}")
     if name == "fa3" and _fa3() is None:
         raise ValueError("attention backend 'fa3' needs FlashAttention-3 (the flash_attn_interface package, "
                          "or fa3_fwd_interface from the fa3-fwd wheel)")
-    _backend = name
-
-
-def backend() -> str:
-    return _backend
 
 
 # FlashAttention-3's Python module: the upstream build's name, then the forward-only wheel's.
@@ -69,27 +64,28 @@ def _sdpa_kernel(name: str):
     }[name]
 
 
-def _use_fa3(q: torch.Tensor, mask) -> bool:
+def _use_fa3(q: torch.Tensor, mask, backend: str) -> bool:
     if mask is not None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         return False
-    if _backend == "fa3":
+    if backend == "fa3":
         return True
-    return _backend == "auto" and _fa3() is not None and torch.cuda.get_device_capability(q.device)[0] == 9
+    return backend == "auto" and _fa3() is not None and torch.cuda.get_device_capability(q.device)[0] == 9
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention over [B, L, heads, head_dim] tensors; returns [B, Lq, heads * head_dim].
     `mask` [Lq, Lk] (True = may attend) is only used by reference computations in tests."""
-    if _use_fa3(q, mask):
+    backend = kernels.current().attention
+    if _use_fa3(q, mask, backend):
         out = _fa3()(q, k.to(q.dtype), v.to(q.dtype))
         out = out[0] if isinstance(out, tuple) else out  # some releases also return the log-sum-exp
         return out.flatten(2)
     args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    if _backend in ("auto", "sdpa", "fa3") or mask is not None:
+    if backend in ("auto", "sdpa", "fa3") or mask is not None:
         out = F.scaled_dot_product_attention(*args, attn_mask=mask)
     else:
         from torch.nn.attention import sdpa_kernel
 
-        with sdpa_kernel(_sdpa_kernel(_backend)):
+        with sdpa_kernel(_sdpa_kernel(backend)):
             out = F.scaled_dot_product_attention(*args)
     return out.transpose(1, 2).flatten(2)

@@ -1,7 +1,8 @@
 """The element-wise work between the DiT's matrix products, one function per chain.
 
 Written as plain PyTorch, which is what runs on the CPU and what the equality tests check. On
-GPUs the same functions can run compiled (`torch.compile`), where each chain
+GPUs the same functions run compiled (`torch.compile`) unless the running model's
+`Kernels.compile_elementwise` is off (see `kernels`); compiled, each chain
 becomes one pass over memory instead of four to eight: at 14B size the float32 norm,
 modulation, RoPE and gating passes otherwise cost about a fifth of a DiT call.
 
@@ -13,21 +14,14 @@ which row each token takes (None when there is one segment).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 
-_compile_enabled = os.environ.get("LIVEAVATAR_COMPILE", "1") != "0"
+from . import kernels
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
-
-
-def set_compiled(enabled: bool) -> None:
-    """Run the fused chains compiled on GPUs (True, the default) or eagerly everywhere.
-    The environment variable LIVEAVATAR_COMPILE=0 sets the default to off."""
-    global _compile_enabled
-    _compile_enabled = enabled
 
 
 def _per_token(rows: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
@@ -96,8 +90,8 @@ def _compiled(fn):
 
 
 def run(fn, x: torch.Tensor, *args):
-    """fn(x, *args), compiled when x is on a GPU and compiling is on."""
-    if _compile_enabled and x.is_cuda:
+    """fn(x, *args), compiled when x is on a GPU and the running model compiles."""
+    if x.is_cuda and kernels.current().compile_elementwise:
         return _compiled(fn)(x, *args)
     return fn(x, *args)
 

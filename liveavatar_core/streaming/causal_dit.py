@@ -11,8 +11,8 @@ buffer instead of concatenating them (the same output up to rounding: the keys c
 another order), and `cuda_graphs` replays each steady-state call as a captured CUDA graph
 (`graphs`). A third, `kv_fp8`, changes the numbers a little: the caches on the device keep
 their keys and values in e4m3 with a scale per token and head (`caches.Fp8BlockKVCache`), for
-half their memory. `set_defaults` (or LIVEAVATAR_SINK_IN_PLACE=0/1, LIVEAVATAR_CUDA_GRAPHS=0/1,
-LIVEAVATAR_KV_FP8=0/1) sets what a CausalDiT made without them uses.
+half their memory. A CausalDiT made without them takes the model's (`model.kernels`, by default
+LIVEAVATAR_SINK_IN_PLACE=0/1, LIVEAVATAR_CUDA_GRAPHS=0/1, LIVEAVATAR_KV_FP8=0/1; see `dit.kernels`).
 
 Defaults, from one H200 at Standard 688*368 with the fp8 DiT: the sink in place took a block
 step from 196 to 191 ms, but gives every step cache room for a sink copy (+20%, 7.6 GiB), so
@@ -23,8 +23,6 @@ the GPU at this size, and capturing a run's 16 graphs costs ~4.4 s, so they are 
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..dit.model import VIDEO, WanS2VTransformer
@@ -33,20 +31,6 @@ from .caches import BlockKVCache, SinkCache
 from .graphs import BlockGraphs
 
 SINK_IN_PLACE_MIN_GIB = 100  # GPUs with less keep concatenating (the caches' +20% may not fit)
-
-
-def _env_flag(name: str) -> bool | None:
-    value = os.environ.get(name)
-    return None if value is None else value != "0"
-
-
-_defaults = {"sink_in_place": _env_flag("LIVEAVATAR_SINK_IN_PLACE"), "cuda_graphs": _env_flag("LIVEAVATAR_CUDA_GRAPHS"),
-             "kv_fp8": _env_flag("LIVEAVATAR_KV_FP8")}
-
-
-def set_defaults(sink_in_place: bool | None = None, cuda_graphs: bool | None = None, kv_fp8: bool | None = None) -> None:
-    """The options a `CausalDiT` made without them takes (None: back to the automatic choice)."""
-    _defaults["sink_in_place"], _defaults["cuda_graphs"], _defaults["kv_fp8"] = sink_in_place, cuda_graphs, kv_fp8
 
 
 def _sink_in_place_fits(device: torch.device) -> bool:
@@ -61,9 +45,9 @@ class CausalDiT:
         self.model = model
         self.config = model.config
         # None: decided at the first call, from its device.
-        self.sink_in_place = _defaults["sink_in_place"] if sink_in_place is None else sink_in_place
-        self.cuda_graphs = bool(_defaults["cuda_graphs"]) if cuda_graphs is None else cuda_graphs
-        self.kv_fp8 = bool(_defaults["kv_fp8"]) if kv_fp8 is None else kv_fp8  # read by the sampler's caches
+        self.sink_in_place = model.kernels.sink_in_place if sink_in_place is None else sink_in_place
+        self.cuda_graphs = model.kernels.cuda_graphs if cuda_graphs is None else cuda_graphs
+        self.kv_fp8 = model.kernels.kv_fp8 if kv_fp8 is None else kv_fp8  # read by the sampler's caches
         self.graphs = BlockGraphs(model)
 
     def tokens_per_frame(self, height: int, width: int) -> int:
@@ -90,7 +74,8 @@ class CausalDiT:
 
             return kv
 
-        model.run_blocks(tokens.float(), modulation, [tokens.shape[1]], rope, context, None, 0, capture)
+        with model.running():
+            model.run_blocks(tokens.float(), modulation, [tokens.shape[1]], rope, context, None, 0, capture)
         sink.positions = positions.to(tokens.device)
         sink.ref_tokens = self.tokens_per_frame(*ref.shape[-2:])
 
@@ -138,7 +123,8 @@ class CausalDiT:
         )
 
         def call(*tensors):
-            return self._denoise(*tensors[:6], first_frame, cache, sink, tensors[6] if len(tensors) > 6 else None)
+            with self.model.running():
+                return self._denoise(*tensors[:6], first_frame, cache, sink, tensors[6] if len(tensors) > 6 else None)
 
         ring = cache.frames * cache.tokens_per_frame
         steady = min(cache.frames, first_frame + frames) * cache.tokens_per_frame == ring

@@ -65,9 +65,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from liveavatar_core.dit import S2VConfig, WanS2VTransformer, fused, load_dit, save_dit  # noqa: E402
+from liveavatar_core.dit import S2VConfig, WanS2VTransformer, load_dit, save_dit  # noqa: E402
 from liveavatar_core.dit import attention as attention_dispatch  # noqa: E402
 from liveavatar_core.dit.fp8 import quantize_dit_, set_activation_scaling_  # noqa: E402
+from liveavatar_core.dit.kernels import Kernels  # noqa: E402
+from liveavatar_core.dit.kernels import use as use_kernels  # noqa: E402
 from liveavatar_core.pipeline import StreamingPipeline, write_video  # noqa: E402
 from liveavatar_core.run_spec import RunSpec  # noqa: E402
 from liveavatar_core.semantics import MOTION_FRAMES, REFERENCE_COPIES  # noqa: E402
@@ -75,8 +77,7 @@ from liveavatar_core.sizing import parse_size  # noqa: E402
 from liveavatar_core.streaming import (  # noqa: E402
     CausalDiT,
     CausalSampler,
-    SamplerSettings,
-    causal_dit,  # noqa: E402
+    SamplerSettings,  # noqa: E402
 )
 from liveavatar_core.streaming.sampler import BLOCK_FRAMES  # noqa: E402
 from liveavatar_core.time_grid import FPS  # noqa: E402
@@ -264,13 +265,18 @@ def split_variant(variant: str) -> tuple[str, set[str]]:
     return base, set(options)
 
 
-def use_variant(variant: str) -> None:
+def variant_kernels(variant: str) -> Kernels:
     base, options = split_variant(variant)
-    fused.set_compiled(base != "eager")
     chosen = [o for o in ATTENTION_OPTIONS if o in options]
-    attention_dispatch.set_backend(chosen[0] if chosen else "sdpa")
-    causal_dit.set_defaults(sink_in_place="inplace" in options, cuda_graphs="graphs" in options,
-                            kv_fp8="kvfp8" in options)
+    return Kernels(compile_elementwise=base != "eager", attention=chosen[0] if chosen else "sdpa",
+                   sink_in_place="inplace" in options, cuda_graphs="graphs" in options,
+                   kv_fp8="kvfp8" in options)
+
+
+def use_variant(model: WanS2VTransformer, variant: str) -> WanS2VTransformer:
+    """`model` set to run as `variant` says (its `kernels`)."""
+    model.kernels = variant_kernels(variant)
+    return model
 
 
 class VariantModels:
@@ -282,10 +288,9 @@ class VariantModels:
         self._fp8: WanS2VTransformer | None = None
 
     def __call__(self, variant: str) -> WanS2VTransformer:
-        use_variant(variant)
         base, options = split_variant(variant)
         if not base.startswith("fp8"):
-            return self.model
+            return use_variant(self.model, variant)
         if self._fp8 is None:
             with torch.device("meta"):
                 twin = WanS2VTransformer(self.model.config)
@@ -293,7 +298,7 @@ class VariantModels:
             self._fp8 = quantize_dit_(twin).eval().requires_grad_(False)
         # "static" starts a new calibration: the variant's first DiT call (the sink prefill) sets the scales.
         calls = CLIP_CALIBRATION_CALLS if "calclip" in options else 1
-        return set_activation_scaling_(self._fp8, ACTIVATION_SCALING[base], calibration_calls=calls)
+        return use_variant(set_activation_scaling_(self._fp8, ACTIVATION_SCALING[base], calibration_calls=calls), variant)
 
     def release(self) -> None:
         self._fp8 = None
@@ -474,16 +479,16 @@ def part_attention(bench: Bench) -> list[dict]:
     k_len = p.infer_frames // 4 * tpf + sink_tokens(c, h, w)
     heads, head_dim = c.num_heads, c.head_dim
     q, k, v = (bench.randn(1, n, heads, head_dim, seed=s).to(bench.dtype) for n, s in ((q_len, 1), (k_len, 2), (k_len, 3)))
-    attention_dispatch.set_backend("math")
-    reference = attention_dispatch.attention(q.float(), k.float(), v.float())
+    with use_kernels(Kernels(attention="math")):
+        reference = attention_dispatch.attention(q.float(), k.float(), v.float())
     flops = 4 * q_len * k_len * heads * head_dim
     rows = []
     for backend in ("sdpa", "cudnn", "flash", "efficient", "fa3"):
         row = {"part": "attention", "preset": "standard", "variant": backend, "q tokens": q_len, "k tokens": k_len}
         try:
-            attention_dispatch.set_backend(backend)
-            out = attention_dispatch.attention(q, k, v)
-            ms = statistics.median(bench.measure(partial(attention_dispatch.attention, q, k, v), iters=20))
+            with use_kernels(Kernels(attention=backend)):
+                out = attention_dispatch.attention(q, k, v)
+                ms = statistics.median(bench.measure(partial(attention_dispatch.attention, q, k, v), iters=20))
         except (RuntimeError, ValueError) as error:
             rows.append({**row, "note": f"not run: {str(error).splitlines()[0][:120]}"})
             print(f"attention [{backend}]: not run ({str(error).splitlines()[0][:120]})", flush=True)
@@ -492,7 +497,6 @@ def part_attention(bench: Bench) -> list[dict]:
         rows.append(row)
         print(f"attention [{backend}]: {ms:.2f} ms, {row['TFLOP/s']:.0f} TFLOP/s, "
               f"rel error {row['rel error vs float32']:.2e}", flush=True)
-    attention_dispatch.set_backend("auto")
     del q, k, v, reference
     bench.release()
     return rows
@@ -533,7 +537,7 @@ def part_dit(bench: Bench, presets: list[str]) -> list[dict]:
                 profile(bench, f"dit-{name}-{variant}", partial(run_ours, ours, x))
         variant_models.release()
         bench.release()
-        use_variant("compiled")
+        use_variant(model, "compiled")
     comfy, info = import_comfy(bench)
     if comfy is None:
         print(f"dit: {info}; ComfyUI columns left empty", flush=True)
