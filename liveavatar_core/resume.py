@@ -1,36 +1,38 @@
 """Resuming a run after a crash: a sidecar beside the mp4 says what the next clip needs.
 
 After every clip that is on disk, the run writes `<video>.resume.json` (the job's inputs, the
-clips and bytes written) and `<video>.resume-<clips>.safetensors` (the state the next clip
-needs). A later run with the same inputs and resume on continues after the last finished
+clips, frames and bytes written), `<video>.resume-<clips>.safetensors` (the state after that
+clip) and `<video>.resume-clip-<clip>.safetensors` (that clip's DiT inputs, kept while a resume
+needs them). A later run with the same inputs and resume on continues after the last finished
 clip and appends to the same mp4; a finished run removes its sidecar.
 
-What crosses a clip boundary, and how a resumed run rebuilds it:
+What crosses a clip boundary, and how a resumed run rebuilds it, bit for bit:
 
 - The sink: clip 0's first latent (recorded) and the motion latents (encoded from the portrait
-  again, as every run does) refill it exactly.
-- The per-step key/value caches (tens of GiB at full size, so not recorded): rebuilt by
-  repeating the DiT calls of the last `REPLAY_CLIPS` clips on the latents each step was given
-  (recorded, in the DiT's input dtype: bit for bit what it consumed). When that reaches back
-  to clip 0 the caches are rebuilt exactly. Further on, the first repeated clip misses the
-  clip before it in its attention window, so the rebuilt caches, and the frames after the
-  resume, differ slightly from an uninterrupted run's (README "Resume after a crash" gives the
-  measured difference).
-- The online decoder's causal-convolution caches: its state after a latent depends only on the
-  latents a bounded window before it (`WanVAE.decoder_memory`), so a fresh decoder fed the last
-  that many latents (recorded) is in the same state: exact.
+  again, as every run does).
+- The per-step key/value caches (38 GiB at 688*368, not recorded): every block attends to one
+  clip of frames before it, so their content reaches back a bounded number of clips
+  (`replay_clips`: 37 for the 40-layer DiT at 48 frames per clip). A resumed run repeats
+  those clips' DiT calls on the latents each step was given (recorded, in the DiT's input
+  dtype, which its first layer casts to anyway), which refills every cached value the next
+  clip reads exactly.
+- The online decoder's causal-convolution caches: its state after a latent depends only on a
+  bounded window of latents before it (`WanVAE.decoder_memory`), so a fresh decoder fed the
+  last that many (recorded) is in the same state.
 - Noise and sink distances are functions of (seed, clip, block, step): nothing to record.
 
 The mp4 is a fragmented MP4 (see `video_writer`); a resumed run truncates it to the bytes the
-sidecar counted (dropping a clip that was half written when the run died) and appends.
-The sidecar is written after its clip's fragment is synced to disk, the tensors before the json
-that names them, so a kill at any moment leaves a consistent pair.
+sidecar counted (dropping a clip half written when the run died) and appends. The sidecar is
+written after its clip's fragment is synced to disk, its tensors before the json that names
+them, so a kill at any moment leaves a consistent set.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import math
 import os
 import threading
 from collections import deque
@@ -38,8 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from .errors import InputError
 from .file_stamps import file_stamp
@@ -47,7 +49,6 @@ from .run_spec import RunSpec, WorkItem
 from .time_grid import clip_features
 from .video_writer import WrittenPart
 
-REPLAY_CLIPS = 2  # clips whose DiT calls a resumed run repeats to rebuild the caches
 FORMAT_VERSION = 1
 SIDECAR_SUFFIX = ".resume.json"
 
@@ -60,6 +61,14 @@ def tensor_digest(tensor: torch.Tensor | None) -> str:
     tensor = tensor.detach().cpu().contiguous()
     digest = hashlib.blake2b(f"{tuple(tensor.shape)}:{tensor.dtype}:".encode(), digest_size=16)
     digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def module_digest(module: torch.nn.Module) -> str:
+    """A digest of a network's weights (e.g. a stream transform's `model_identity`)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}={tensor_digest(tensor)};".encode())
     return digest.hexdigest()
 
 
@@ -135,21 +144,42 @@ class ResumePoint:
     step_inputs: dict[tuple[int, int], list[torch.Tensor]]  # (clip, block) -> each step's DiT latents
 
 
+def replay_clips(num_layers: int, latent_frames: int, first_block: int) -> int:
+    """Clips before a resume point whose DiT calls rebuild the caches exactly.
+
+    A block attends to the latest `latent_frames` frames (one clip) and the sink; so a layer's
+    keys of frame f depend on the layer below's outputs of frames f - (latent_frames - 1) .. f,
+    and the top layer's on the DiT inputs of frames (num_layers - 1) * (latent_frames - 1)
+    back. The next clip's first block reads cached frames from latent_frames - first_block
+    before it. Repeating the calls from that far back on the recorded inputs gives every value
+    it reads bit for bit."""
+    reach = (num_layers - 1) * (latent_frames - 1) + latent_frames - first_block
+    return max(0, math.ceil(reach / latent_frames))
+
+
 def sidecar_path(mp4: str | os.PathLike) -> Path:
     mp4 = Path(mp4)
     return mp4.with_name(mp4.stem + SIDECAR_SUFFIX)
 
 
-def _tensors_path(mp4: Path, clips_done: int) -> Path:
+def _state_path(mp4: Path, clips_done: int) -> Path:
     return mp4.with_name(f"{mp4.stem}.resume-{clips_done:05}.safetensors")
+
+
+def _clip_path(mp4: Path, clip: int) -> Path:
+    return mp4.with_name(f"{mp4.stem}.resume-clip-{clip:05}.safetensors")
+
+
+def _state_files(mp4: Path) -> list[Path]:
+    return sorted(mp4.parent.glob(f"{glob.escape(mp4.stem)}.resume-*.safetensors"))
 
 
 def remove_sidecar(mp4: str | os.PathLike) -> None:
     """Forgets a video's resume state (its run finished, or it is being replaced)."""
     mp4 = Path(mp4)
-    for path in mp4.parent.glob(f"{mp4.stem}.resume-*.safetensors"):
-        path.unlink(missing_ok=True)
     sidecar_path(mp4).unlink(missing_ok=True)
+    for path in _state_files(mp4):
+        path.unlink(missing_ok=True)
 
 
 def _write_atomically(path: Path, write) -> None:
@@ -160,18 +190,32 @@ def _write_atomically(path: Path, write) -> None:
     os.replace(partial, path)
 
 
-def write_sidecar(mp4: Path, clips_done: int, written: WrittenPart, inputs: dict[str, str],
-                  tensors: dict[str, torch.Tensor]) -> None:
-    """The tensors first, then the json naming them, then the older tensors go: a kill at any
-    point leaves the json and the tensors it names."""
-    tensors_file = _tensors_path(mp4, clips_done)
-    metadata = {"clips_done": str(clips_done)}
-    _write_atomically(tensors_file, lambda path: save_file(tensors, str(path), metadata=metadata))
+def _save(path: Path, tensors: dict[str, torch.Tensor], stamp: str) -> None:
+    _write_atomically(path, lambda partial: save_file(tensors, str(partial), metadata={"stamp": stamp}))
+
+
+def write_sidecar(mp4: Path, clips_done: int, written: WrittenPart, inputs: dict[str, str], state: dict,
+                  replayed: range) -> None:
+    """Writes the last clip's DiT inputs (each clip's once, in a file of its own), the state
+    after it, then the json naming them; files no longer named go last. A kill at any point
+    leaves the json and every file it names.
+
+    state: 'first_latent', 'decoded' and 'inputs' ({block: [latents per step]} of clip
+    clips_done - 1); replayed: the clips whose inputs a resume from here repeats."""
+    clip = clips_done - 1
+    clip_inputs = {f"input.{block:03}.{step:03}": x for block, steps in state["inputs"].items()
+                   for step, x in enumerate(steps)}
+    if clip in replayed:
+        _save(_clip_path(mp4, clip), clip_inputs, f"clip {clip}")
+    state_file = _state_path(mp4, clips_done)
+    _save(state_file, {"first_latent": state["first_latent"], "decoded": state["decoded"]}, f"after {clips_done}")
+    names = [state_file.name] + [_clip_path(mp4, c).name for c in replayed]
     record = {"format": FORMAT_VERSION, "mp4": mp4.name, "clips_done": clips_done, "frames": written.frames,
-              "fragments": written.fragments, "bytes": written.size, "tensors": tensors_file.name, "inputs": inputs}
-    _write_atomically(sidecar_path(mp4), lambda path: path.write_text(json.dumps(record, indent=1)))
-    for old in mp4.parent.glob(f"{mp4.stem}.resume-*.safetensors"):
-        if old != tensors_file:
+              "fragments": written.fragments, "bytes": written.size, "state": state_file.name,
+              "replayed": [replayed.start, replayed.stop], "inputs": inputs}
+    _write_atomically(sidecar_path(mp4), lambda partial: partial.write_text(json.dumps(record, indent=1)))
+    for old in _state_files(mp4):
+        if old.name not in names:
             old.unlink(missing_ok=True)
 
 
@@ -187,7 +231,7 @@ def read_inputs(sidecar: Path) -> dict:
         record = json.loads(sidecar.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise _damaged(sidecar, f"unreadable: {err}") from None
-    keys = ("format", "mp4", "clips_done", "frames", "fragments", "bytes", "tensors", "inputs")
+    keys = ("format", "mp4", "clips_done", "frames", "fragments", "bytes", "state", "replayed", "inputs")
     if not isinstance(record, dict) or any(key not in record for key in keys):
         raise _damaged(sidecar, "fields are missing")
     if record["format"] != FORMAT_VERSION:
@@ -195,32 +239,37 @@ def read_inputs(sidecar: Path) -> dict:
     return record
 
 
+def _load(sidecar: Path, path: Path, stamp: str) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), "pt") as file:
+            if (file.metadata() or {}).get("stamp") != stamp:
+                raise _damaged(sidecar, f"{path.name} is not the state it names")
+            return {name: file.get_tensor(name) for name in file.keys()}
+    except (OSError, SafetensorError) as err:
+        raise _damaged(sidecar, f"{path.name} is unreadable: {err}") from None
+
+
 def read_sidecar(sidecar: Path) -> ResumePoint:
     record = read_inputs(sidecar)
     mp4 = sidecar.with_name(record["mp4"])
     written = WrittenPart(int(record["frames"]), int(record["fragments"]), int(record["bytes"]))
+    clips_done = int(record["clips_done"])
     if not mp4.is_file():
         raise _damaged(sidecar, f"its video {mp4.name} is gone")
     if mp4.stat().st_size < written.size:
         raise _damaged(sidecar, f"{mp4.name} holds {mp4.stat().st_size} bytes, fewer than the {written.size} it "
                                 "recorded")
-    tensors_file = sidecar.with_name(record["tensors"])
-    try:
-        tensors = load_file(str(tensors_file))
-        from safetensors import safe_open
-
-        with safe_open(str(tensors_file), "pt") as file:
-            stamped = (file.metadata() or {}).get("clips_done")
-    except (OSError, SafetensorError) as err:
-        raise _damaged(sidecar, f"its state {tensors_file.name} is unreadable: {err}") from None
-    if stamped != str(record["clips_done"]) or "first_latent" not in tensors or "decoded" not in tensors:
-        raise _damaged(sidecar, f"its state {tensors_file.name} belongs to another clip")
+    state = _load(sidecar, sidecar.with_name(record["state"]), f"after {clips_done}")
+    if "first_latent" not in state or "decoded" not in state:
+        raise _damaged(sidecar, f"{record['state']} lacks the decoder's latents")
     step_inputs: dict[tuple[int, int], list[torch.Tensor]] = {}
-    for name in sorted(key for key in tensors if key.startswith("input.")):
-        _, clip, block, step = name.split(".")
-        step_inputs.setdefault((int(clip), int(block)), []).append(tensors[name])
-    return ResumePoint(mp4, int(record["clips_done"]), written, record["inputs"], tensors["first_latent"],
-                       tensors["decoded"], step_inputs)
+    for clip in range(*record["replayed"]):
+        tensors = _load(sidecar, _clip_path(mp4, clip), f"clip {clip}")
+        for name in sorted(tensors):
+            _, block, _ = name.split(".")
+            step_inputs.setdefault((clip, int(block)), []).append(tensors[name])
+    return ResumePoint(mp4, clips_done, written, record["inputs"], state["first_latent"], state["decoded"],
+                       step_inputs)
 
 
 def find_resumable(folder: str | os.PathLike, name: str, inputs: dict[str, str]) -> ResumePoint | None:
@@ -315,7 +364,8 @@ class ClipJournal:
     state after the point's clips.
 
     The pipeline calls `begin` once its sink is filled, `on_input` and `block_done` per block;
-    the mp4 writer calls `clip_written` from its thread after each clip's fragment is synced."""
+    the mp4 writer calls `clip_written` from its thread after each clip's fragment is synced.
+    Memory: one clip's DiT inputs and the decoder's window (the earlier clips' are on disk)."""
 
     def __init__(self, mp4: str | os.PathLike, inputs: dict[str, str], point: ResumePoint | None = None):
         self.mp4 = Path(mp4)
@@ -324,10 +374,11 @@ class ClipJournal:
         self._steps: dict[int, dict[int, list[torch.Tensor]]] = {}  # clip -> block -> step latents
         self._decoded: deque[torch.Tensor] = deque()  # the decoder's latest latents, one frame each
         self._decoder_memory = 0
+        self._replay = 0
         self._first_latent: torch.Tensor | None = None
         self._dtype = torch.float32
         self._blocks_per_clip = 0
-        self._ready: dict[int, dict[str, torch.Tensor]] = {}  # clip -> state after it, until written
+        self._ready: dict[int, dict] = {}  # clip -> state after it, until the clip is on disk
         self._lock = threading.Lock()
 
     @property
@@ -337,8 +388,12 @@ class ClipJournal:
 
     def begin(self, sampler, video, spec: RunSpec) -> tuple[WorkItem, ...]:
         """Called after the sampler's first sink is filled; returns the work items left to run."""
-        self._dtype = sampler.dit.model.dtype
+        if not video.resumable:
+            raise InputError(f"resume: the {spec.semantics.name} semantics records no resume state.")
+        settings = spec.settings
+        self._dtype = sampler.dit.model.dtype  # the DiT's first step casts its input to it: nothing is lost
         self._blocks_per_clip = spec.schedule.blocks_per_clip
+        self._replay = replay_clips(sampler.dit.config.num_layers, settings.latent_frames, settings.blocks()[0][1])
         self._decoder_memory = video.vae.decoder_memory()
         if self.point is None:
             self._keep_decoded(video.decoder_prefix())
@@ -348,7 +403,7 @@ class ClipJournal:
     def _rebuild(self, sampler, video, spec: RunSpec) -> tuple[WorkItem, ...]:
         point, schedule = self.point, spec.schedule
         done = point.clips_done
-        first = max(0, done - REPLAY_CLIPS)
+        first = max(0, done - self._replay)
         self._first_latent = point.first_latent
         video.continue_after(point.first_latent, point.decoded, point.written.frames)
         self._keep_decoded(point.decoded)
@@ -361,11 +416,10 @@ class ClipJournal:
                 continue
             inputs = point.step_inputs.get((item.clip, item.block))
             if inputs is None or len(inputs) != spec.settings.sample_steps:
-                raise _damaged(sidecar_path(self.mp4), f"the inputs of clip {item.clip + 1}, block {item.block + 1} "
-                                                      "are missing")
+                raise _damaged(sidecar_path(self.mp4), f"the DiT inputs of clip {item.clip + 1}, block "
+                                                      f"{item.block + 1} are missing")
             features = clip_features(spec.audio_features, item.clip, spec.settings.infer_frames)
             sampler.replay_block(item.clip, item.block, inputs, features)
-            self._steps.setdefault(item.clip, {})[item.block] = inputs
             if item == schedule.roll_after:
                 sampler.replace_sink(*video.rolled_sink())
         return tuple(item for item in schedule.items if item.clip >= done)
@@ -388,15 +442,10 @@ class ClipJournal:
         self._keep_decoded(latents)
         if item.block != self._blocks_per_clip - 1:
             return
-        for clip in [clip for clip in self._steps if clip <= item.clip - REPLAY_CLIPS]:
-            del self._steps[clip]
-        tensors = {"first_latent": self._first_latent, "decoded": torch.cat(list(self._decoded), dim=2)}
-        for clip, blocks in self._steps.items():
-            for block, steps in blocks.items():
-                for step, x in enumerate(steps):
-                    tensors[f"input.{clip:06}.{block:03}.{step:03}"] = x
+        state = {"first_latent": self._first_latent, "decoded": torch.cat(list(self._decoded), dim=2),
+                 "inputs": self._steps.pop(item.clip, {})}
         with self._lock:
-            self._ready[item.clip] = tensors
+            self._ready[item.clip] = state
 
     def _keep_decoded(self, latents: torch.Tensor) -> None:
         latents = latents.detach().to("cpu", torch.float32)
@@ -408,9 +457,10 @@ class ClipJournal:
     def clip_written(self, clip: int, written: WrittenPart) -> None:
         """Clip `clip`'s fragment is on disk: the sidecar now vouches for it."""
         with self._lock:
-            tensors = self._ready.pop(clip, None)
-        if tensors is not None:
-            write_sidecar(self.mp4, clip + 1, written, self.inputs, tensors)
+            state = self._ready.pop(clip, None)
+        if state is not None:
+            done = clip + 1
+            write_sidecar(self.mp4, done, written, self.inputs, state, range(max(0, done - self._replay), done))
 
     def finish(self) -> None:
         """The run finished: nothing is left to resume."""
