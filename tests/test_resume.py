@@ -23,6 +23,7 @@ from liveavatar_core.generation import EncodedAudio, PromptEmbeddings, make_job,
 from liveavatar_core.resume import replay_clips, sidecar_path
 from liveavatar_core.streaming import SamplerSettings
 from liveavatar_core.video_writer import read_video_info
+from nodes.decode import OnlineVAEDecode
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIPS, KILLED_AFTER = 4, 2
@@ -183,8 +184,6 @@ def test_a_damaged_sidecar_is_refused_with_the_fix(default_models, inputs, kille
 def test_the_decode_node_continues_the_unfinished_mp4(default_models, inputs, killed, uninterrupted, tmp_path,
                                                       comfyui):
     import folder_paths
-
-    from nodes.decode import OnlineVAEDecode
 
     output = tmp_path / "output"
     shutil.copytree(killed, output / "LiveAvatar")
