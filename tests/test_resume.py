@@ -155,6 +155,21 @@ def test_resume_appends_the_rest_and_equals_an_uninterrupted_run(default_models,
 
 
 @pytest.mark.slow
+def test_without_the_replayed_clip_the_resumed_frames_differ(default_models, inputs, killed, uninterrupted, tmp_path,
+                                                             monkeypatch):
+    """The caches matter: resumed without repeating clip 1's DiT calls, clip 2 on differs."""
+    import liveavatar_core.resume
+
+    mp4 = copy_of(killed, tmp_path)
+    monkeypatch.setattr(liveavatar_core.resume, "replay_clips", lambda *args: 0)
+    render(job_of(default_models, inputs), mp4, keep_frames=False, resume=True)
+    video, whole = decoded(mp4)[0], decoded(uninterrupted)[0]
+    done = KILLED_AFTER * 16 - 3
+    assert np.array_equal(video[:done], whole[:done])
+    assert np.abs(video[done:].astype(int) - whole[done:]).max() > 10
+
+
+@pytest.mark.slow
 def test_resume_with_changed_inputs_names_them_before_any_compute(default_models, inputs, killed, tmp_path):
     mp4 = copy_of(killed, tmp_path)
     size = mp4.stat().st_size
