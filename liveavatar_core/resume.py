@@ -279,7 +279,7 @@ def find_resumable(folder: str | os.PathLike, name: str, inputs: dict[str, str])
     InputError when there are unfinished videos but none of them has these inputs: it names
     what differs from the newest one and the fix (the run would otherwise start a second video
     beside the one meant to be continued)."""
-    sidecars = sorted(Path(folder).glob(f"{name}_*_{SIDECAR_SUFFIX}"), reverse=True)
+    sidecars = sorted(Path(folder).glob(f"{glob.escape(name)}_*_{SIDECAR_SUFFIX}"), reverse=True)
     newest = None
     for sidecar in sidecars:
         record = read_inputs(sidecar)
