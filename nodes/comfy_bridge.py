@@ -255,6 +255,20 @@ def new_output_file(prefix: str, width: int, height: int, extension: str,
     return Path(folder) / file, file, subfolder
 
 
+def output_folder(prefix: str, width: int, height: int,
+                  default_prefix: str = "LiveAvatar/avatar") -> tuple[Path, str, str]:
+    """Where `new_output_file` puts files of this prefix: (folder, file name stem, subfolder)."""
+    import folder_paths
+
+    from liveavatar_core.output_names import checked_prefix
+
+    prefix = checked_prefix(prefix, default_prefix)
+    folder, name, _, subfolder, _ = folder_paths.get_save_image_path(
+        prefix, folder_paths.get_output_directory(), width, height
+    )
+    return Path(folder), name, subfolder
+
+
 def show_output_on_node(ui: dict) -> None:
     """Shows `ui` (as a node's {"ui": ...} would) on the running node, for a node that is about
     to raise: ComfyUI records no outputs of a failed node, but the canvas shows this one."""

@@ -55,6 +55,7 @@ class Preset:
     extra: dict = field(default_factory=dict)
     upscale_model: str | None = None  # set: a Stream Upscale node with this model between sampler and decode
     rescale_factor: float = 1.0
+    resume: bool = False  # on: queueing it again after a crash continues the unfinished mp4
 
 
 PRESETS = (
@@ -68,17 +69,18 @@ PRESETS = (
                 "attention caches (38 GB at this size) in system RAM, streamed to the GPU a layer at a time. "
                 "The caches take about 40 GB of system RAM while a video runs; the same video as Standard "
                 "with fp8 weights."),
-    Preset("liveavatar_long", "Long", "688*368", 1000, 4, offload=False,
+    Preset("liveavatar_long", "Long", "688*368", 1000, 4, offload=False, resume=True,
            note="Very long videos: up to 1000 clips (about 32 min). Every clip is decoded and written to the "
                 "mp4 as soon as it is made, so memory stays flat; weights stay on the GPU (no offload). "
-                "Cancel keeps a playable mp4 of every finished clip."),
-    Preset("liveavatar_long_upscale", "Long + upscale", "688*368", 1000, 4, offload=False,
+                "Cancel keeps a playable mp4 of every finished clip. resume is on: after a crash or a cancel, "
+                "queue the same workflow again and it continues that mp4 after its last finished clip."),
+    Preset("liveavatar_long_upscale", "Long + upscale", "688*368", 1000, 4, offload=False, resume=True,
            upscale_model="RealESRGAN_x2plus.pth",
            note="The Long preset with every block upscaled as soon as it is decoded: up to 1000 clips (about "
                 "32 min) at 688*368, 4 steps, written at twice the width and height by RealESRGAN x2 (put it in "
                 "models/upscale_models, or pick another upscale model; rescale_factor resizes its output). "
                 "Memory stays flat for any length. Watch it while it renders at /liveavatar/live/latest/ "
-                "on the ComfyUI address."),
+                "on the ComfyUI address. resume is on: queued again after a crash, it continues the mp4."),
     Preset("liveavatar_hd", "HD", "704*384", 50, 5, guide_scale=5.0,
            note="The sharpest: up to 50 clips at 704*384, 5 steps, guidance 5 (negative prompt + silenced "
                 "audio; twice the compute per step)."),
@@ -135,7 +137,7 @@ def _nodes(p: Preset) -> list[dict]:
         stream_from, decode_x = 9, 1660
     nodes.append(dict(  # last: it runs the stream
         id=7, type="OnlineVAEDecode", pos=[decode_x, 60], size=[360, 420],
-        widgets=["mp4", f"LiveAvatar/{p.name.removeprefix('liveavatar_')}", 19],
+        widgets=["mp4", f"LiveAvatar/{p.name.removeprefix('liveavatar_')}", 19, p.resume],
         inputs={"video_stream": ("LIVEAVATAR_VIDEO_STREAM", stream_from, 0)},
         outputs=[("frames", "IMAGE"), ("audio", "AUDIO"), ("video", "VIDEO"), ("mp4_path", "STRING")]))
     return _with_core_loaders(nodes) if p.core_loaders else nodes
@@ -180,7 +182,7 @@ WIDGET_NAMES = {
     "LiveAvatarSampler": ["size", "size_mode", "num_clip", "sample_steps", "infer_frames", "sample_solver",
                           "sample_guide_scale", "seed", None, "trim_to_audio", "gpus", "semantics", "sink_roll",
                           "noise", "kv_cache"],
-    "OnlineVAEDecode": ["output", "filename_prefix", "crf"],
+    "OnlineVAEDecode": ["output", "filename_prefix", "crf", "resume"],
     "UpscaleModelLoader": ["model_name"],
     "LiveAvatarStreamUpscale": ["rescale_factor"],
     "LiveAvatarPromptFromConditioning": [],

@@ -115,6 +115,47 @@ def test_audio_stays_in_sync_with_frames(tmp_path):
     assert onset_s == pytest.approx(1.0, abs=0.005)
 
 
+@pytest.mark.parametrize("past_the_audio", [False, True], ids=["in-audio", "in-silence"])
+def test_a_continued_file_equals_one_written_at_once(tmp_path, past_the_audio):
+    """A resumed run reopens the file at the last whole clip (cutting a half-written one) and
+    appends: the frames are the same, and the audio keeps its time across the seam."""
+    audio = sine(2.5 if past_the_audio else 8.0)  # 2.5 s: the seam after clip 2 (3.84 s) falls in silence
+    whole, resumed = tmp_path / "whole.mp4", tmp_path / "resumed.mp4"
+    with StreamingVideoWriter(whole, FPS, WIDTH, HEIGHT, audio=audio, sample_rate=SAMPLE_RATE) as writer:
+        for index in range(4):
+            writer.write_frames(clip_frames(index))
+    with StreamingVideoWriter(resumed, FPS, WIDTH, HEIGHT, audio=audio, sample_rate=SAMPLE_RATE) as writer:
+        for index in range(2):
+            writer.write_frames(clip_frames(index))
+        written = writer.written
+    with open(resumed, "ab") as file:
+        file.write(b"\0\0\1\0moof" + bytes(300))  # a fragment cut short by a kill
+    with StreamingVideoWriter(resumed, FPS, WIDTH, HEIGHT, audio=audio, sample_rate=SAMPLE_RATE,
+                              append_to=written) as writer:
+        for index in range(2, 4):
+            writer.write_frames(clip_frames(index))
+        assert writer.frames_written == 4 * CLIP
+
+    def frames(path):
+        with av.open(str(path)) as container:
+            return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+    assert np.array_equal(frames(resumed), frames(whole))
+    played, reference = decoded_audio(resumed), decoded_audio(whole)
+    assert played.shape == reference.shape
+    seam = 2 * CLIP * 48_000 // FPS
+    assert np.array_equal(played[: seam - 1024], reference[: seam - 1024])  # untouched before the seam
+    # After it, a new AAC encoder's coding noise only, and no shift: the waveforms match best
+    # at lag 0.
+    assert np.abs(played - reference).max() < 0.02
+    after = slice(seam, len(played) - 4096)
+    if past_the_audio:
+        assert np.abs(played[after]).max() < 1e-3  # the silence after the track
+    else:
+        errors = {lag: np.abs(played[after] - np.roll(reference, lag)[after]).mean() for lag in range(-3, 4)}
+        assert min(errors, key=errors.get) == 0, errors
+
+
 def test_short_audio_is_padded_with_silence(tmp_path):
     path = tmp_path / "short_audio.mp4"
     stereo_44k = sine(1.0, channels=2, rate=44_100)

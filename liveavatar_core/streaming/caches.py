@@ -35,6 +35,9 @@ class BlockKVCache:
     def __init__(self, num_layers: int, frames: int, tokens_per_frame: int):
         self.frames = frames
         self.tokens_per_frame = tokens_per_frame
+        # The first frame this ring is given: 0, or a resumed run's first replayed frame (the
+        # ring holds nothing from before it, so nothing before it is read).
+        self.origin = 0
         self.keys: list[torch.Tensor | None] = [None] * num_layers  # the rings
         self.values: list[torch.Tensor | None] = [None] * num_layers
         # Per layer, with the sink: [sink | ring] buffers; keys/values are then views of their rings.
@@ -50,18 +53,22 @@ class BlockKVCache:
             self._slots[key] = tokens.flatten()
         return self._slots[key]
 
+    def held_frames(self, first_frame: int, frames: int) -> int:
+        """Frames the ring holds once the block at `first_frame` is written."""
+        return min(self.frames, first_frame + frames - self.origin)
+
     def _ring_shape(self, keys: torch.Tensor) -> tuple[int, ...]:
         return (keys.shape[0], self.frames * self.tokens_per_frame, *keys.shape[2:])
 
     def _write(self, layer: int, first_frame: int, frames: int, keys: torch.Tensor, values: torch.Tensor) -> int:
         """Stores a block's keys/values in the ring; returns how many ring tokens are filled.
 
-        Blocks arrive in order from frame 0, so the filled slots are always the first
-        min(ring size, frames so far) ones."""
+        Blocks arrive in order from frame `origin` (a clip's first frame: ring slot 0), so
+        the filled slots are always the first min(ring size, frames so far) ones."""
         slots = self.token_slots(first_frame, frames, keys.device)
         self.keys[layer].index_copy_(1, slots, keys.to(self.keys[layer].dtype))
         self.values[layer].index_copy_(1, slots, values.to(self.values[layer].dtype))
-        return min(self.frames, first_frame + frames) * self.tokens_per_frame
+        return self.held_frames(first_frame, frames) * self.tokens_per_frame
 
     def write_and_read(self, layer: int, first_frame: int, frames: int, keys: torch.Tensor, values: torch.Tensor):
         """Stores a block's keys/values and returns every cached frame's (block included)."""

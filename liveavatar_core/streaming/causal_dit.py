@@ -127,7 +127,7 @@ class CausalDiT:
                 return self._denoise(*tensors[:6], first_frame, cache, sink, tensors[6] if len(tensors) > 6 else None)
 
         ring = cache.frames * cache.tokens_per_frame
-        steady = min(cache.frames, first_frame + frames) * cache.tokens_per_frame == ring
+        steady = cache.held_frames(first_frame, frames) * cache.tokens_per_frame == ring
         if self.cuda_graphs and device.type == "cuda" and steady and cache.keys[-1] is not None:
             key = (first_frame % cache.frames, frames, tuple(t.shape for t in inputs), self.sink_in_place)
             return self.graphs.run(cache, key, call, inputs, keep=(sink,))
