@@ -163,7 +163,7 @@ class Fp8BlockKVCache(BlockKVCache):
             x8, scale = fused.run(_quantize_heads, x)
             ring[layer].view(torch.uint8).index_copy_(1, slots, x8.view(torch.uint8))
             scales[layer].index_copy_(1, slots, scale)
-        return min(self.frames, first_frame + frames) * self.tokens_per_frame
+        return self.held_frames(first_frame, frames) * self.tokens_per_frame
 
     def write_and_read(self, layer: int, first_frame: int, frames: int, keys: torch.Tensor, values: torch.Tensor):
         used = self._write(layer, first_frame, frames, keys, values)
