@@ -65,7 +65,9 @@ FEED_FORWARD = "encoder.layers.0.feed_forward.intermediate_dense.weight"
 CONV_WEIGHT = re.compile(r"feature_extractor\.conv_layers\.(\d+)\.conv\.weight")
 LAYER = re.compile(r"encoder\.layers\.(\d+)\.")
 REQUIRED = (
-    "feature_extractor.conv_layers.0.conv.weight", "feature_projection.projection.weight", "encoder.layer_norm.weight"
+    "feature_extractor.conv_layers.0.conv.weight",
+    "feature_projection.projection.weight",
+    "encoder.layer_norm.weight",
 )
 
 
@@ -82,7 +84,7 @@ def to_transformers_names(tensors: TensorFile) -> TensorFile:
         if name.startswith(IGNORED_PREFIXES):
             return None
         if name.startswith(POS_CONV):
-            tail = name[len(POS_CONV):]
+            tail = name[len(POS_CONV) :]
             name = POS_CONV + WEIGHT_NORM_NAMES.get(tail, tail)
         return name
 
@@ -175,8 +177,11 @@ def _feature_extractor(folder: Path | None, config: Wav2Vec2Config) -> Wav2Vec2F
             raise CheckpointError(f"{file}: expects {extractor.sampling_rate} Hz audio; wav2vec2 here runs at 16 kHz.")
         return extractor
     return Wav2Vec2FeatureExtractor(
-        feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0,
-        do_normalize=config.feat_extract_norm == "layer", return_attention_mask=True,
+        feature_size=1,
+        sampling_rate=SAMPLE_RATE,
+        padding_value=0.0,
+        do_normalize=config.feat_extract_norm == "layer",
+        return_attention_mask=True,
     )
 
 
@@ -298,7 +303,9 @@ def load_audio_encoder(
 
 
 def audio_encoder_from_tensors(
-    tensors: TensorFile, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    tensors: TensorFile,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
     folder: Path | None = None,
 ) -> AudioEncoder:
     """`load_audio_encoder` for tensors already opened or in memory (e.g. another loader's

@@ -60,8 +60,9 @@ def load_audio(path: str | os.PathLike) -> torch.Tensor:
             wave, _ = librosa.load(path, sr=SAMPLE_RATE, mono=True, res_type=RESAMPLE_QUALITY)
         except Exception as err:  # damaged data after a valid header, or no samples to resample
             _refuse_empty(soundfile.info(str(path)).frames, f"audio file {path}")
-            raise InputError(f"audio file {path} could not be decoded ({type(err).__name__}: {err}). "
-                             "Re-export it as .wav or .flac.") from None
+            raise InputError(
+                f"audio file {path} could not be decoded ({type(err).__name__}: {err}). Re-export it as .wav or .flac."
+            ) from None
     return _checked(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)), f"audio file {path}")
 
 
@@ -122,9 +123,13 @@ def limit_peak(track: torch.Tensor, name: str = "audio") -> torch.Tensor:
     peak = float(track.abs().max()) if track.numel() else 0.0
     if peak <= FULL_SCALE:
         return track
-    logger.warning("%s peaks at %.1f dBFS, above full scale: the video's sound is scaled down by %.1f dB "
-                   "to avoid distortion. Lower the volume before LiveAvatar to control this yourself.",
-                   name, 20 * math.log10(peak), 20 * math.log10(peak))
+    logger.warning(
+        "%s peaks at %.1f dBFS, above full scale: the video's sound is scaled down by %.1f dB "
+        "to avoid distortion. Lower the volume before LiveAvatar to control this yourself.",
+        name,
+        20 * math.log10(peak),
+        20 * math.log10(peak),
+    )
     return track / peak
 
 

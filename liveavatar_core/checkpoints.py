@@ -24,8 +24,11 @@ NETWORKS = {"dit": dit_expected_shapes}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m liveavatar_core.checkpoints", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m liveavatar_core.checkpoints",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     keys = sub.add_parser("expected-keys", help="tensor names and shapes of a real checkpoint")
     keys.add_argument("network", choices=sorted(NETWORKS))

@@ -211,8 +211,14 @@ def text_encoder_state(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def wan_vae_names() -> list[str]:
     """The tensor names of the Wan 2.1 VAE in Wan's own layout (ComfyUI's vae/ files)."""
-    residual = ("residual.0.gamma", "residual.2.weight", "residual.2.bias", "residual.3.gamma",
-                "residual.6.weight", "residual.6.bias")
+    residual = (
+        "residual.0.gamma",
+        "residual.2.weight",
+        "residual.2.bias",
+        "residual.3.gamma",
+        "residual.6.weight",
+        "residual.6.bias",
+    )
     names = ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias"]
     for part in ("encoder", "decoder"):
         names += [f"{part}.conv1.weight", f"{part}.conv1.bias"]

@@ -67,9 +67,17 @@ class FaceRestore(FrameTransform):
 
     name = "Stream Face Restore"
 
-    def __init__(self, restore: Callable[[torch.Tensor], torch.Tensor], region: FaceRegion = FaceRegion(),
-                 input_size: int | None = 512, strength: float = 1.0, feather: float = 0.1, device="cpu",
-                 on_device: Callable[[], contextlib.AbstractContextManager] | None = None, batch: int = 4):
+    def __init__(
+        self,
+        restore: Callable[[torch.Tensor], torch.Tensor],
+        region: FaceRegion = FaceRegion(),
+        input_size: int | None = 512,
+        strength: float = 1.0,
+        feather: float = 0.1,
+        device="cpu",
+        on_device: Callable[[], contextlib.AbstractContextManager] | None = None,
+        batch: int = 4,
+    ):
         region.validate()
         if not 0.0 <= strength <= 1.0:
             raise InputError(f"strength={strength} is outside 0..1 (1 = fully restored, 0 = untouched).")
@@ -84,8 +92,12 @@ class FaceRestore(FrameTransform):
         self._batch = batch
 
     def settings(self) -> dict:
-        return {"region": self.region, "input_size": self.input_size, "strength": self.strength,
-                "feather": self.feather}
+        return {
+            "region": self.region,
+            "input_size": self.input_size,
+            "strength": self.strength,
+            "feather": self.feather,
+        }
 
     def active(self):
         return self._on_device() if self._on_device is not None else contextlib.nullcontext()
@@ -106,8 +118,10 @@ class FaceRestore(FrameTransform):
     def _restored(self, faces: torch.Tensor, side: int) -> torch.Tensor:
         model_in = faces.float()
         if self.input_size is not None and self.input_size != side:
-            model_in = F.interpolate(model_in, size=(self.input_size,) * 2, mode="bicubic", align_corners=False,
-                                     antialias=True).clamp(0, 1)
+            model_in = F.interpolate(
+                model_in, size=(self.input_size,) * 2, mode="bicubic", align_corners=False, antialias=True
+            ).clamp(0, 1)
         restored = self._restore(model_in).float()
-        return F.interpolate(restored, size=(side, side), mode="bicubic", align_corners=False,
-                             antialias=True).clamp(0, 1)
+        return F.interpolate(restored, size=(side, side), mode="bicubic", align_corners=False, antialias=True).clamp(
+            0, 1
+        )

@@ -35,11 +35,23 @@ from .run_spec import RunSpec
 from .semantics import FrameChunk, VideoSemantics
 from .streaming import Progress, SamplerSettings
 
-__all__ = ["EncodedAudio", "PromptEmbeddings", "RenderResult", "VideoJob", "encode_audio", "encode_prompt",
-           "job_for", "make_job", "render", "worker_model_files"]
+__all__ = [
+    "EncodedAudio",
+    "PromptEmbeddings",
+    "RenderResult",
+    "VideoJob",
+    "encode_audio",
+    "encode_prompt",
+    "job_for",
+    "make_job",
+    "render",
+    "worker_model_files",
+]
 
 
-def encode_audio(models: LiveAvatarModels, waveform: torch.Tensor, sample_rate: int, name: str = "audio") -> EncodedAudio:
+def encode_audio(
+    models: LiveAvatarModels, waveform: torch.Tensor, sample_rate: int, name: str = "audio"
+) -> EncodedAudio:
     """Any sample rate, mono or stereo, [channels, samples] or [batch, channels, samples]."""
     placed = functools.partial(models.on_device, "audio_encoder")
     return conditioning.encode_audio(models.audio_encoder, waveform, sample_rate, name, placed)
@@ -125,8 +137,10 @@ def worker_model_files(models: LiveAvatarModels) -> FileModels:
     """What worker processes load the DiT and VAE from: the files (without the encoders, which
     they never run), the weight precision and whether the DiT compiles."""
     if models.files.vae is None:
-        raise InputError("gpus > 1: the worker processes load the VAE from its file, but this one was given ready-made "
-                         "(e.g. from core Load VAE): pick the VAE file in the loader instead, or set gpus to 1.")
+        raise InputError(
+            "gpus > 1: the worker processes load the VAE from its file, but this one was given ready-made "
+            "(e.g. from core Load VAE): pick the VAE file in the loader instead, or set gpus to 1."
+        )
     files = dataclasses.replace(models.files, text_encoder=None, audio_encoder=None)
     return FileModels(files, models.precision, models.dit.kernels.compile_elementwise)
 
@@ -205,9 +219,20 @@ def make_job(
     kept warm between runs. kv_cache: where the sampler's attention caches live, "device" or
     "host" memory (the low-VRAM mode; the same video), in every process of the run.
     """
-    spec = RunSpec.make(image, audio.features, prompt.positive, size, settings, num_clip=num_clip or None,
-                        negative_context=prompt.negative, trim_to_audio=trim_to_audio, semantics=semantics,
-                        kv_cache=kv_cache, gpus=gpus, size_mode=size_mode)
+    spec = RunSpec.make(
+        image,
+        audio.features,
+        prompt.positive,
+        size,
+        settings,
+        num_clip=num_clip or None,
+        negative_context=prompt.negative,
+        trim_to_audio=trim_to_audio,
+        semantics=semantics,
+        kv_cache=kv_cache,
+        gpus=gpus,
+        size_mode=size_mode,
+    )
     return job_for(models, spec, audio)
 
 
@@ -249,8 +274,10 @@ def render(
     if mp4_path is None and not keep_frames:
         raise InputError("nothing to render into: ask for the mp4, the frames, or both.")
     if resume and (mp4_path is None or keep_frames):
-        raise InputError("resume continues an mp4 and keeps no frames (those of the clips before it are not in "
-                         "memory): render to the mp4 only, or turn resume off.")
+        raise InputError(
+            "resume continues an mp4 and keeps no frames (those of the clips before it are not in "
+            "memory): render to the mp4 only, or turn resume off."
+        )
     if keep_frames:
         check_frames_fit(job.frame_count, job.width, job.height)
     journal = None if mp4_path is None else journal_for(job, mp4_path, crf, resume)
@@ -272,8 +299,9 @@ def render(
     options = {} if journal is None else {"journal": journal}
     chunks = collect(job.frames(progress, should_stop, **options))
     if mp4_path is not None:
-        write_video(chunks, mp4_path, job.audio.track, job.audio.sample_rate, (job.width, job.height), crf=crf,
-                    journal=journal)
+        write_video(
+            chunks, mp4_path, job.audio.track, job.audio.sample_rate, (job.width, job.height), crf=crf, journal=journal
+        )
         if journal is not None:
             journal.finish()
     else:

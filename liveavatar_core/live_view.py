@@ -157,9 +157,18 @@ class LiveRun:
     def describe(self) -> dict:
         layout = read_layout(self.path)
         frames = sum(segment.frames for segment in layout.segments)
-        return {"id": self.id, "state": self.state, "file": self.path.name, "width": self.width,
-                "height": self.height, "fps": self.fps, "started": self.started, "ended": self.ended,
-                "segments": len(layout.segments), "seconds": frames / self.fps}
+        return {
+            "id": self.id,
+            "state": self.state,
+            "file": self.path.name,
+            "width": self.width,
+            "height": self.height,
+            "fps": self.fps,
+            "started": self.started,
+            "ended": self.ended,
+            "segments": len(layout.segments),
+            "seconds": frames / self.fps,
+        }
 
 
 class LiveRuns:
@@ -206,8 +215,14 @@ def hls_playlist(run: LiveRun, media_uri: str = "video.mp4") -> str:
     ended = not run.running
     layout = read_layout(run.path)
     durations = [segment.frames / run.fps for segment in layout.segments]
-    lines = ["#EXTM3U", "#EXT-X-VERSION:7", f"#EXT-X-TARGETDURATION:{max(1, math.ceil(max(durations, default=2)))}",
-             "#EXT-X-PLAYLIST-TYPE:EVENT", "#EXT-X-MEDIA-SEQUENCE:0", "#EXT-X-INDEPENDENT-SEGMENTS"]
+    lines = [
+        "#EXTM3U",
+        "#EXT-X-VERSION:7",
+        f"#EXT-X-TARGETDURATION:{max(1, math.ceil(max(durations, default=2)))}",
+        "#EXT-X-PLAYLIST-TYPE:EVENT",
+        "#EXT-X-MEDIA-SEQUENCE:0",
+        "#EXT-X-INDEPENDENT-SEGMENTS",
+    ]
     if layout.header is not None:
         offset, size = layout.header
         lines.append(f'#EXT-X-MAP:URI="{media_uri}",BYTERANGE="{size}@{offset}"')
@@ -222,17 +237,30 @@ def segment_list(run: LiveRun) -> dict:
     """The run's state and whole fragments, for the browser page's player."""
     ended = not run.running  # read before the file, as in `hls_playlist`
     layout = read_layout(run.path)
-    return {"id": run.id, "state": run.state if ended else RUNNING, "codecs": layout.codecs, "fps": run.fps, "width": run.width, "height": run.height,
-            "header": list(layout.header) if layout.header else None,
-            "segments": [[s.offset, s.size, s.frames] for s in layout.segments]}
+    return {
+        "id": run.id,
+        "state": run.state if ended else RUNNING,
+        "codecs": layout.codecs,
+        "fps": run.fps,
+        "width": run.width,
+        "height": run.height,
+        "header": list(layout.header) if layout.header else None,
+        "segments": [[s.offset, s.size, s.frames] for s in layout.segments],
+    }
 
 
 LIVE_RUNS = LiveRuns()  # this process's renders (ComfyUI renders one prompt at a time)
 
 
 @contextlib.contextmanager
-def watched(path: str | Path, fps: float, width: int, height: int, runs: LiveRuns = LIVE_RUNS,
-            cancel_errors: tuple[type[BaseException], ...] = ()):
+def watched(
+    path: str | Path,
+    fps: float,
+    width: int,
+    height: int,
+    runs: LiveRuns = LIVE_RUNS,
+    cancel_errors: tuple[type[BaseException], ...] = (),
+):
     """Lists a render in `runs` while the block runs; its end is marked when the block is left
     (after the writer has closed the file): finished, cancelled (GenerationCancelled or one of
     `cancel_errors`, e.g. the host's own interrupt) or failed."""

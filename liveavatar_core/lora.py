@@ -57,9 +57,7 @@ def merge_lora(model: nn.Module, path: str | Path, strength: float = 1.0) -> Lor
         else:
             plain[stripped] = name
 
-    unknown = sorted(
-        [m for m in factors if f"{m}.weight" not in params] + [k for k in plain if k not in params]
-    )
+    unknown = sorted([m for m in factors if f"{m}.weight" not in params] + [k for k in plain if k not in params])
     if unknown:
         raise CheckpointError(
             f"{label}: {len(unknown)} LoRA target(s) do not exist in the diffusion model, e.g. {unknown[:5]}. "
@@ -70,7 +68,9 @@ def merge_lora(model: nn.Module, path: str | Path, strength: float = 1.0) -> Lor
 
     for module, sides in factors.items():
         if set(sides) != {"A", "B"}:
-            raise CheckpointError(f"{label}: {module} has lora_{''.join(sides)} without its partner. The file is incomplete.")
+            raise CheckpointError(
+                f"{label}: {module} has lora_{''.join(sides)} without its partner. The file is incomplete."
+            )
         weight = params[f"{module}.weight"]
         down, up = tensors.get(sides["A"]).float(), tensors.get(sides["B"]).float()
         if up.shape[0] != weight.shape[0] or down.shape[1] != weight.shape[1] or up.shape[1] != down.shape[0]:

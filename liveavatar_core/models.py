@@ -34,8 +34,15 @@ from .model_files import WEIGHT_DTYPES, ModelFiles, Precision, whole_checkpoint
 from .text_encoder import TextEncoder, load_text_encoder
 from .vae import WanVAE, load_vae
 
-__all__ = ["WEIGHT_DTYPES", "LiveAvatarModels", "ModelFiles", "Precision", "load_dit_as", "load_models",
-           "whole_checkpoint"]
+__all__ = [
+    "WEIGHT_DTYPES",
+    "LiveAvatarModels",
+    "ModelFiles",
+    "Precision",
+    "load_dit_as",
+    "load_models",
+    "whole_checkpoint",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -126,13 +133,17 @@ def load_models(
     naming the file when one holds another network or the networks do not fit together.
     """
     device = torch.device(device)
-    require_finite("lora_strength", files.lora_strength, "Give a number from -2 to 2; 1.0 is what LiveAvatar was trained for.")
+    require_finite(
+        "lora_strength", files.lora_strength, "Give a number from -2 to 2; 1.0 is what LiveAvatar was trained for."
+    )
     precision = Precision.of(dtype)
     dtype, small_dtype = precision.dense, precision.small(device)
     home = torch.device("cpu") if offload else device
 
     dit = load_dit_as(files, home, precision, compile_elementwise)
-    text_encoder = None if files.text_encoder is None else load_text_encoder(files.text_encoder, device=home, dtype=dtype)
+    text_encoder = (
+        None if files.text_encoder is None else load_text_encoder(files.text_encoder, device=home, dtype=dtype)
+    )
     if text_encoder is not None and text_encoder.model.config.d_model != dit.config.text_dim:
         raise CheckpointError(
             f"the text encoder {Path(files.text_encoder).name} gives {text_encoder.model.config.d_model}-wide "
@@ -140,7 +151,9 @@ def load_models(
             "Pick the umT5-XXL file that belongs to Wan2.2 (umt5_xxl_*.safetensors)."
         )
     if audio_encoder is None:
-        audio_encoder = load_audio_encoder(_required(files.audio_encoder, "audio_encoder"), device=home, dtype=small_dtype)
+        audio_encoder = load_audio_encoder(
+            _required(files.audio_encoder, "audio_encoder"), device=home, dtype=small_dtype
+        )
     else:
         audio_encoder.to(home, small_dtype)
     audio_encoder.check_fits(dit.config.audio_dim, dit.config.num_audio_layers)

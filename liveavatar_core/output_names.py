@@ -26,15 +26,20 @@ def checked_prefix(prefix, default: str, name: str = "filename_prefix") -> str:
         return default
     bad = next((c for c in prefix if unicodedata.category(c) == "Cc"), None)
     if bad is not None:
-        raise InputError(f"{name} holds a control character (U+{ord(bad):04X}); use letters, digits, '-', '_' "
-                         f"and '/' for sub-folders, e.g. {default!r}.")
+        raise InputError(
+            f"{name} holds a control character (U+{ord(bad):04X}); use letters, digits, '-', '_' "
+            f"and '/' for sub-folders, e.g. {default!r}."
+        )
     if prefix.startswith(("/", "\\")) or _DRIVE.match(prefix):
-        raise InputError(f"{name} {prefix!r} is an absolute path; give a name inside ComfyUI's output folder, "
-                         f"e.g. {default!r}.")
+        raise InputError(
+            f"{name} {prefix!r} is an absolute path; give a name inside ComfyUI's output folder, e.g. {default!r}."
+        )
     parts = re.split(r"[/\\]", prefix)
     if any(part in ("..", ".") for part in parts):
-        raise InputError(f"{name} {prefix!r} steps out of or around its folder with '..' or '.'; give a name "
-                         f"inside ComfyUI's output folder, e.g. {default!r}.")
+        raise InputError(
+            f"{name} {prefix!r} steps out of or around its folder with '..' or '.'; give a name "
+            f"inside ComfyUI's output folder, e.g. {default!r}."
+        )
     if any(len(part) > MAX_PART_LENGTH for part in parts):
         raise InputError(f"{name}: a part of {prefix!r} is longer than {MAX_PART_LENGTH} characters; shorten it.")
     folders = [part for part in parts[:-1] if part]

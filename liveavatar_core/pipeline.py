@@ -81,9 +81,16 @@ class StreamingPipeline:
                         features = clip_features(spec.audio_features, item.clip, settings.infer_frames)
                     x = noise[:, :, item.start : item.start + item.frames]
                     after_step = None if progress is None else _reporter(progress, item, spec)
-                    latents = sampler.denoise(item.clip, item.block, x, sampler.new_solver(),
-                                              range(settings.sample_steps), features, after_step,
-                                              None if journal is None else journal.on_input(item))
+                    latents = sampler.denoise(
+                        item.clip,
+                        item.block,
+                        x,
+                        sampler.new_solver(),
+                        range(settings.sample_steps),
+                        features,
+                        after_step,
+                        None if journal is None else journal.on_input(item),
+                    )
                     if journal is not None:
                         journal.block_done(item, latents)
                     yield from decoder.submit(item.clip, item.block, latents)
@@ -132,8 +139,9 @@ def write_video(
     width, height = parse_size(size)
     skip = start_offset_samples(sample_rate)
     append_to = None if journal is None else journal.written
-    with StreamingVideoWriter(path, FPS, width, height, waveform[..., skip:], sample_rate, crf=crf,
-                              append_to=append_to) as writer:
+    with StreamingVideoWriter(
+        path, FPS, width, height, waveform[..., skip:], sample_rate, crf=crf, append_to=append_to
+    ) as writer:
 
         def write(chunk: FrameChunk) -> None:
             writer.write_frames(chunk.frames, clip_boundary=chunk.ends_clip)

@@ -26,7 +26,11 @@ from .text_tokenizer import TEXT_LEN
 
 def context_from_padded(embeddings: torch.Tensor, name: str = "conditioning", width: int | None = None) -> torch.Tensor:
     """`[1, N, D]` (or `[N, D]`) with zero rows after the real tokens -> `[L, D]` float32, L <= 512."""
-    if not torch.is_tensor(embeddings) or embeddings.dim() not in (2, 3) or (embeddings.dim() == 3 and embeddings.shape[0] != 1):
+    if (
+        not torch.is_tensor(embeddings)
+        or embeddings.dim() not in (2, 3)
+        or (embeddings.dim() == 3 and embeddings.shape[0] != 1)
+    ):
         shape = tuple(embeddings.shape) if torch.is_tensor(embeddings) else type(embeddings).__name__
         raise InputError(f"{name}: expected one prompt's text embeddings [1, tokens, width], got {shape}.")
     rows = embeddings.reshape(-1, embeddings.shape[-1]).float().cpu()
@@ -48,8 +52,9 @@ def context_from_padded(embeddings: torch.Tensor, name: str = "conditioning", wi
     return rows[:length].contiguous()
 
 
-def prompt_from_contexts(positive: torch.Tensor, negative: torch.Tensor | None = None,
-                         width: int | None = None) -> PromptEmbeddings:
+def prompt_from_contexts(
+    positive: torch.Tensor, negative: torch.Tensor | None = None, width: int | None = None
+) -> PromptEmbeddings:
     """PromptEmbeddings from padded embeddings of the prompt and (optionally) the negative prompt."""
     return PromptEmbeddings(
         context_from_padded(positive, "positive", width),

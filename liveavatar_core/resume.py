@@ -194,8 +194,9 @@ def _save(path: Path, tensors: dict[str, torch.Tensor], stamp: str) -> None:
     _write_atomically(path, lambda partial: save_file(tensors, str(partial), metadata={"stamp": stamp}))
 
 
-def write_sidecar(mp4: Path, clips_done: int, written: WrittenPart, inputs: dict[str, str], state: dict,
-                  replayed: range) -> None:
+def write_sidecar(
+    mp4: Path, clips_done: int, written: WrittenPart, inputs: dict[str, str], state: dict, replayed: range
+) -> None:
     """Writes the last clip's DiT inputs (each clip's once, in a file of its own), the state
     after it, then the json naming them; files no longer named go last. A kill at any point
     leaves the json and every file it names.
@@ -203,16 +204,25 @@ def write_sidecar(mp4: Path, clips_done: int, written: WrittenPart, inputs: dict
     state: 'first_latent', 'decoded' and 'inputs' ({block: [latents per step]} of clip
     clips_done - 1); replayed: the clips whose inputs a resume from here repeats."""
     clip = clips_done - 1
-    clip_inputs = {f"input.{block:03}.{step:03}": x for block, steps in state["inputs"].items()
-                   for step, x in enumerate(steps)}
+    clip_inputs = {
+        f"input.{block:03}.{step:03}": x for block, steps in state["inputs"].items() for step, x in enumerate(steps)
+    }
     if clip in replayed:
         _save(_clip_path(mp4, clip), clip_inputs, f"clip {clip}")
     state_file = _state_path(mp4, clips_done)
     _save(state_file, {"first_latent": state["first_latent"], "decoded": state["decoded"]}, f"after {clips_done}")
     names = [state_file.name] + [_clip_path(mp4, c).name for c in replayed]
-    record = {"format": FORMAT_VERSION, "mp4": mp4.name, "clips_done": clips_done, "frames": written.frames,
-              "fragments": written.fragments, "bytes": written.size, "state": state_file.name,
-              "replayed": [replayed.start, replayed.stop], "inputs": inputs}
+    record = {
+        "format": FORMAT_VERSION,
+        "mp4": mp4.name,
+        "clips_done": clips_done,
+        "frames": written.frames,
+        "fragments": written.fragments,
+        "bytes": written.size,
+        "state": state_file.name,
+        "replayed": [replayed.start, replayed.stop],
+        "inputs": inputs,
+    }
     _write_atomically(sidecar_path(mp4), lambda partial: partial.write_text(json.dumps(record, indent=1)))
     for old in _state_files(mp4):
         if old.name not in names:
@@ -220,9 +230,11 @@ def write_sidecar(mp4: Path, clips_done: int, written: WrittenPart, inputs: dict
 
 
 def _damaged(sidecar: Path, reason: str) -> InputError:
-    return InputError(f"the resume file {sidecar} is damaged ({reason}): delete it (and the files beside it "
-                      f"named {sidecar.name.removesuffix(SIDECAR_SUFFIX)}.resume-*) to start a new video, "
-                      "or turn resume off.")
+    return InputError(
+        f"the resume file {sidecar} is damaged ({reason}): delete it (and the files beside it "
+        f"named {sidecar.name.removesuffix(SIDECAR_SUFFIX)}.resume-*) to start a new video, "
+        "or turn resume off."
+    )
 
 
 def read_inputs(sidecar: Path) -> dict:
@@ -257,8 +269,9 @@ def read_sidecar(sidecar: Path) -> ResumePoint:
     if not mp4.is_file():
         raise _damaged(sidecar, f"its video {mp4.name} is gone")
     if mp4.stat().st_size < written.size:
-        raise _damaged(sidecar, f"{mp4.name} holds {mp4.stat().st_size} bytes, fewer than the {written.size} it "
-                                "recorded")
+        raise _damaged(
+            sidecar, f"{mp4.name} holds {mp4.stat().st_size} bytes, fewer than the {written.size} it recorded"
+        )
     state = _load(sidecar, sidecar.with_name(record["state"]), f"after {clips_done}")
     if "first_latent" not in state or "decoded" not in state:
         raise _damaged(sidecar, f"{record['state']} lacks the decoder's latents")
@@ -268,8 +281,7 @@ def read_sidecar(sidecar: Path) -> ResumePoint:
         for name in sorted(tensors):
             _, block, _ = name.split(".")
             step_inputs.setdefault((clip, int(block)), []).append(tensors[name])
-    return ResumePoint(mp4, clips_done, written, record["inputs"], state["first_latent"], state["decoded"],
-                       step_inputs)
+    return ResumePoint(mp4, clips_done, written, record["inputs"], state["first_latent"], state["decoded"], step_inputs)
 
 
 def find_resumable(folder: str | os.PathLike, name: str, inputs: dict[str, str]) -> ResumePoint | None:
@@ -349,12 +361,15 @@ def check_resumable(job) -> None:
     """InputError, before any compute, for runs a resume cannot continue."""
     job = _base(job)
     if job.spec.gpus > 1:
-        raise InputError("resume works in one process: set gpus to 1 (worker processes record no resume state), "
-                         "or turn resume off.")
+        raise InputError(
+            "resume works in one process: set gpus to 1 (worker processes record no resume state), or turn resume off."
+        )
     if job.spec.semantics.name != "official-multi-gpu":
-        raise InputError(f"resume works with the official-multi-gpu semantics, not {job.spec.semantics.name} "
-                         "(whose 365-frame motion window would have to be recorded): pick official-multi-gpu, "
-                         "or turn resume off.")
+        raise InputError(
+            f"resume works with the official-multi-gpu semantics, not {job.spec.semantics.name} "
+            "(whose 365-frame motion window would have to be recorded): pick official-multi-gpu, "
+            "or turn resume off."
+        )
 
 
 # -- during a run ---------------------------------------------------------------------------
@@ -416,8 +431,10 @@ class ClipJournal:
                 continue
             inputs = point.step_inputs.get((item.clip, item.block))
             if inputs is None or len(inputs) != spec.settings.sample_steps:
-                raise _damaged(sidecar_path(self.mp4), f"the DiT inputs of clip {item.clip + 1}, block "
-                                                      f"{item.block + 1} are missing")
+                raise _damaged(
+                    sidecar_path(self.mp4),
+                    f"the DiT inputs of clip {item.clip + 1}, block {item.block + 1} are missing",
+                )
             features = clip_features(spec.audio_features, item.clip, spec.settings.infer_frames)
             sampler.replay_block(item.clip, item.block, inputs, features)
             if item == schedule.roll_after:
@@ -442,8 +459,11 @@ class ClipJournal:
         self._keep_decoded(latents)
         if item.block != self._blocks_per_clip - 1:
             return
-        state = {"first_latent": self._first_latent, "decoded": torch.cat(list(self._decoded), dim=2),
-                 "inputs": self._steps.pop(item.clip, {})}
+        state = {
+            "first_latent": self._first_latent,
+            "decoded": torch.cat(list(self._decoded), dim=2),
+            "inputs": self._steps.pop(item.clip, {}),
+        }
         with self._lock:
             self._ready[item.clip] = state
 

@@ -102,15 +102,29 @@ class RunSpec:
         if num_clip is not None and num_clip < 1:
             raise InputError(f"num_clip must be at least 1 (or 'auto' to follow the audio), got {num_clip}.")
         if settings.guide_scale > 0 and negative_context is None:
-            raise InputError("sample_guide_scale > 0 needs a negative prompt: encode it with EncodePrompt, "
-                             "or set the scale to 0.")
+            raise InputError(
+                "sample_guide_scale > 0 needs a negative prompt: encode it with EncodePrompt, or set the scale to 0."
+            )
         if audio_features.dim() != 4 or audio_features.shape[-1] == 0:
             raise InputError("the audio is empty: give a speech track of at least one video frame (40 ms).")
         audio_frames = audio_features.shape[-1]
         clips = num_clip or clips_for_frames(audio_frames, settings.infer_frames)
         frames = frames_for_run(audio_frames, clips, settings.infer_frames, trim_to_audio)
-        return cls(fit_reference(image, width, height), audio_features, context, negative_context, settings,
-                   width, height, clips, frames, trim_to_audio, semantics, kv_cache, gpus)
+        return cls(
+            fit_reference(image, width, height),
+            audio_features,
+            context,
+            negative_context,
+            settings,
+            width,
+            height,
+            clips,
+            frames,
+            trim_to_audio,
+            semantics,
+            kv_cache,
+            gpus,
+        )
 
     @functools.cached_property
     def schedule(self) -> Schedule:

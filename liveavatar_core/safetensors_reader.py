@@ -27,9 +27,18 @@ from .errors import CheckpointError
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
-    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 
 
@@ -63,7 +72,9 @@ class SafetensorsFile:
                 file.seek(entry.begin)
                 got = file.readinto(memoryview(buffer.numpy())) if size else 0
         except OSError as err:
-            raise CheckpointError(f"{self.path}: could not be read ({err.strerror}). Check the file and its permissions.") from None
+            raise CheckpointError(
+                f"{self.path}: could not be read ({err.strerror}). Check the file and its permissions."
+            ) from None
         if got != size:
             raise CheckpointError(
                 f"{self.path}: the file became shorter while loading ({name} is cut off). It was changed on "
@@ -84,7 +95,9 @@ def _read_header(path: str) -> tuple[dict[str, TensorEntry], dict[str, str]]:
                 raise _damaged(path, f"its header claims {header_size} bytes")
             raw = file.read(header_size)
     except OSError as err:
-        raise CheckpointError(f"{path}: could not be opened ({err.strerror}). Check the file and its permissions.") from None
+        raise CheckpointError(
+            f"{path}: could not be opened ({err.strerror}). Check the file and its permissions."
+        ) from None
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, ValueError):

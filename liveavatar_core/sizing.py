@@ -23,8 +23,18 @@ AREA_DIVISOR = 64
 MIN_SIDE = 64
 # Width*height the official CLI accepts; any multiple of 16 works for the networks.
 OFFICIAL_SIZES = (
-    "720*1280", "1280*720", "480*832", "832*480", "704*1280", "1280*704",
-    "1024*704", "704*1024", "720*400", "704*384", "688*368", "384*256",
+    "720*1280",
+    "1280*720",
+    "480*832",
+    "832*480",
+    "704*1280",
+    "1280*704",
+    "1024*704",
+    "704*1024",
+    "720*400",
+    "704*384",
+    "688*368",
+    "384*256",
 )
 
 
@@ -51,7 +61,9 @@ def checked_portrait(image: torch.Tensor) -> torch.Tensor:
     if image.dim() == 4:
         image = image[0]
     if image.dim() != 3 or image.shape[-1] not in (3, 4) or min(image.shape[:2]) < 16:
-        raise InputError(f"reference image must be one RGB image of at least 16*16 pixels, got shape {tuple(image.shape)}.")
+        raise InputError(
+            f"reference image must be one RGB image of at least 16*16 pixels, got shape {tuple(image.shape)}."
+        )
     return image
 
 
@@ -61,13 +73,17 @@ def output_size(size: str | tuple[int, int], size_mode: str, image: torch.Tensor
     if size_mode == "official_area":
         height, width = area_fit_size(image.shape[0], image.shape[1], width * height)
         if min(height, width) < MIN_SIDE:
-            raise InputError(f"reference image {image.shape[1]}*{image.shape[0]} is too small for size_mode "
-                             "'official_area'; use 'exact'.")
+            raise InputError(
+                f"reference image {image.shape[1]}*{image.shape[0]} is too small for size_mode "
+                "'official_area'; use 'exact'."
+            )
     elif size_mode != "exact":
         raise InputError(f"size_mode must be one of {', '.join(SIZE_MODES)}, got {size_mode!r}.")
     if min(width, height) < MIN_SIDE:
-        raise InputError(f"size {width}*{height} is too small: both sides must be at least {MIN_SIDE} pixels "
-                         "(the motion context is packed in 8*8-latent patches).")
+        raise InputError(
+            f"size {width}*{height} is too small: both sides must be at least {MIN_SIDE} pixels "
+            "(the motion context is packed in 8*8-latent patches)."
+        )
     return width, height
 
 

@@ -75,15 +75,17 @@ class TransformedJob:
         """The job this one wraps."""
         return self._job
 
-    def frames(self, progress: Callable | None = None, should_stop: Callable[[], bool] | None = None,
-               **options) -> Iterator[FrameChunk]:
+    def frames(
+        self, progress: Callable | None = None, should_stop: Callable[[], bool] | None = None, **options
+    ) -> Iterator[FrameChunk]:
         with self.transform.active():
             for chunk in self._job.frames(progress, should_stop, **options):
                 frames = self.transform.apply(chunk.frames)
                 expected = (chunk.frames.shape[0], self.height, self.width, 3)
                 if tuple(frames.shape) != expected:
-                    raise RuntimeError(f"{self.transform.name} returned frames of shape {tuple(frames.shape)}, "
-                                       f"expected {expected}.")
+                    raise RuntimeError(
+                        f"{self.transform.name} returned frames of shape {tuple(frames.shape)}, expected {expected}."
+                    )
                 yield replace(chunk, frames=frames)
 
 

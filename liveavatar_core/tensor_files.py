@@ -116,7 +116,7 @@ class TensorFile:
     def under(self, prefix: str) -> TensorFile:
         """Only the tensors whose names start with `prefix`, named without it (one network of a
         whole-model file)."""
-        return self.renamed(lambda name: name[len(prefix):] if name.startswith(prefix) else None)
+        return self.renamed(lambda name: name[len(prefix) :] if name.startswith(prefix) else None)
 
     def _handle(self, path: str) -> SafetensorsFile:
         if path not in self._handles:
@@ -134,7 +134,7 @@ def strip_prefix(name: str, prefixes: Iterable[str]) -> str:
     """`name` without the first of `prefixes` it starts with (unchanged when none)."""
     for prefix in prefixes:
         if name.startswith(prefix):
-            return name[len(prefix):]
+            return name[len(prefix) :]
     return name
 
 

@@ -70,12 +70,18 @@ _WAN_BLOCK_NAME = re.compile(r"blocks\.(\d+)\.(.+)")
 # Names that tell other networks apart, for an error that says what the file is.
 _OTHER_NETWORKS = (
     ("a Wan2.1/2.2 VAE", ("encoder.conv1.weight", "decoder.conv1.weight", "conv1.weight")),
-    ("a Wan diffusion model (DiT)", ("patch_embedding.weight", "blocks.0.self_attn.q.weight",
-                                     "model.diffusion_model.patch_embedding.weight")),
-    ("a wav2vec2 audio encoder", ("wav2vec2.feature_extractor.conv_layers.0.conv.weight",
-                                  "feature_extractor.conv_layers.0.conv.weight")),
-    ("a CLIP text/vision encoder", ("text_model.embeddings.token_embedding.weight",
-                                    "vision_model.embeddings.patch_embedding.weight")),
+    (
+        "a Wan diffusion model (DiT)",
+        ("patch_embedding.weight", "blocks.0.self_attn.q.weight", "model.diffusion_model.patch_embedding.weight"),
+    ),
+    (
+        "a wav2vec2 audio encoder",
+        ("wav2vec2.feature_extractor.conv_layers.0.conv.weight", "feature_extractor.conv_layers.0.conv.weight"),
+    ),
+    (
+        "a CLIP text/vision encoder",
+        ("text_model.embeddings.token_embedding.weight", "vision_model.embeddings.patch_embedding.weight"),
+    ),
 )
 
 WRONG_FILE_FIX = (
@@ -107,7 +113,7 @@ def text_encoder_part(tensors: TensorFile) -> TensorFile:
 
     def select(name: str) -> str | None:
         if name.startswith(prefix):
-            return name[len(prefix):]
+            return name[len(prefix) :]
         return TOKENIZER_KEY if name in TOKENIZER_NAMES else None
 
     return tensors.renamed(select)

@@ -18,8 +18,17 @@ import torch
 from .dit.config import MOTION_FRAMES
 
 __all__ = [
-    "BLOCK_FRAMES", "FPS", "MOTION_FRAMES", "TEMPORAL_STRIDE", "VIDEO_START_OFFSET", "clip_features",
-    "clips_for_frames", "frames_for_run", "samples_for_frames", "start_offset_samples", "video_frames",
+    "BLOCK_FRAMES",
+    "FPS",
+    "MOTION_FRAMES",
+    "TEMPORAL_STRIDE",
+    "VIDEO_START_OFFSET",
+    "clip_features",
+    "clips_for_frames",
+    "frames_for_run",
+    "samples_for_frames",
+    "start_offset_samples",
+    "video_frames",
 ]
 
 FPS = 25

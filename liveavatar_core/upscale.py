@@ -44,9 +44,15 @@ class ModelUpscale(FrameTransform):
 
     name = "Stream Upscale"
 
-    def __init__(self, run_tiled: TiledRunner, scale: float, rescale: float = 1.0, device="cpu",
-                 on_device: Callable[[], contextlib.AbstractContextManager] | None = None,
-                 oom_errors: tuple[type[BaseException], ...] | None = None):
+    def __init__(
+        self,
+        run_tiled: TiledRunner,
+        scale: float,
+        rescale: float = 1.0,
+        device="cpu",
+        on_device: Callable[[], contextlib.AbstractContextManager] | None = None,
+        oom_errors: tuple[type[BaseException], ...] | None = None,
+    ):
         if scale <= 0:
             raise InputError(f"the upscale model's scale is {scale}; load an upscale model (Load Upscale Model).")
         if not 0.05 <= rescale <= 8:
@@ -75,8 +81,9 @@ class ModelUpscale(FrameTransform):
         target_w, target_h = self.output_size(width, height)
         if tuple(upscaled.shape[-2:]) != (target_h, target_w):
             # antialias when shrinking, so a 4x model rescaled to 2x does not alias
-            upscaled = F.interpolate(upscaled.float(), size=(target_h, target_w), mode="bicubic",
-                                     align_corners=False, antialias=True)
+            upscaled = F.interpolate(
+                upscaled.float(), size=(target_h, target_w), mode="bicubic", align_corners=False, antialias=True
+            )
         return upscaled.clamp(0, 1).movedim(-3, -1).float().cpu()
 
     def _upscale(self, images: torch.Tensor) -> torch.Tensor:

@@ -257,9 +257,7 @@ class _ConvFlags:
         torch.backends.cudnn.benchmark = self._before
 
 
-def load_vae(
-    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-) -> WanVAE:
+def load_vae(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> WanVAE:
     """
     Loads the Wan2.1 VAE from any of its releases, strictly.
 
@@ -291,9 +289,7 @@ def vae_from_tensors(
 
 def _check_video(video: torch.Tensor) -> None:
     if video.ndim != 5 or video.shape[1] != 3:
-        raise InputError(
-            f"The VAE takes a video as [batch, 3, frames, height, width]; got shape {tuple(video.shape)}."
-        )
+        raise InputError(f"The VAE takes a video as [batch, 3, frames, height, width]; got shape {tuple(video.shape)}.")
     if not video.is_floating_point():
         raise InputError(f"The VAE takes a float video in [-1, 1]; got dtype {video.dtype}.")
     frames, height, width = video.shape[2:]

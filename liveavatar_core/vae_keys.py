@@ -137,8 +137,10 @@ def identify_network(keys: Iterable[str]) -> tuple[str, str] | None:
 
     if any_key(lambda k: "lora_" in k or ".lora." in k):
         return "a LoRA (such as liveavatar.safetensors)", "models/loras (the LiveAvatar LoRA input)"
-    if "token_embedding.weight" in keys or "shared.weight" in keys or any_key(
-        lambda k: k.startswith(("encoder.block.", "text_encoders.")) or ".SelfAttention." in k
+    if (
+        "token_embedding.weight" in keys
+        or "shared.weight" in keys
+        or any_key(lambda k: k.startswith(("encoder.block.", "text_encoders.")) or ".SelfAttention." in k)
     ):
         return "the umT5 text encoder", "models/text_encoders (the text-encoder input)"
     if any_key(lambda k: "patch_embedding" in k or ".self_attn." in k or k.startswith("model.diffusion_model.")):

@@ -218,13 +218,16 @@ class StreamingVideoWriter:
             self._file = open(self.path, "ab")
         except OSError as err:
             self._partial.unlink(missing_ok=True)
-            raise InputError(f"Cannot write {self.path} ({err.strerror}); choose a writable output path "
-                             "with free space.") from None
+            raise InputError(
+                f"Cannot write {self.path} ({err.strerror}); choose a writable output path with free space."
+            ) from None
 
     def _reopen(self, part: WrittenPart) -> None:
         if not self.path.is_file() or self.path.stat().st_size < part.size or part.fragments < 1:
-            raise InputError(f"Cannot continue {self.path}: it is missing or shorter than the {part.size} bytes "
-                             "its run wrote; turn resume off to start a new video.")
+            raise InputError(
+                f"Cannot continue {self.path}: it is missing or shorter than the {part.size} bytes "
+                "its run wrote; turn resume off to start a new video."
+            )
         self._file = open(self.path, "r+b")
         self._file.truncate(part.size)
         self._file.seek(part.size)

@@ -21,9 +21,7 @@ def build_empty(factory: Callable[[], nn.Module]) -> nn.Module:
         return factory()
 
 
-def check_tensor_names(
-    expected: dict[str, tuple[int, ...]], tensors: TensorFile, what: str, fix: str = ""
-) -> None:
+def check_tensor_names(expected: dict[str, tuple[int, ...]], tensors: TensorFile, what: str, fix: str = "") -> None:
     """Raises one CheckpointError listing missing, unexpected and mis-shaped tensors."""
     found = set(tensors.keys())
     missing = sorted(set(expected) - found)

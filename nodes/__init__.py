@@ -7,8 +7,16 @@ from .loader import LoadLiveAvatarModel
 from .postprocess import LiveAvatarStreamFaceRestore, LiveAvatarStreamUpscale
 from .sampler import LiveAvatarSampler
 
-_NODES = (LoadLiveAvatarModel, EncodeAudio, EncodePrompt, LiveAvatarPromptFromConditioning, LiveAvatarSampler,
-          LiveAvatarStreamUpscale, LiveAvatarStreamFaceRestore, OnlineVAEDecode)
+_NODES = (
+    LoadLiveAvatarModel,
+    EncodeAudio,
+    EncodePrompt,
+    LiveAvatarPromptFromConditioning,
+    LiveAvatarSampler,
+    LiveAvatarStreamUpscale,
+    LiveAvatarStreamFaceRestore,
+    OnlineVAEDecode,
+)
 
 NODE_CLASS_MAPPINGS = {node.__name__: node for node in _NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {node.__name__: node.DISPLAY_NAME for node in _NODES}

@@ -128,8 +128,9 @@ class ComfyPlacement:
     def acquire(self, networks: dict, device) -> None:
         import comfy.model_management
 
-        comfy.model_management.load_models_gpu([self.patcher(m, device) for m in networks.values()],
-                                               force_full_load=True)
+        comfy.model_management.load_models_gpu(
+            [self.patcher(m, device) for m in networks.values()], force_full_load=True
+        )
         for module in networks.values():  # under --novram ComfyUI loads no whole module itself
             module.to(device)
 
@@ -180,17 +181,26 @@ def core_vae_weights(vae) -> dict:
     """The state dict of a core VAE (from Load VAE), if it is the Wan 2.1 VAE."""
     from comfy.ldm.wan.vae import WanVAE
 
-    return _core_weights(vae, getattr(vae, "first_stage_model", None), WanVAE, "vae_model: this is not the Wan 2.1 VAE",
-                         "Load wan_2.1_vae.safetensors with Load VAE (the Wan 2.2 VAE does not fit this model).")
+    return _core_weights(
+        vae,
+        getattr(vae, "first_stage_model", None),
+        WanVAE,
+        "vae_model: this is not the Wan 2.1 VAE",
+        "Load wan_2.1_vae.safetensors with Load VAE (the Wan 2.2 VAE does not fit this model).",
+    )
 
 
 def core_audio_encoder_weights(audio_encoder) -> dict:
     """The state dict of a core audio encoder (from Load Audio Encoder), if it is a wav2vec2."""
     from comfy.audio_encoders.wav2vec2 import Wav2Vec2Model
 
-    return _core_weights(audio_encoder, getattr(audio_encoder, "model", None), Wav2Vec2Model,
-                         "audio_encoder_model: this is not a wav2vec2",
-                         "Load wav2vec2_large_english*.safetensors with Load Audio Encoder.")
+    return _core_weights(
+        audio_encoder,
+        getattr(audio_encoder, "model", None),
+        Wav2Vec2Model,
+        "audio_encoder_model: this is not a wav2vec2",
+        "Load wav2vec2_large_english*.safetensors with Load Audio Encoder.",
+    )
 
 
 def _core_weights(holder, model, expected: type, wrong: str, fix: str) -> dict:
@@ -238,8 +248,9 @@ class NodeProgress:
         self.preview = ("JPEG", Image.fromarray(last), self.PREVIEW_SIZE)
 
 
-def new_output_file(prefix: str, width: int, height: int, extension: str,
-                    default_prefix: str = "LiveAvatar/avatar") -> tuple[Path, str, str]:
+def new_output_file(
+    prefix: str, width: int, height: int, extension: str, default_prefix: str = "LiveAvatar/avatar"
+) -> tuple[Path, str, str]:
     """A fresh file name in ComfyUI's output folder: (path, file name, subfolder). The prefix is
     checked first (see `output_names`); the file itself is made by the writer."""
     import folder_paths
@@ -255,8 +266,9 @@ def new_output_file(prefix: str, width: int, height: int, extension: str,
     return Path(folder) / file, file, subfolder
 
 
-def output_folder(prefix: str, width: int, height: int,
-                  default_prefix: str = "LiveAvatar/avatar") -> tuple[Path, str, str]:
+def output_folder(
+    prefix: str, width: int, height: int, default_prefix: str = "LiveAvatar/avatar"
+) -> tuple[Path, str, str]:
     """Where `new_output_file` puts files of this prefix: (folder, file name stem, subfolder)."""
     import folder_paths
 
@@ -278,8 +290,11 @@ def show_output_on_node(ui: dict) -> None:
         server = PromptServer.instance
         node = server.last_node_id
         if server.client_id is not None and node is not None:
-            server.send_sync("executed", {"node": node, "display_node": node, "output": ui,
-                                          "prompt_id": server.last_prompt_id}, server.client_id)
+            server.send_sync(
+                "executed",
+                {"node": node, "display_node": node, "output": ui, "prompt_id": server.last_prompt_id},
+                server.client_id,
+            )
     except Exception:  # showing is a courtesy: the node's own error matters more
         pass
 

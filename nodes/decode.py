@@ -44,33 +44,51 @@ class OnlineVAEDecode:
         return {
             "required": {
                 "video_stream": (VIDEO_STREAM, {"tooltip": "From LiveAvatar Sampler."}),
-                "output": (list(OUTPUT_MODES), {
-                    "default": "mp4",
-                    "tooltip": "mp4: stream to a file in the output folder (any length). frames: keep every "
-                               "frame in RAM (about 3 MB per 688*368 frame: fine for a few clips, not for "
-                               "hundreds). mp4 + frames: both."}),
-                "filename_prefix": ("STRING", {
-                    "default": "LiveAvatar/avatar", "tooltip": "Where in the output folder the mp4 goes."}),
-                "crf": ("INT", {
-                    "default": 19, "min": 0, "max": 51,
-                    "tooltip": "H.264 quality: lower is better and bigger; 17-23 is the usual range."}),
+                "output": (
+                    list(OUTPUT_MODES),
+                    {
+                        "default": "mp4",
+                        "tooltip": "mp4: stream to a file in the output folder (any length). frames: keep every "
+                        "frame in RAM (about 3 MB per 688*368 frame: fine for a few clips, not for "
+                        "hundreds). mp4 + frames: both.",
+                    },
+                ),
+                "filename_prefix": (
+                    "STRING",
+                    {"default": "LiveAvatar/avatar", "tooltip": "Where in the output folder the mp4 goes."},
+                ),
+                "crf": (
+                    "INT",
+                    {
+                        "default": 19,
+                        "min": 0,
+                        "max": 51,
+                        "tooltip": "H.264 quality: lower is better and bigger; 17-23 is the usual range.",
+                    },
+                ),
             },
             # Optional, so API prompts written before it existed still run.
             "optional": {
-                "resume": ("BOOLEAN", {
-                    "default": False,
-                    "tooltip": "Continue the unfinished mp4 of an earlier run with the same inputs (one that "
-                               "crashed, was killed or cancelled) after its last finished clip, appending to "
-                               "it; with none, a new video starts. Changed inputs are refused, naming what "
-                               "differs. 'mp4' output, gpus 1, official-multi-gpu semantics."}),
+                "resume": (
+                    "BOOLEAN",
+                    {
+                        "default": False,
+                        "tooltip": "Continue the unfinished mp4 of an earlier run with the same inputs (one that "
+                        "crashed, was killed or cancelled) after its last finished clip, appending to "
+                        "it; with none, a new video starts. Changed inputs are refused, naming what "
+                        "differs. 'mp4' output, gpus 1, official-multi-gpu semantics.",
+                    },
+                ),
             },
         }
 
     def decode(self, video_stream, output, filename_prefix, crf, resume=False):
         job = video_stream
         if resume and output != "mp4":
-            raise InputError(f"resume continues an mp4, but output is {output!r}: set output to 'mp4', or turn "
-                             "resume off (the frames of the clips made before are not in memory).")
+            raise InputError(
+                f"resume continues an mp4, but output is {output!r}: set output to 'mp4', or turn "
+                "resume off (the frames of the clips made before are not in memory)."
+            )
         mp4 = file = subfolder = point = None
         if resume:
             check_resumable(job)
@@ -87,9 +105,16 @@ class OnlineVAEDecode:
         saved = {"filename": file, "subfolder": subfolder, "type": "output"}
         try:
             with self._live_view(mp4, job):
-                result = render(job, mp4, keep_frames=output != "mp4", progress=progress.on_step,
-                                should_stop=comfy_bridge.cancel_requested, on_frames=progress.on_frames, crf=crf,
-                                resume=point is not None)
+                result = render(
+                    job,
+                    mp4,
+                    keep_frames=output != "mp4",
+                    progress=progress.on_step,
+                    should_stop=comfy_bridge.cancel_requested,
+                    on_frames=progress.on_frames,
+                    crf=crf,
+                    resume=point is not None,
+                )
         except GenerationCancelled:
             self._show_kept(mp4, saved)
             raise comfy_bridge.interrupted_error() from None
@@ -98,8 +123,10 @@ class OnlineVAEDecode:
                 raise
             # The same error, naming the playable file with every clip finished before it.
             raise type(err)(f"{err} The clips made before it are kept in {mp4}.") from None
-        audio = {"waveform": job.rendered_audio(result.frames_written)[None].contiguous(),
-                 "sample_rate": job.audio.sample_rate}
+        audio = {
+            "waveform": job.rendered_audio(result.frames_written)[None].contiguous(),
+            "sample_rate": job.audio.sample_rate,
+        }
         if mp4 is None:
             video = comfy_bridge.video_from_frames(result.frames, audio, FPS)
         else:

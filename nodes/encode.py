@@ -36,17 +36,28 @@ class EncodeAudio:
             "required": {
                 "model": MODEL_INPUT,
                 "audio": ("AUDIO", {"tooltip": "Any sample rate, mono or stereo, any length (from Load Audio)."}),
-                "infer_frames": ("INT", {
-                    "default": 48, "min": 4, "max": 480, "step": 4,
-                    "tooltip": "Frames per clip, as set on the sampler; only used for num_clip."}),
+                "infer_frames": (
+                    "INT",
+                    {
+                        "default": 48,
+                        "min": 4,
+                        "max": 480,
+                        "step": 4,
+                        "tooltip": "Frames per clip, as set on the sampler; only used for num_clip.",
+                    },
+                ),
             },
             "optional": {
-                "audio_encoder_output": ("AUDIO_ENCODER_OUTPUT", {
-                    "tooltip": "Optional: core Audio Encoder Encode's output for this same audio (wav2vec2-large "
-                               "english from core Load Audio Encoder). It holds all 25 hidden states the model "
-                               "reads, so it is used instead of running the loader's audio encoder. Identical "
-                               "features for 16 kHz audio; at other rates ComfyUI resamples with torchaudio's "
-                               "filter, not the official soxr_hq, so the features differ slightly (see README)."}),
+                "audio_encoder_output": (
+                    "AUDIO_ENCODER_OUTPUT",
+                    {
+                        "tooltip": "Optional: core Audio Encoder Encode's output for this same audio (wav2vec2-large "
+                        "english from core Load Audio Encoder). It holds all 25 hidden states the model "
+                        "reads, so it is used instead of running the loader's audio encoder. Identical "
+                        "features for 16 kHz audio; at other rates ComfyUI resamples with torchaudio's "
+                        "filter, not the official soxr_hq, so the features differ slightly (see README)."
+                    },
+                ),
             },
         }
 
@@ -82,13 +93,23 @@ class EncodePrompt(_PromptNode):
         return {
             "required": {
                 "model": MODEL_INPUT,
-                "prompt": ("STRING", {
-                    "multiline": True, "default": DEFAULT_PROMPT,
-                    "tooltip": "Describe the speaker, their expression and the scene; up to 512 tokens."}),
-                "negative_prompt": ("STRING", {
-                    "multiline": True, "default": "",
-                    "tooltip": "What to avoid; only used when sample_guide_scale > 0. Empty = Wan2.2's default "
-                               "negative prompt."}),
+                "prompt": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "default": DEFAULT_PROMPT,
+                        "tooltip": "Describe the speaker, their expression and the scene; up to 512 tokens.",
+                    },
+                ),
+                "negative_prompt": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "default": "",
+                        "tooltip": "What to avoid; only used when sample_guide_scale > 0. Empty = Wan2.2's default "
+                        "negative prompt.",
+                    },
+                ),
             }
         }
 
@@ -115,21 +136,32 @@ class LiveAvatarPromptFromConditioning(_PromptNode):
         return {
             "required": {
                 "model": MODEL_INPUT,
-                "positive": ("CONDITIONING", {
-                    "tooltip": "From CLIP Text Encode with a umT5 CLIP (Load CLIP, type wan). Core's encoder reads "
-                               "'(word:1.2)' as a weight and skips the official prompt clean-up (Unicode repair, "
-                               "whitespace runs), so for the official result write plain text; at most 512 tokens."}),
+                "positive": (
+                    "CONDITIONING",
+                    {
+                        "tooltip": "From CLIP Text Encode with a umT5 CLIP (Load CLIP, type wan). Core's encoder reads "
+                        "'(word:1.2)' as a weight and skips the official prompt clean-up (Unicode repair, "
+                        "whitespace runs), so for the official result write plain text; at most 512 tokens."
+                    },
+                ),
             },
             "optional": {
-                "negative": ("CONDITIONING", {
-                    "tooltip": "The negative prompt, encoded the same way; only needed when sample_guide_scale > 0."}),
+                "negative": (
+                    "CONDITIONING",
+                    {"tooltip": "The negative prompt, encoded the same way; only needed when sample_guide_scale > 0."},
+                ),
             },
         }
 
     def convert(self, model, positive, negative=None):
         width = model.dit.config.text_dim
-        return (prompt_from_contexts(_one_embedding(positive, "positive"),
-                                     None if negative is None else _one_embedding(negative, "negative"), width),)
+        return (
+            prompt_from_contexts(
+                _one_embedding(positive, "positive"),
+                None if negative is None else _one_embedding(negative, "negative"),
+                width,
+            ),
+        )
 
 
 def _one_embedding(conditioning, name: str):
@@ -137,8 +169,10 @@ def _one_embedding(conditioning, name: str):
     if not isinstance(conditioning, list) or not conditioning or not isinstance(conditioning[0], (list, tuple)):
         raise InputError(f"{name}: connect a CONDITIONING output (CLIP Text Encode).")
     if len(conditioning) != 1:
-        raise InputError(f"{name}: holds {len(conditioning)} combined prompts; LiveAvatar takes one. Connect "
-                         "CLIP Text Encode directly (no Conditioning Combine).")
+        raise InputError(
+            f"{name}: holds {len(conditioning)} combined prompts; LiveAvatar takes one. Connect "
+            "CLIP Text Encode directly (no Conditioning Combine)."
+        )
     return conditioning[0][0]
 
 
@@ -146,5 +180,10 @@ def _from_core_features(model, audio: dict, output):
     if not isinstance(output, dict) or "encoded_audio_all_layers" not in output:
         raise InputError("audio_encoder_output: connect core Audio Encoder Encode's output.")
     config = model.dit.config
-    return encoded_audio_from_hidden_states(output["encoded_audio_all_layers"], audio["waveform"],
-                                            int(audio["sample_rate"]), config.num_audio_layers, config.audio_dim)
+    return encoded_audio_from_hidden_states(
+        output["encoded_audio_all_layers"],
+        audio["waveform"],
+        int(audio["sample_rate"]),
+        config.num_audio_layers,
+        config.audio_dim,
+    )

@@ -1,10 +1,10 @@
 """The live view's HTTP routes on ComfyUI's own server (`PromptServer.instance.routes`).
 
-    /liveavatar/live                     the renders that can be watched (JSON, newest first)
-    /liveavatar/live/<id>/               a page that plays one while it renders (<id> or 'latest')
-    /liveavatar/live/<id>/index.m3u8     its HLS playlist, for VLC, ffplay, Safari
-    /liveavatar/live/<id>/segments.json  its header and whole clips, for the page's player
-    /liveavatar/live/<id>/video.mp4      the mp4 being written (byte ranges)
+/liveavatar/live                     the renders that can be watched (JSON, newest first)
+/liveavatar/live/<id>/               a page that plays one while it renders (<id> or 'latest')
+/liveavatar/live/<id>/index.m3u8     its HLS playlist, for VLC, ffplay, Safari
+/liveavatar/live/<id>/segments.json  its header and whole clips, for the page's player
+/liveavatar/live/<id>/video.mp4      the mp4 being written (byte ranges)
 """
 
 from __future__ import annotations
@@ -54,8 +54,11 @@ def add_routes() -> bool:
     @routes.get(PREFIX + "/{run}/index.m3u8")
     async def playlist(request):
         run = run_or_404(request)
-        return web.Response(text=hls_playlist(run, f"{PREFIX}/{run.id}/video.mp4"),
-                            content_type="application/vnd.apple.mpegurl", headers=NO_STORE)
+        return web.Response(
+            text=hls_playlist(run, f"{PREFIX}/{run.id}/video.mp4"),
+            content_type="application/vnd.apple.mpegurl",
+            headers=NO_STORE,
+        )
 
     @routes.get(PREFIX + "/{run}/segments.json")
     async def segments(request):

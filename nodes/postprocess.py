@@ -53,7 +53,9 @@ def _check_image_model(model, input_name: str) -> None:
     from liveavatar_core.errors import InputError
 
     if not callable(model) or not hasattr(model, "scale"):
-        raise InputError(f"{input_name} is not an image model: load it with Load Upscale Model (models/upscale_models).")
+        raise InputError(
+            f"{input_name} is not an image model: load it with Load Upscale Model (models/upscale_models)."
+        )
     if getattr(model, "input_channels", 3) != 3 or getattr(model, "output_channels", 3) != 3:
         raise InputError(f"{input_name} works on {model.input_channels}-channel images; pick an RGB model.")
 
@@ -77,10 +79,17 @@ class LiveAvatarStreamUpscale:
             "required": {
                 "video_stream": STREAM_INPUT,
                 "upscale_model": ("UPSCALE_MODEL", {"tooltip": "From Load Upscale Model."}),
-                "rescale_factor": ("FLOAT", {
-                    "default": 1.0, "min": 0.05, "max": 8.0, "step": 0.05,
-                    "tooltip": "Resize after the model: 1.0 keeps its size, 0.5 makes a 4x model 2x. Sides are "
-                               "rounded to even numbers (H.264 needs them)."}),
+                "rescale_factor": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": 0.05,
+                        "max": 8.0,
+                        "step": 0.05,
+                        "tooltip": "Resize after the model: 1.0 keeps its size, 0.5 makes a 4x model 2x. Sides are "
+                        "rounded to even numbers (H.264 needs them).",
+                    },
+                ),
             }
         }
 
@@ -92,12 +101,23 @@ class LiveAvatarStreamUpscale:
         device = _device()
 
         def run_tiled(images, tile, overlap):
-            return comfy.utils.tiled_scale(images, lambda a: upscale_model(a), tile_x=tile, tile_y=tile,
-                                           overlap=overlap, upscale_amount=upscale_model.scale)
+            return comfy.utils.tiled_scale(
+                images,
+                lambda a: upscale_model(a),
+                tile_x=tile,
+                tile_y=tile,
+                overlap=overlap,
+                upscale_amount=upscale_model.scale,
+            )
 
-        transform = ModelUpscale(run_tiled, upscale_model.scale, rescale_factor, device=device,
-                                 on_device=_held_on(upscale_model, device),
-                                 oom_errors=(comfy.model_management.OOM_EXCEPTION,))
+        transform = ModelUpscale(
+            run_tiled,
+            upscale_model.scale,
+            rescale_factor,
+            device=device,
+            on_device=_held_on(upscale_model, device),
+            oom_errors=(comfy.model_management.OOM_EXCEPTION,),
+        )
         transform.model_identity = _identity(upscale_model)
         return (TransformedJob(video_stream, transform),)
 
@@ -122,14 +142,28 @@ class LiveAvatarStreamFaceRestore:
             "required": {
                 "video_stream": STREAM_INPUT,
                 "face_model": ("UPSCALE_MODEL", {"tooltip": "A face model from Load Upscale Model (e.g. GFPGANv1.4)."}),
-                "center_x": ("FLOAT", {"default": 0.5, **fraction,
-                                       "tooltip": "The face's centre, as a fraction of the width."}),
-                "center_y": ("FLOAT", {"default": 0.4, **fraction,
-                                       "tooltip": "The face's centre, as a fraction of the height."}),
-                "face_size": ("FLOAT", {"default": 0.6, "min": 0.05, "max": 1.0, "step": 0.01,
-                                        "tooltip": "The face square's side, as a fraction of the shorter side."}),
-                "strength": ("FLOAT", {"default": 1.0, **fraction,
-                                       "tooltip": "1 = the restored face, 0.5 = half-way, 0 = untouched."}),
+                "center_x": (
+                    "FLOAT",
+                    {"default": 0.5, **fraction, "tooltip": "The face's centre, as a fraction of the width."},
+                ),
+                "center_y": (
+                    "FLOAT",
+                    {"default": 0.4, **fraction, "tooltip": "The face's centre, as a fraction of the height."},
+                ),
+                "face_size": (
+                    "FLOAT",
+                    {
+                        "default": 0.6,
+                        "min": 0.05,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "The face square's side, as a fraction of the shorter side.",
+                    },
+                ),
+                "strength": (
+                    "FLOAT",
+                    {"default": 1.0, **fraction, "tooltip": "1 = the restored face, 0.5 = half-way, 0 = untouched."},
+                ),
             }
         }
 
@@ -141,8 +175,13 @@ class LiveAvatarStreamFaceRestore:
         input_size = None
         if getattr(face_model, "purpose", None) == "FaceSR":
             input_size = max(512, getattr(getattr(face_model, "size_requirements", None), "minimum", 0) or 0)
-        transform = FaceRestore(lambda faces: face_model(faces), FaceRegion(center_x, center_y, face_size),
-                                input_size=input_size, strength=strength, device=device,
-                                on_device=_held_on(face_model, device))
+        transform = FaceRestore(
+            lambda faces: face_model(faces),
+            FaceRegion(center_x, center_y, face_size),
+            input_size=input_size,
+            strength=strength,
+            device=device,
+            on_device=_held_on(face_model, device),
+        )
         transform.model_identity = _identity(face_model)
         return (TransformedJob(video_stream, transform),)

@@ -66,9 +66,19 @@ class ComfyUIServer:
     def start(self, timeout: float = 180) -> ComfyUIServer:
         if not (COMFYUI_DIR / "main.py").exists():
             raise RuntimeError(f"ComfyUI not found at {COMFYUI_DIR}; run scripts/setup_env.sh first.")
-        command = [sys.executable, str(COMFYUI_DIR / "main.py"), "--listen", "127.0.0.1", "--port", str(self.port),
-                   "--disable-auto-launch", "--base-directory", str(self.base),
-                   "--database-url", f"sqlite:///{self.base / 'user' / 'comfyui.db'}"]
+        command = [
+            sys.executable,
+            str(COMFYUI_DIR / "main.py"),
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--disable-auto-launch",
+            "--base-directory",
+            str(self.base),
+            "--database-url",
+            f"sqlite:///{self.base / 'user' / 'comfyui.db'}",
+        ]
         if self.cpu:
             command.append("--cpu")
         self._log = open(self.log_path, "ab")

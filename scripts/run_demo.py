@@ -24,8 +24,13 @@ from comfyui_client import ComfyUIServer, copy_example_media  # noqa: E402
 
 from liveavatar_core.default_models import DEFAULT_FILES, has_default_models, write_default_models  # noqa: E402
 
-LOADER_WIDGETS = {"diffusion_models": "diffusion_model", "loras": "lora", "text_encoders": "text_encoder",
-                  "vae": "vae", "audio_encoders": "audio_encoder"}
+LOADER_WIDGETS = {
+    "diffusion_models": "diffusion_model",
+    "loras": "lora",
+    "text_encoders": "text_encoder",
+    "vae": "vae",
+    "audio_encoders": "audio_encoder",
+}
 
 
 def main() -> None:
@@ -63,8 +68,10 @@ def main() -> None:
         print()
         if not execution.ok:
             error = execution.error()
-            sys.exit(f"the workflow failed: {error.get('exception_type')}: {error.get('exception_message')}\n"
-                     f"(ComfyUI's log: {server.log_path})")
+            sys.exit(
+                f"the workflow failed: {error.get('exception_type')}: {error.get('exception_message')}\n"
+                f"(ComfyUI's log: {server.log_path})"
+            )
         decode_id = next(k for k, v in prompt.items() if v["class_type"] == "OnlineVAEDecode")
         saved = execution.outputs(decode_id)["images"][0]
         mp4 = base / "output" / saved["subfolder"] / saved["filename"]

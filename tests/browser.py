@@ -17,8 +17,14 @@ import urllib.request
 from pathlib import Path
 
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
     "--window-size=1600,1000",
 ]
 
@@ -31,9 +37,15 @@ class Browser:
     def __init__(self, executable: str, port: int):
         self.profile = tempfile.mkdtemp(prefix="chromium-profile-")
         self.process = subprocess.Popen(
-            [executable, *CHROMIUM_FLAGS, f"--remote-debugging-port={port}", f"--user-data-dir={self.profile}",
-             "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                executable,
+                *CHROMIUM_FLAGS,
+                f"--remote-debugging-port={port}",
+                f"--user-data-dir={self.profile}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         self.port = port
         self._ids = itertools.count(1)
@@ -52,7 +64,9 @@ class Browser:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/json", timeout=5) as response:
                     pages = [t for t in json.loads(response.read()) if t.get("type") == "page"]
                 if pages:
-                    return websocket.create_connection(pages[0]["webSocketDebuggerUrl"], timeout=60, suppress_origin=True)
+                    return websocket.create_connection(
+                        pages[0]["webSocketDebuggerUrl"], timeout=60, suppress_origin=True
+                    )
             except OSError:
                 pass
             if time.monotonic() > deadline:

@@ -75,14 +75,24 @@ def default_models(default_model_files):
     from liveavatar_core.models import ModelFiles, load_models
 
     paths = default_model_files
-    files = ModelFiles(dit=paths["diffusion_models"], text_encoder=paths["text_encoders"], vae=paths["vae"],
-                       audio_encoder=paths["audio_encoders"], lora=paths["loras"])
+    files = ModelFiles(
+        dit=paths["diffusion_models"],
+        text_encoder=paths["text_encoders"],
+        vae=paths["vae"],
+        audio_encoder=paths["audio_encoders"],
+        lora=paths["loras"],
+    )
     return load_models(files, dtype="fp32")
 
 
 # The loader widget that picks each model folder's file, and the tiny upscaler the servers hold.
-WIDGET_FOR_FOLDER = {"diffusion_models": "diffusion_model", "loras": "lora", "text_encoders": "text_encoder",
-                     "vae": "vae", "audio_encoders": "audio_encoder"}
+WIDGET_FOR_FOLDER = {
+    "diffusion_models": "diffusion_model",
+    "loras": "lora",
+    "text_encoders": "text_encoder",
+    "vae": "vae",
+    "audio_encoders": "audio_encoder",
+}
 TINY_UPSCALER = "tiny_2x.safetensors"  # a 2x ESRGAN with random weights, for the Long + upscale preset
 
 

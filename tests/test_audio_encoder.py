@@ -81,7 +81,10 @@ def comfy_reference(comfyui, tmp_path_factory):
 
     comfy_model = randomize(
         ComfyWav2Vec2(
-            embed_dim=SMALL_HIDDEN, num_heads=SMALL_HEADS, num_layers=SMALL_LAYERS, do_normalize=False,
+            embed_dim=SMALL_HIDDEN,
+            num_heads=SMALL_HEADS,
+            num_layers=SMALL_LAYERS,
+            do_normalize=False,
             operations=comfy.ops.disable_weight_init,
         )
     ).eval()
@@ -151,9 +154,18 @@ def test_comfyui_full_size_layout_gives_wav2vec2_large(comfyui):
 def small_ctc_config() -> Wav2Vec2Config:
     """wav2vec2-large-xlsr-53-english's settings at a small size."""
     return Wav2Vec2Config(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-        conv_dim=(32,) * 7, conv_bias=True, feat_extract_norm="layer", do_stable_layer_norm=True,
-        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, vocab_size=33, mask_time_prob=0.05,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        conv_dim=(32,) * 7,
+        conv_bias=True,
+        feat_extract_norm="layer",
+        do_stable_layer_norm=True,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+        vocab_size=33,
+        mask_time_prob=0.05,
     )
 
 

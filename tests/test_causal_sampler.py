@@ -36,13 +36,22 @@ def test_one_block_without_cache_equals_plain_s2v_forward(model, golden):
     ref, motion = golden["ref"][None], golden["motion"][None]
     sampler.start(ref, motion, golden["context"])
     branch = sampler._branches[0]
-    causal = dit.denoise_block(golden["x"][None], 700.0, 0, branch.context, golden["audio"], branch.caches[0], branch.sink, 4)
+    causal = dit.denoise_block(
+        golden["x"][None], 700.0, 0, branch.context, golden["audio"], branch.caches[0], branch.sink, 4
+    )
 
     video_tokens = 3 * 16
     total = video_tokens + branch.sink.positions.shape[0]
     mask = sink_only_mask(video_tokens, total)
-    plain = model(golden["x"][None], golden["t"], [golden["context"]], ref, motion, golden["audio"],
-                  kv_hook=lambda layer: (lambda raw_k, k, v: (k, v, mask)))
+    plain = model(
+        golden["x"][None],
+        golden["t"],
+        [golden["context"]],
+        ref,
+        motion,
+        golden["audio"],
+        kv_hook=lambda layer: lambda raw_k, k, v: (k, v, mask),
+    )
     error = relative_error(causal, plain)
     print(f"\ncausal single block vs plain S2V forward (sink-only mask): relative error {error:.3e}")
     assert error <= TOLERANCE
@@ -59,8 +68,18 @@ class Recorder:
 
         def record(latents, timestep, first_frame, context, audio, cache, sink, distance, cond=None):
             out = original(latents, timestep, first_frame, context, audio, cache, sink, distance, cond)
-            self.calls.append(dict(latents=latents, t=timestep, first=first_frame, audio=audio, out=out,
-                                   distance=distance, sink=sink, context=context))
+            self.calls.append(
+                dict(
+                    latents=latents,
+                    t=timestep,
+                    first=first_frame,
+                    audio=audio,
+                    out=out,
+                    distance=distance,
+                    sink=sink,
+                    context=context,
+                )
+            )
             return out
 
         dit.denoise_block = record
@@ -88,17 +107,25 @@ def recompute_without_cache(model, calls, window_frames, ref, motion):
         f = c["latents"].shape[2]
         end = start + f
         lo = max(0, end - window_frames)
-        mask[start * per_frame:end * per_frame, lo * per_frame:end * per_frame] = True
+        mask[start * per_frame : end * per_frame, lo * per_frame : end * per_frame] = True
         start = end
     glob, local = zip(*(model.embed_audio(c["audio"]) for c in calls))
     audio = torch.cat(glob, dim=1), torch.cat(local, dim=1)
     head_emb, modulation = model.embed_time(torch.tensor([first["t"], 0.0]))
     modulation = torch.stack([modulation[:1], modulation[1:]], dim=1)
-    out = model.run_blocks(x, modulation, [video_tokens, total - video_tokens], rope, first["context"], audio,
-                           video_tokens, lambda layer: (lambda raw_k, k, v: (k, v, mask)))
+    out = model.run_blocks(
+        x,
+        modulation,
+        [video_tokens, total - video_tokens],
+        rope,
+        first["context"],
+        audio,
+        video_tokens,
+        lambda layer: lambda raw_k, k, v: (k, v, mask),
+    )
     out = model.head(out[:, :video_tokens], head_emb[:1, None], [video_tokens])
     velocity = model.unpatchify(out.float(), frames, height, width)
-    return velocity[:, :, -calls[-1]["latents"].shape[2]:]
+    return velocity[:, :, -calls[-1]["latents"].shape[2] :]
 
 
 @pytest.mark.slow
@@ -115,7 +142,7 @@ def test_kv_cached_blocks_equal_full_causal_recomputation(model, golden, infer_f
     sampler.start(ref, motion, golden["context"])
     audio = torch.randn(1, 25, 32, infer_frames * clips, generator=torch.Generator().manual_seed(0))
     for clip in range(clips):
-        clip_audio = audio[..., clip * infer_frames:(clip + 1) * infer_frames]
+        clip_audio = audio[..., clip * infer_frames : (clip + 1) * infer_frames]
         for _ in sampler.generate_clip(clip, clip_audio):
             pass
     worst = 0.0
@@ -128,8 +155,9 @@ def test_kv_cached_blocks_equal_full_causal_recomputation(model, golden, infer_f
     assert worst <= TOLERANCE
 
 
-def run_clips(model, golden, clips=2, kv_cache="device", sink_in_place=True, kv_fp8=False, sampler_out=None,
-              **overrides):
+def run_clips(
+    model, golden, clips=2, kv_cache="device", sink_in_place=True, kv_fp8=False, sampler_out=None, **overrides
+):
     settings = SamplerSettings(**{"infer_frames": 12, "sample_steps": 2, "seed": 7} | overrides)
     sampler = CausalSampler(CausalDiT(model, sink_in_place=sink_in_place, kv_fp8=kv_fp8), settings, kv_cache=kv_cache)
     if sampler_out is not None:
@@ -140,7 +168,7 @@ def run_clips(model, golden, clips=2, kv_cache="device", sink_in_place=True, kv_
     audio = torch.randn(1, 25, 32, frames * clips, generator=torch.Generator().manual_seed(1))
     out = []
     for clip in range(clips):
-        out += [x for _, x in sampler.generate_clip(clip, audio[..., clip * frames:(clip + 1) * frames])]
+        out += [x for _, x in sampler.generate_clip(clip, audio[..., clip * frames : (clip + 1) * frames])]
     return torch.cat(out, dim=2)
 
 

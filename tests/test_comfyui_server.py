@@ -24,11 +24,33 @@ from liveavatar_core.video_writer import read_video_info
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-OUR_NODES = ("LoadLiveAvatarModel", "EncodeAudio", "EncodePrompt", "LiveAvatarPromptFromConditioning",
-             "LiveAvatarSampler", "LiveAvatarStreamUpscale", "LiveAvatarStreamFaceRestore", "OnlineVAEDecode")
-SOCKET_TYPES = {"LIVEAVATAR_MODEL", "LIVEAVATAR_AUDIO", "LIVEAVATAR_PROMPT", "LIVEAVATAR_VIDEO_STREAM", "IMAGE",
-                "AUDIO", "MASK", "VIDEO", "LATENT", "UPSCALE_MODEL", "CONDITIONING", "CLIP", "VAE", "AUDIO_ENCODER",
-                "AUDIO_ENCODER_OUTPUT"}
+OUR_NODES = (
+    "LoadLiveAvatarModel",
+    "EncodeAudio",
+    "EncodePrompt",
+    "LiveAvatarPromptFromConditioning",
+    "LiveAvatarSampler",
+    "LiveAvatarStreamUpscale",
+    "LiveAvatarStreamFaceRestore",
+    "OnlineVAEDecode",
+)
+SOCKET_TYPES = {
+    "LIVEAVATAR_MODEL",
+    "LIVEAVATAR_AUDIO",
+    "LIVEAVATAR_PROMPT",
+    "LIVEAVATAR_VIDEO_STREAM",
+    "IMAGE",
+    "AUDIO",
+    "MASK",
+    "VIDEO",
+    "LATENT",
+    "UPSCALE_MODEL",
+    "CONDITIONING",
+    "CLIP",
+    "VAE",
+    "AUDIO_ENCODER",
+    "AUDIO_ENCODER_OUTPUT",
+}
 SPEECH_SECONDS_FRAMES = 100  # the example speech is 4 s = 100 frames at 25 fps
 
 
@@ -61,7 +83,9 @@ def tiny_core_loaders(prompt: dict) -> dict:
     del loader["audio_encoder_model"], prompt[ids["EncodeAudio"]]["inputs"]["audio_encoder_output"]
     text = prompt[ids["CLIPTextEncode"]]["inputs"]["text"]
     prompt[ids["LiveAvatarPromptFromConditioning"]] = {
-        "class_type": "EncodePrompt", "inputs": {"model": loader_link(ids), "prompt": text, "negative_prompt": ""}}
+        "class_type": "EncodePrompt",
+        "inputs": {"model": loader_link(ids), "prompt": text, "negative_prompt": ""},
+    }
     for core in ("CLIPLoader", "CLIPTextEncode", "AudioEncoderLoader", "AudioEncoderEncode"):
         del prompt[ids[core]]
     return prompt
@@ -147,7 +171,11 @@ def test_each_workflow_note_states_its_own_settings():
         for minutes, secs in re.findall(r"about (?:(\d+) min)? ?(?:(\d+(?:\.\d+)?) s)?", note):
             if minutes or secs:
                 stated = int(minutes or 0) * 60 + float(secs or 0)
-                assert abs(stated - seconds) < 60 if not secs else abs(stated - seconds) < 1, (preset.name, stated, seconds)
+                assert abs(stated - seconds) < 60 if not secs else abs(stated - seconds) < 1, (
+                    preset.name,
+                    stated,
+                    seconds,
+                )
         assert f"({widgets['semantics']} here" in note, preset.name
 
 
@@ -210,7 +238,9 @@ def test_gpus_2_runs_in_worker_processes_and_makes_the_same_video(server):
         execution = server.run(prompt)
         assert execution.ok, execution.error()
         lengths[gpus] = read_video_info(output_file(server, execution, "7"))["frames"]
-        last = [m["data"] for m in execution.messages if m.get("type") == "progress" and m["data"].get("node") == "7"][-1]
+        last = [m["data"] for m in execution.messages if m.get("type") == "progress" and m["data"].get("node") == "7"][
+            -1
+        ]
         assert last["value"] == last["max"], f"gpus={gpus}: the progress bar did not end full"
     assert lengths[2] == lengths[1] == 2 * 32 - 3
 
@@ -218,11 +248,15 @@ def test_gpus_2_runs_in_worker_processes_and_makes_the_same_video(server):
 def test_frames_chain_through_core_image_and_video_nodes(server):
     prompt = api_workflow("liveavatar_preview", num_clip=1)
     node_of(prompt, "OnlineVAEDecode")["inputs"]["output"] = "frames"
-    prompt["20"] = {"class_type": "ImageScaleBy", "inputs": {"image": ["7", 0], "upscale_method": "bilinear",
-                                                             "scale_by": 1.5}}
+    prompt["20"] = {
+        "class_type": "ImageScaleBy",
+        "inputs": {"image": ["7", 0], "upscale_method": "bilinear", "scale_by": 1.5},
+    }
     prompt["21"] = {"class_type": "CreateVideo", "inputs": {"images": ["20", 0], "fps": 25.0, "audio": ["7", 1]}}
-    prompt["22"] = {"class_type": "SaveVideo", "inputs": {"video": ["21", 0], "filename_prefix": "chained/avatar",
-                                                          "format": "mp4", "codec": "h264"}}
+    prompt["22"] = {
+        "class_type": "SaveVideo",
+        "inputs": {"video": ["21", 0], "filename_prefix": "chained/avatar", "format": "mp4", "codec": "h264"},
+    }
     execution = server.run(prompt)
     assert execution.ok, execution.error()
     info = read_video_info(output_file(server, execution, "22"))
@@ -289,10 +323,16 @@ def test_resume_continues_an_interrupted_run_in_the_same_mp4(server):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda p, s: node_of(p, "LoadLiveAvatarModel")["inputs"].update(diffusion_model="missing_model.safetensors"),
-         "missing_model.safetensors"),
-        (lambda p, s: node_of(p, "LoadLiveAvatarModel")["inputs"].update(diffusion_model=DEFAULT_FILES["vae"]),
-         "diffusion"),
+        (
+            lambda p, s: node_of(p, "LoadLiveAvatarModel")["inputs"].update(
+                diffusion_model="missing_model.safetensors"
+            ),
+            "missing_model.safetensors",
+        ),
+        (
+            lambda p, s: node_of(p, "LoadLiveAvatarModel")["inputs"].update(diffusion_model=DEFAULT_FILES["vae"]),
+            "diffusion",
+        ),
         (lambda p, s: node_of(p, "LoadAudio")["inputs"].update(audio=s("silent.wav", np.zeros(16000))), "silent"),
         (lambda p, s: node_of(p, "LoadAudio")["inputs"].update(audio=s("empty.wav", np.zeros(0))), "audio"),
         (lambda p, s: node_of(p, "LiveAvatarSampler")["inputs"].update(size="100*96"), "multiple of 16"),

@@ -54,10 +54,17 @@ def core(comfyui, tmp_path_factory):
 
 
 def load_ours(**changes):
-    inputs = dict(diffusion_model=DEFAULT_FILES["diffusion_models"], lora=DEFAULT_FILES["loras"], lora_strength=1.0,
-                  text_encoder=DEFAULT_FILES["text_encoders"], vae=DEFAULT_FILES["vae"],
-                  audio_encoder=DEFAULT_FILES["audio_encoders"], weight_dtype="fp32", offload_model=False,
-                  compile=False)
+    inputs = dict(
+        diffusion_model=DEFAULT_FILES["diffusion_models"],
+        lora=DEFAULT_FILES["loras"],
+        lora_strength=1.0,
+        text_encoder=DEFAULT_FILES["text_encoders"],
+        vae=DEFAULT_FILES["vae"],
+        audio_encoder=DEFAULT_FILES["audio_encoders"],
+        weight_dtype="fp32",
+        offload_model=False,
+        compile=False,
+    )
     return LoadLiveAvatarModel().load(**(inputs | changes))[0]
 
 
@@ -72,25 +79,47 @@ def tiny_core_clip(core, tmp_path):
 
     state = load_file(str(core.paths["text_encoders"]))
     config = tmp_path / "umt5_config_tiny.json"
-    config.write_text(json.dumps({
-        "d_ff": UMT5_FF, "d_kv": TEXT_DIM // UMT5_HEADS, "d_model": TEXT_DIM, "num_heads": UMT5_HEADS,
-        "num_layers": UMT5_LAYERS, "vocab_size": state["shared.weight"].shape[0], "dense_act_fn": "gelu_pytorch_tanh",
-        "is_gated_act": True, "model_type": "umt5"}))
+    config.write_text(
+        json.dumps(
+            {
+                "d_ff": UMT5_FF,
+                "d_kv": TEXT_DIM // UMT5_HEADS,
+                "d_model": TEXT_DIM,
+                "num_heads": UMT5_HEADS,
+                "num_layers": UMT5_LAYERS,
+                "vocab_size": state["shared.weight"].shape[0],
+                "dense_act_fn": "gelu_pytorch_tanh",
+                "is_gated_act": True,
+                "model_type": "umt5",
+            }
+        )
+    )
 
     class TinyUMT5(comfy.sd1_clip.SDClipModel):  # comfy.text_encoders.wan.UMT5XXlModel, other config
         def __init__(self, device="cpu", layer="last", layer_idx=None, dtype=None, model_options={}):  # noqa: B006 (ComfyUI's own signature)
-            super().__init__(device=device, layer=layer, layer_idx=layer_idx, textmodel_json_config=str(config),
-                             dtype=dtype, special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
-                             enable_attention_masks=True, zero_out_masked=True, model_options=model_options)
+            super().__init__(
+                device=device,
+                layer=layer,
+                layer_idx=layer_idx,
+                textmodel_json_config=str(config),
+                dtype=dtype,
+                special_tokens={"end": 1, "pad": 0},
+                model_class=comfy.text_encoders.t5.T5,
+                enable_attention_masks=True,
+                zero_out_masked=True,
+                model_options=model_options,
+            )
 
     class TinyWanTE(comfy.sd1_clip.SD1ClipModel):
         def __init__(self, device="cpu", dtype=None, model_options={}):  # noqa: B006 (ComfyUI's own signature)
-            super().__init__(device=device, dtype=dtype, model_options=model_options, name="umt5xxl",
-                             clip_model=TinyUMT5)
+            super().__init__(
+                device=device, dtype=dtype, model_options=model_options, name="umt5xxl", clip_model=TinyUMT5
+            )
 
     target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.wan.WanT5Tokenizer, TinyWanTE)
-    clip = comfy.sd.CLIP(target, tokenizer_data={"spiece_model": state["spiece_model"]},
-                         model_options={"dtype": torch.float32})
+    clip = comfy.sd.CLIP(
+        target, tokenizer_data={"spiece_model": state["spiece_model"]}, model_options={"dtype": torch.float32}
+    )
     missing, unexpected = clip.load_sd(state)
     assert not missing and not [k for k in unexpected if k != "spiece_model"], (missing, unexpected)
     return clip
@@ -109,8 +138,10 @@ def test_prompt_through_core_clip_text_encode_equals_encode_prompt(core, tmp_pat
     (ours,) = EncodePrompt().encode(models, PROMPT, negative)
     for got, expected in ((from_core.positive, ours.positive), (from_core.negative, ours.negative)):
         assert got.shape == expected.shape  # only the tokens and the end token, as the official code keeps
-        print(f"prompt embeddings: relative error {relative_error(got, expected):.2e}, max abs difference "
-              f"{(got - expected).abs().max().item():.2e} of max abs {expected.abs().max().item():.2f}")
+        print(
+            f"prompt embeddings: relative error {relative_error(got, expected):.2e}, max abs difference "
+            f"{(got - expected).abs().max().item():.2e} of max abs {expected.abs().max().item():.2f}"
+        )
         assert relative_error(got, expected) <= 1e-5
 
 
@@ -147,19 +178,38 @@ def tiny_core_audio_encoder():
     import comfy.audio_encoders.wav2vec2 as w2v
 
     class TinyWav2Vec2(w2v.Wav2Vec2Model):  # w2v.Wav2Vec2Model.__init__ with conv_dim 32
-        def __init__(self, embed_dim, num_heads, num_layers, conv_norm, conv_bias, do_normalize,
-                     do_stable_layer_norm, dtype=None, device=None, operations=None):
+        def __init__(
+            self,
+            embed_dim,
+            num_heads,
+            num_layers,
+            conv_norm,
+            conv_bias,
+            do_normalize,
+            do_stable_layer_norm,
+            dtype=None,
+            device=None,
+            operations=None,
+        ):
             torch.nn.Module.__init__(self)
             conv_dim = 32
-            self.feature_extractor = w2v.ConvFeatureEncoder(conv_dim, conv_norm=conv_norm, conv_bias=conv_bias,
-                                                            device=device, dtype=dtype, operations=operations)
-            self.feature_projection = w2v.FeatureProjection(conv_dim, embed_dim, device=device, dtype=dtype,
-                                                            operations=operations)
+            self.feature_extractor = w2v.ConvFeatureEncoder(
+                conv_dim, conv_norm=conv_norm, conv_bias=conv_bias, device=device, dtype=dtype, operations=operations
+            )
+            self.feature_projection = w2v.FeatureProjection(
+                conv_dim, embed_dim, device=device, dtype=dtype, operations=operations
+            )
             self.masked_spec_embed = torch.nn.Parameter(torch.empty(embed_dim, device=device, dtype=dtype))
             self.do_normalize = do_normalize
-            self.encoder = w2v.TransformerEncoder(embed_dim=embed_dim, num_heads=num_heads, num_layers=num_layers,
-                                                  do_stable_layer_norm=do_stable_layer_norm, device=device,
-                                                  dtype=dtype, operations=operations)
+            self.encoder = w2v.TransformerEncoder(
+                embed_dim=embed_dim,
+                num_heads=num_heads,
+                num_layers=num_layers,
+                do_stable_layer_norm=do_stable_layer_norm,
+                device=device,
+                dtype=dtype,
+                operations=operations,
+            )
 
     return audio_encoders, TinyWav2Vec2
 
@@ -168,9 +218,18 @@ def tiny_core_audio_encoder():
 def core_audio_encoder(core, monkeypatch):
     audio_encoders, tiny_class = tiny_core_audio_encoder()
     monkeypatch.setattr(audio_encoders, "Wav2Vec2Model", tiny_class)
-    encoder = audio_encoders.AudioEncoderModel({
-        "model_type": "wav2vec2", "embed_dim": AUDIO_DIM, "num_heads": 1, "num_layers": AUDIO_LAYERS,
-        "conv_norm": True, "conv_bias": True, "do_normalize": True, "do_stable_layer_norm": True})
+    encoder = audio_encoders.AudioEncoderModel(
+        {
+            "model_type": "wav2vec2",
+            "embed_dim": AUDIO_DIM,
+            "num_heads": 1,
+            "num_layers": AUDIO_LAYERS,
+            "conv_norm": True,
+            "conv_bias": True,
+            "do_normalize": True,
+            "do_stable_layer_norm": True,
+        }
+    )
     missing, unexpected = encoder.load_sd(load_file(str(core.paths["audio_encoders"])))
     assert not missing and not unexpected, (missing, unexpected)
     return encoder
@@ -178,7 +237,9 @@ def core_audio_encoder(core, monkeypatch):
 
 def speech(rate: int) -> dict:
     t = np.arange(int(SPEECH_SECONDS * rate)) / rate
-    wave = 0.3 * np.sin(2 * math.pi * 180 * t) * (1 + np.sin(2 * math.pi * 3 * t)) + 0.05 * np.sin(2 * math.pi * 2400 * t)
+    wave = 0.3 * np.sin(2 * math.pi * 180 * t) * (1 + np.sin(2 * math.pi * 3 * t)) + 0.05 * np.sin(
+        2 * math.pi * 2400 * t
+    )
     return {"waveform": torch.from_numpy(wave).float()[None, None], "sample_rate": rate}
 
 
@@ -198,15 +259,16 @@ def test_core_audio_encoder_output_gives_our_features(core_audio_encoder):
     got, expected = from_core[0].features.float(), ours[0].features.float()
     assert got.shape == expected.shape
     # Both are kept in bfloat16 (the DiT's input precision): equal up to one bfloat16 rounding.
-    assert (got - expected).abs().max().item() <= 2 ** -8 * expected.abs().max().item()
+    assert (got - expected).abs().max().item() <= 2**-8 * expected.abs().max().item()
 
 
 def test_core_audio_encoder_in_the_loader_gives_identical_features(core_audio_encoder):
     from_file = load_ours()
     from_core = load_ours(audio_encoder=NO_FILE, audio_encoder_model=core_audio_encoder)
     audio = speech(24000)
-    assert torch.equal(EncodeAudio().encode(from_core, audio, 48)[0].features,
-                       EncodeAudio().encode(from_file, audio, 48)[0].features)
+    assert torch.equal(
+        EncodeAudio().encode(from_core, audio, 48)[0].features, EncodeAudio().encode(from_file, audio, 48)[0].features
+    )
 
 
 def test_audio_encoder_output_of_other_audio_is_refused(core_audio_encoder):
@@ -228,6 +290,8 @@ def test_core_hidden_states_match_ours_in_float32(core_audio_encoder, rate, boun
     states = torch.cat(core_features(core_audio_encoder, audio)["encoded_audio_all_layers"])
     got = features_for_video(interpolate_to_video_rate(states).float())
     expected = models.audio_encoder.features_for_video(to_16k_mono(audio["waveform"], rate))
-    print(f"audio features at {rate} Hz: relative error {relative_error(got, expected):.2e}, max abs difference "
-          f"{(got - expected).abs().max().item():.2e} of max abs {expected.abs().max().item():.2f}")
+    print(
+        f"audio features at {rate} Hz: relative error {relative_error(got, expected):.2e}, max abs difference "
+        f"{(got - expected).abs().max().item():.2e} of max abs {expected.abs().max().item():.2f}"
+    )
     assert relative_error(got, expected) <= bound

@@ -26,8 +26,13 @@ TOLERANCE = 1e-5
 def predict(model: WanS2VTransformer, golden) -> torch.Tensor:
     with torch.no_grad():
         out = model(
-            golden["x"][None], golden["t"], [golden["context"]], golden["ref"][None],
-            golden["motion"][None], golden["audio"], cond=golden["cond"][None],
+            golden["x"][None],
+            golden["t"],
+            [golden["context"]],
+            golden["ref"][None],
+            golden["motion"][None],
+            golden["audio"],
+            cond=golden["cond"][None],
         )
     return out[0]
 
@@ -41,7 +46,10 @@ def official_model():
 def test_expected_keys_of_14b_match_the_real_checkpoint():
     result = subprocess.run(
         [sys.executable, "-m", "liveavatar_core.checkpoints", "expected-keys", "dit"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     ours = set(result.stdout.splitlines())
     reference = set((FIXTURES / "wan22_s2v_14b_keys.tsv").read_text().splitlines())
@@ -118,7 +126,9 @@ def test_lora_full_tensors_replace_base_weights(tmp_path, official_model):
 
 def test_lora_of_another_model_is_refused(tmp_path, official_model):
     path = tmp_path / "other.safetensors"
-    save_file({"unet.down.0.lora_A.weight": torch.zeros(4, 8), "unet.down.0.lora_B.weight": torch.zeros(8, 4)}, str(path))
+    save_file(
+        {"unet.down.0.lora_A.weight": torch.zeros(4, 8), "unet.down.0.lora_B.weight": torch.zeros(8, 4)}, str(path)
+    )
     with pytest.raises(CheckpointError, match="other.safetensors.*do not exist"):
         merge_lora(official_model, path)
 
@@ -153,8 +163,16 @@ def test_file_written_by_us_carries_its_config(tmp_path, official_model, golden)
 
 
 def test_other_small_config_is_detected_from_shapes(tmp_path):
-    config = S2VConfig(dim=128, ffn_dim=256, num_heads=1, num_layers=3, text_dim=32, audio_dim=24,
-                       audio_inject_layers=(0, 2), freq_dim=64)
+    config = S2VConfig(
+        dim=128,
+        ffn_dim=256,
+        num_heads=1,
+        num_layers=3,
+        text_dim=32,
+        audio_dim=24,
+        audio_inject_layers=(0, 2),
+        freq_dim=64,
+    )
     torch.manual_seed(0)
     model = WanS2VTransformer(config)
     path = tmp_path / "small.safetensors"
@@ -190,8 +208,11 @@ def test_truncated_file_names_the_file_and_the_fix(tmp_path):
 
 def test_checkpoint_of_another_model_family_is_refused(tmp_path):
     # A Wan text-to-video DiT: same blocks, no audio or motion modules.
-    state = {"patch_embedding.weight": torch.zeros(64, 16, 1, 2, 2), "blocks.0.ffn.0.weight": torch.zeros(128, 64),
-             "head.head.weight": torch.zeros(64, 64)}
+    state = {
+        "patch_embedding.weight": torch.zeros(64, 16, 1, 2, 2),
+        "blocks.0.ffn.0.weight": torch.zeros(128, 64),
+        "head.head.weight": torch.zeros(64, 64),
+    }
     path = tmp_path / "wan2.1_t2v_1.3B.safetensors"
     save_file(state, str(path))
     with pytest.raises(CheckpointError, match="wan2.1_t2v_1.3B.safetensors.*not a Wan2.2-S2V"):
@@ -221,8 +242,13 @@ def test_model_trains_and_gives_the_same_output_with_autograd(official_model, go
     model = load_dit(TINY_DIR, dtype=torch.float32).requires_grad_(True)
     with torch.enable_grad():
         out = model(
-            golden["x"][None], golden["t"], [golden["context"]], golden["ref"][None],
-            golden["motion"][None], golden["audio"], cond=golden["cond"][None],
+            golden["x"][None],
+            golden["t"],
+            [golden["context"]],
+            golden["ref"][None],
+            golden["motion"][None],
+            golden["audio"],
+            cond=golden["cond"][None],
         )[0]
         out.square().mean().backward()
     assert torch.equal(out.detach(), predict(model, golden))

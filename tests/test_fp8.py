@@ -37,8 +37,13 @@ def test_block_linears_go_to_fp8_and_the_conditioning_layers_stay(golden):
     assert kinds["blocks.0.self_attn.q"] is Fp8Linear
     assert kinds["blocks.0.ffn.2"] is Fp8Linear
     assert kinds["audio_injector.injector.0.k"] is Fp8Linear
-    for exempt in ("text_embedding.0", "time_embedding.0", "time_projection.1", "head.head",
-                   "casual_audio_encoder.encoder.final_linear"):
+    for exempt in (
+        "text_embedding.0",
+        "time_embedding.0",
+        "time_projection.1",
+        "head.head",
+        "casual_audio_encoder.encoder.final_linear",
+    ):
         assert kinds[exempt] is nn.Linear, exempt
     assert model.blocks[0].self_attn.q.weight.dtype == FP8
     # Half the bytes of bf16 for the quantised layers.
@@ -66,8 +71,10 @@ def test_scaled_fp8_file_loads_as_fp8_without_upcasting(tmp_path, golden):
 
     loaded = load_dit(path, dtype=torch.bfloat16)
     assert loaded.blocks[1].cross_attn.v.weight.dtype == FP8
-    assert torch.equal(loaded.blocks[1].cross_attn.v.weight.view(torch.uint8),
-                       quantized.blocks[1].cross_attn.v.weight.view(torch.uint8))
+    assert torch.equal(
+        loaded.blocks[1].cross_attn.v.weight.view(torch.uint8),
+        quantized.blocks[1].cross_attn.v.weight.view(torch.uint8),
+    )
     assert torch.equal(predict(loaded, golden), predict(quantized, golden))
 
     upcast = dequantize_dit_(load_dit(path, dtype=torch.bfloat16))
@@ -136,8 +143,10 @@ def test_static_scales_stay_close_to_dynamic_ones_in_the_dit(fp8_units, golden):
     assert torch.equal(calibrating, dynamic)
     assert fp8.static_scale(model.blocks[0].self_attn.q) is not None
     static = predict(model, golden)  # now with the fused e4m3 producers and frozen scales
-    print(f"\nstatic vs dynamic scales: {relative_error(static, dynamic):.3e}; "
-          f"vs bf16 {relative_error(static, bf16):.3e} (dynamic {relative_error(dynamic, bf16):.3e})")
+    print(
+        f"\nstatic vs dynamic scales: {relative_error(static, dynamic):.3e}; "
+        f"vs bf16 {relative_error(static, bf16):.3e} (dynamic {relative_error(dynamic, bf16):.3e})"
+    )
     assert 0 < relative_error(static, dynamic) < 0.05
     assert relative_error(static, bf16) < 1.5 * relative_error(dynamic, bf16)
 

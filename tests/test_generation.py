@@ -56,8 +56,14 @@ PROMPT = PromptEmbeddings(torch.randn(5, 48), torch.randn(3, 48))
     ],
 )
 def test_bad_inputs_are_refused_when_the_job_is_made(models, kwargs, message):
-    arguments = dict(models=models, image=torch.rand(200, 160, 3), audio=audio(40), prompt=PROMPT, size="128*96",
-                     settings=SamplerSettings())
+    arguments = dict(
+        models=models,
+        image=torch.rand(200, 160, 3),
+        audio=audio(40),
+        prompt=PROMPT,
+        size="128*96",
+        settings=SamplerSettings(),
+    )
     arguments.update(kwargs)
     with pytest.raises(InputError, match=message):
         make_job(**arguments)
@@ -84,10 +90,12 @@ def test_render_writes_the_mp4_and_keeps_frames_with_the_matching_audio(models, 
     assert info["frames"] == 37 and abs(info["audio_duration_s"] - 37 / 25) <= 1 / 25
     track = job.rendered_audio()
     assert track.shape == (2, round(37 * 44100 / 25))
-    assert torch.equal(track[:, :100], job.audio.track[:, round(3 * 44100 / 25):][:, :100])  # starts at frame 3
+    assert torch.equal(track[:, :100], job.audio.track[:, round(3 * 44100 / 25) :][:, :100])  # starts at frame 3
 
 
 def test_mp4_only_keeps_just_the_last_frame(models, tmp_path):
-    job = make_job(models, torch.rand(96, 128, 3), audio(20), PROMPT, "64*64", SamplerSettings(sample_steps=1, infer_frames=16))
+    job = make_job(
+        models, torch.rand(96, 128, 3), audio(20), PROMPT, "64*64", SamplerSettings(sample_steps=1, infer_frames=16)
+    )
     result = render(job, tmp_path / "b.mp4", keep_frames=False)
     assert result.frames.shape[0] == 1 and result.frames_written == job.frame_count

@@ -44,8 +44,13 @@ from liveavatar_core.video_writer import StreamingVideoWriter, read_video_info
 
 LOADER, AUDIO, IMAGE, ENCODE_AUDIO, PROMPT, SAMPLER, DECODE = "1", "3", "2", "4", "5", "6", "7"
 API_PRESET = Path(__file__).resolve().parents[1] / "workflows" / "api" / "liveavatar_preview_api.json"
-WIDGET_FOR_FOLDER = {"diffusion_models": "diffusion_model", "loras": "lora", "text_encoders": "text_encoder",
-                     "vae": "vae", "audio_encoders": "audio_encoder"}
+WIDGET_FOR_FOLDER = {
+    "diffusion_models": "diffusion_model",
+    "loras": "lora",
+    "text_encoders": "text_encoder",
+    "vae": "vae",
+    "audio_encoders": "audio_encoder",
+}
 SENTINEL = "code_ran.txt"  # a malicious pickle would create this file
 
 
@@ -220,68 +225,161 @@ class Case:
 
 CASES = [
     # model files
-    Case("dit-truncated", loader(diffusion_model="cut_dit.safetensors"), "error",
-         ("cut_dit.safetensors", "damaged or incomplete", "download it again")),
-    Case("dit-empty-file", loader(diffusion_model="empty_dit.safetensors"), "error",
-         ("empty_dit.safetensors", "too short for a header", "download it again")),
-    Case("dit-not-safetensors", loader(diffusion_model="garbage_dit.safetensors"), "error",
-         ("garbage_dit.safetensors", "damaged", "download it again")),
-    Case("dit-nan-tensor", loader(diffusion_model="nan_dit.safetensors"), "error",
-         ("nan_dit.safetensors", "blocks.0.ffn.0.weight", "nan", "download it again")),
-    Case("dit-inf-tensor", loader(diffusion_model="inf_dit.safetensors"), "error",
-         ("inf_dit.safetensors", "head.head.weight", "infinite")),
-    Case("dit-overflows-in-first-block", loader(diffusion_model="overflow_dit.safetensors"), "error",
-         ("the model produced nan", "first block", "bf16")),
-    Case("dit-num-heads-3", loader(diffusion_model="heads3_dit.safetensors"), "error",
-         ("heads3_dit.safetensors", "num_heads = 3", "set num_heads")),
-    Case("dit-num-heads-0", loader(diffusion_model="heads0_dit.safetensors"), "error",
-         ("heads0_dit.safetensors", "num_heads = 0", "positive whole number")),
-    Case("dit-num-heads-negative", loader(diffusion_model="headsneg_dit.safetensors"), "error",
-         ("headsneg_dit.safetensors", "num_heads = -4")),
-    Case("dit-num-heads-text", loader(diffusion_model="heads_text_dit.safetensors"), "error",
-         ("heads_text_dit.safetensors", "num_heads = 'many'")),
-    Case("dit-inject-layer-out-of-range", loader(diffusion_model="inject_dit.safetensors"), "error",
-         ("inject_dit.safetensors", "audio_inject_layers", "0..1")),
-    Case("dit-text-len-0", loader(diffusion_model="textlen_dit.safetensors"), "error",
-         ("textlen_dit.safetensors", "text_len = 0", "512")),
-    Case("dit-metadata-not-json", loader(diffusion_model="notjson_dit.safetensors"), "error",
-         ("notjson_dit.safetensors", CONFIG_METADATA_KEY, "not valid json")),
-    Case("dit-missing-head", loader(diffusion_model="nohead_dit.safetensors"), "error",
-         ("nohead_dit.safetensors", "head.head.weight", "download it again")),
-    Case("dit-missing-file", loader(diffusion_model="missing_model.safetensors"), "error",
-         ("diffusion_model", "missing_model.safetensors", "models/diffusion_models")),
-    Case("dit-name-escapes-folder", loader(diffusion_model="../../../../etc/passwd"), "error",
-         ("diffusion_model", "passwd", "put the file there")),
+    Case(
+        "dit-truncated",
+        loader(diffusion_model="cut_dit.safetensors"),
+        "error",
+        ("cut_dit.safetensors", "damaged or incomplete", "download it again"),
+    ),
+    Case(
+        "dit-empty-file",
+        loader(diffusion_model="empty_dit.safetensors"),
+        "error",
+        ("empty_dit.safetensors", "too short for a header", "download it again"),
+    ),
+    Case(
+        "dit-not-safetensors",
+        loader(diffusion_model="garbage_dit.safetensors"),
+        "error",
+        ("garbage_dit.safetensors", "damaged", "download it again"),
+    ),
+    Case(
+        "dit-nan-tensor",
+        loader(diffusion_model="nan_dit.safetensors"),
+        "error",
+        ("nan_dit.safetensors", "blocks.0.ffn.0.weight", "nan", "download it again"),
+    ),
+    Case(
+        "dit-inf-tensor",
+        loader(diffusion_model="inf_dit.safetensors"),
+        "error",
+        ("inf_dit.safetensors", "head.head.weight", "infinite"),
+    ),
+    Case(
+        "dit-overflows-in-first-block",
+        loader(diffusion_model="overflow_dit.safetensors"),
+        "error",
+        ("the model produced nan", "first block", "bf16"),
+    ),
+    Case(
+        "dit-num-heads-3",
+        loader(diffusion_model="heads3_dit.safetensors"),
+        "error",
+        ("heads3_dit.safetensors", "num_heads = 3", "set num_heads"),
+    ),
+    Case(
+        "dit-num-heads-0",
+        loader(diffusion_model="heads0_dit.safetensors"),
+        "error",
+        ("heads0_dit.safetensors", "num_heads = 0", "positive whole number"),
+    ),
+    Case(
+        "dit-num-heads-negative",
+        loader(diffusion_model="headsneg_dit.safetensors"),
+        "error",
+        ("headsneg_dit.safetensors", "num_heads = -4"),
+    ),
+    Case(
+        "dit-num-heads-text",
+        loader(diffusion_model="heads_text_dit.safetensors"),
+        "error",
+        ("heads_text_dit.safetensors", "num_heads = 'many'"),
+    ),
+    Case(
+        "dit-inject-layer-out-of-range",
+        loader(diffusion_model="inject_dit.safetensors"),
+        "error",
+        ("inject_dit.safetensors", "audio_inject_layers", "0..1"),
+    ),
+    Case(
+        "dit-text-len-0",
+        loader(diffusion_model="textlen_dit.safetensors"),
+        "error",
+        ("textlen_dit.safetensors", "text_len = 0", "512"),
+    ),
+    Case(
+        "dit-metadata-not-json",
+        loader(diffusion_model="notjson_dit.safetensors"),
+        "error",
+        ("notjson_dit.safetensors", CONFIG_METADATA_KEY, "not valid json"),
+    ),
+    Case(
+        "dit-missing-head",
+        loader(diffusion_model="nohead_dit.safetensors"),
+        "error",
+        ("nohead_dit.safetensors", "head.head.weight", "download it again"),
+    ),
+    Case(
+        "dit-missing-file",
+        loader(diffusion_model="missing_model.safetensors"),
+        "error",
+        ("diffusion_model", "missing_model.safetensors", "models/diffusion_models"),
+    ),
+    Case(
+        "dit-name-escapes-folder",
+        loader(diffusion_model="../../../../etc/passwd"),
+        "error",
+        ("diffusion_model", "passwd", "put the file there"),
+    ),
     Case("vae-is-a-dit", loader(vae="dit_as_vae.safetensors"), "error", ("dit_as_vae.safetensors", "vae")),
-    Case("vae-legacy-pickle", loader(vae="legacy_vae.pth"), "error",
-         ("legacy_vae.pth", "legacy pickle format", ".safetensors")),
-    Case("vae-pickle-runs-code", loader(vae="evil_vae.pth"), "error",
-         ("evil_vae.pth", "would run code", ".safetensors")),
-    Case("vae-legacy-pickle-runs-code", loader(vae="evil_legacy_vae.pth"), "error",
-         ("evil_legacy_vae.pth", "could run code", ".safetensors")),
+    Case(
+        "vae-legacy-pickle",
+        loader(vae="legacy_vae.pth"),
+        "error",
+        ("legacy_vae.pth", "legacy pickle format", ".safetensors"),
+    ),
+    Case(
+        "vae-pickle-runs-code", loader(vae="evil_vae.pth"), "error", ("evil_vae.pth", "would run code", ".safetensors")
+    ),
+    Case(
+        "vae-legacy-pickle-runs-code",
+        loader(vae="evil_legacy_vae.pth"),
+        "error",
+        ("evil_legacy_vae.pth", "could run code", ".safetensors"),
+    ),
     Case("lora-nan-tensor", loader(lora="nan_lora.safetensors"), "error", ("nan_lora.safetensors", "lora_b", "nan")),
-    Case("text-encoder-truncated", loader(text_encoder="cut_umt5.safetensors"), "error",
-         ("cut_umt5.safetensors", "damaged or incomplete")),
+    Case(
+        "text-encoder-truncated",
+        loader(text_encoder="cut_umt5.safetensors"),
+        "error",
+        ("cut_umt5.safetensors", "damaged or incomplete"),
+    ),
     # numbers
     Case("lora-strength-nan", loader(lora_strength=float("nan")), "error", ("lora_strength", "nan", "1.0")),
     Case("lora-strength-inf", loader(lora_strength=float("inf")), "refused", ("lora_strength",)),
-    Case("guide-scale-nan", node_input(SAMPLER, sample_guide_scale=float("nan")), "error",
-         ("sample_guide_scale", "nan", "0 (off")),
-    Case("guide-scale-negative-inf", node_input(SAMPLER, sample_guide_scale=float("-inf")), "refused",
-         ("sample_guide_scale",)),
+    Case(
+        "guide-scale-nan",
+        node_input(SAMPLER, sample_guide_scale=float("nan")),
+        "error",
+        ("sample_guide_scale", "nan", "0 (off"),
+    ),
+    Case(
+        "guide-scale-negative-inf",
+        node_input(SAMPLER, sample_guide_scale=float("-inf")),
+        "refused",
+        ("sample_guide_scale",),
+    ),
     Case("size-65536", node_input(SAMPLER, size="65536*65536"), "error", ("65536*65536", "at most 2048")),
     Case("size-not-a-size", node_input(SAMPLER, size="big"), "error", ("size", "688*368")),
     Case("size-off-grid", node_input(SAMPLER, size="100*96"), "error", ("100*96", "multiple of 16")),
     Case("size-too-small", node_input(SAMPLER, size="32*32"), "error", ("32*32", "at least 64")),
-    Case("frames-mode-100000-clips", lambda p: (p[SAMPLER]["inputs"].update(num_clip=100000, trim_to_audio=False,
-                                                                             size="688*368"),
-                                                p[DECODE]["inputs"].update(output="frames")), "error",
-         ("frames", "gib", "use output 'mp4'")),
+    Case(
+        "frames-mode-100000-clips",
+        lambda p: (
+            p[SAMPLER]["inputs"].update(num_clip=100000, trim_to_audio=False, size="688*368"),
+            p[DECODE]["inputs"].update(output="frames"),
+        ),
+        "error",
+        ("frames", "gib", "use output 'mp4'"),
+    ),
     Case("num-clip-negative", node_input(SAMPLER, num_clip=-1), "refused", ("num_clip",)),
     Case("sample-steps-0", node_input(SAMPLER, sample_steps=0), "refused", ("sample_steps",)),
-    Case("infer-frames-not-multiple-of-4", lambda p: (p[SAMPLER]["inputs"].update(infer_frames=6),
-                                                      p[ENCODE_AUDIO]["inputs"].update(infer_frames=8)), "error",
-         ("infer_frames", "multiple of 4")),
+    Case(
+        "infer-frames-not-multiple-of-4",
+        lambda p: (p[SAMPLER]["inputs"].update(infer_frames=6), p[ENCODE_AUDIO]["inputs"].update(infer_frames=8)),
+        "error",
+        ("infer_frames", "multiple of 4"),
+    ),
     Case("seed-negative", node_input(SAMPLER, seed=-5), "refused", ("seed",)),
     Case("gpus-0", node_input(SAMPLER, gpus=0), "refused", ("gpus",)),
     Case("gpus-16-on-cpu", node_input(SAMPLER, gpus=16), "error", ("gpus = 16", "set gpus to at most 4")),
@@ -303,14 +401,30 @@ CASES = [
     Case("image-transparent", node_input(IMAGE, image="transparent.png"), "ran"),
     Case("image-greyscale", node_input(IMAGE, image="grey.png"), "ran"),
     # output names
-    Case("prefix-with-nul", node_input(DECODE, filename_prefix="bad\x00name/avatar"), "error",
-         ("filename_prefix", "control character", "u+0000")),
-    Case("prefix-with-newline", node_input(DECODE, filename_prefix="two\nlines"), "error",
-         ("filename_prefix", "control character")),
-    Case("prefix-climbs-out", node_input(DECODE, filename_prefix="../../escaped/avatar"), "error",
-         ("filename_prefix", "..", "inside comfyui's output folder")),
-    Case("prefix-absolute", node_input(DECODE, filename_prefix="/tmp/liveavatar_escape/avatar"), "error",
-         ("filename_prefix", "absolute path")),
+    Case(
+        "prefix-with-nul",
+        node_input(DECODE, filename_prefix="bad\x00name/avatar"),
+        "error",
+        ("filename_prefix", "control character", "u+0000"),
+    ),
+    Case(
+        "prefix-with-newline",
+        node_input(DECODE, filename_prefix="two\nlines"),
+        "error",
+        ("filename_prefix", "control character"),
+    ),
+    Case(
+        "prefix-climbs-out",
+        node_input(DECODE, filename_prefix="../../escaped/avatar"),
+        "error",
+        ("filename_prefix", "..", "inside comfyui's output folder"),
+    ),
+    Case(
+        "prefix-absolute",
+        node_input(DECODE, filename_prefix="/tmp/liveavatar_escape/avatar"),
+        "error",
+        ("filename_prefix", "absolute path"),
+    ),
 ]
 
 
@@ -430,8 +544,11 @@ def test_interrupt_keeps_a_playable_mp4_shown_on_the_node(server):
 
     outcome = submit(server, prompt, on_message=on_message)
     assert outcome.kind == "interrupted"
-    shown = [m["data"]["output"] for m in outcome.execution.messages
-             if m.get("type") == "executed" and m["data"].get("node") == DECODE]
+    shown = [
+        m["data"]["output"]
+        for m in outcome.execution.messages
+        if m.get("type") == "executed" and m["data"].get("node") == DECODE
+    ]
     assert shown, "the kept mp4 is not shown on the node"
     saved = shown[-1]["images"][0]
     kept = server.base / "output" / saved["subfolder"] / saved["filename"]
@@ -443,11 +560,13 @@ def test_interrupt_keeps_a_playable_mp4_shown_on_the_node(server):
 @pytest.mark.server
 @pytest.mark.slow
 def test_a_queue_of_ten_prompts_each_gets_its_own_outcome(server):
-    bad = [("lora_strength", loader(lora_strength=float("nan"))),
-           ("65536", node_input(SAMPLER, size="65536*65536")),
-           ("silent", node_input(AUDIO, audio="silent.wav")),
-           ("filename_prefix", node_input(DECODE, filename_prefix="../up")),
-           ("damaged", loader(diffusion_model="cut_dit.safetensors"))]
+    bad = [
+        ("lora_strength", loader(lora_strength=float("nan"))),
+        ("65536", node_input(SAMPLER, size="65536*65536")),
+        ("silent", node_input(AUDIO, audio="silent.wav")),
+        ("filename_prefix", node_input(DECODE, filename_prefix="../up")),
+        ("damaged", loader(diffusion_model="cut_dit.safetensors")),
+    ]
     expected, ws = {}, server.connect()
     try:
         for index in range(10):
@@ -584,18 +703,31 @@ def test_a_tensor_that_ends_past_the_file_is_named_at_open(tmp_path, tiny_files)
         open_tensor_file(path)
 
 
-@pytest.mark.parametrize("hints, words", [
-    ({"num_heads": 3}, ("num_heads = 3", "divisor of 32")),
-    ({"num_heads": 0}, ("num_heads = 0", "positive whole number")),
-    ({"num_heads": 32}, ("num_heads = 32", "even size")),  # heads of one channel: RoPE needs pairs
-    ({"num_heads": True}, ("num_heads = True",)),
-    ({"audio_inject_layers": "0,1"}, ("audio_inject_layers = '0,1'", "list of block numbers")),
-    ({"audio_inject_layers": [1, 1]}, ("audio_inject_layers = [1, 1]", "twice")),
-    ({"motion_frames": -73}, ("motion_frames = -73", "73")),
-    ({"eps": "tiny"}, ("eps = 'tiny'", "1e-6")),
-    ({"eps": 5.0}, ("eps = 5.0", "small positive")),
-], ids=["heads-3", "heads-0", "head-dim-odd", "heads-bool", "inject-string", "inject-twice", "motion-negative",
-        "eps-text", "eps-large"])
+@pytest.mark.parametrize(
+    "hints, words",
+    [
+        ({"num_heads": 3}, ("num_heads = 3", "divisor of 32")),
+        ({"num_heads": 0}, ("num_heads = 0", "positive whole number")),
+        ({"num_heads": 32}, ("num_heads = 32", "even size")),  # heads of one channel: RoPE needs pairs
+        ({"num_heads": True}, ("num_heads = True",)),
+        ({"audio_inject_layers": "0,1"}, ("audio_inject_layers = '0,1'", "list of block numbers")),
+        ({"audio_inject_layers": [1, 1]}, ("audio_inject_layers = [1, 1]", "twice")),
+        ({"motion_frames": -73}, ("motion_frames = -73", "73")),
+        ({"eps": "tiny"}, ("eps = 'tiny'", "1e-6")),
+        ({"eps": 5.0}, ("eps = 5.0", "small positive")),
+    ],
+    ids=[
+        "heads-3",
+        "heads-0",
+        "head-dim-odd",
+        "heads-bool",
+        "inject-string",
+        "inject-twice",
+        "motion-negative",
+        "eps-text",
+        "eps-large",
+    ],
+)
 def test_bad_config_values_are_named_with_their_source_and_fix(tiny_files, hints, words):
     shapes = open_tensor_file(tiny_files["diffusion_models"]).shapes()
     config = json.loads(TINY_DIT.to_json())
@@ -612,17 +744,23 @@ def test_bad_config_values_are_named_with_their_source_and_fix(tiny_files, hints
 def test_lora_strength_that_is_not_finite_is_refused_before_loading(tiny_files, value):
     from liveavatar_core.models import ModelFiles, load_models
 
-    files = ModelFiles(dit=Path("never-read.safetensors"), text_encoder=tiny_files["text_encoders"],
-                       vae=tiny_files["vae"], audio_encoder=tiny_files["audio_encoders"], lora=tiny_files["loras"],
-                       lora_strength=value)
+    files = ModelFiles(
+        dit=Path("never-read.safetensors"),
+        text_encoder=tiny_files["text_encoders"],
+        vae=tiny_files["vae"],
+        audio_encoder=tiny_files["audio_encoders"],
+        lora=tiny_files["loras"],
+        lora_strength=value,
+    )
     with pytest.raises(InputError, match=r"lora_strength .*1\.0 is what LiveAvatar was trained for") as info:
         load_models(files)
     error = info.value
     assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__), "chained traceback"
 
 
-@pytest.mark.parametrize("field, value", [("guide_scale", float("nan")), ("guide_scale", float("inf")),
-                                           ("shift", float("nan"))])
+@pytest.mark.parametrize(
+    "field, value", [("guide_scale", float("nan")), ("guide_scale", float("inf")), ("shift", float("nan"))]
+)
 def test_sampler_numbers_that_are_not_finite_are_refused(field, value):
     from liveavatar_core.streaming import SamplerSettings
 
@@ -631,14 +769,37 @@ def test_sampler_numbers_that_are_not_finite_are_refused(field, value):
         SamplerSettings(**{field: value}).validate()
 
 
-@pytest.mark.parametrize("prefix, used, refusal", [
-    ("", "LiveAvatar/avatar", None), ("   ", "LiveAvatar/avatar", None), ("clips/", "clips/avatar", None),
-    ("a//b", "a/b", None), ("LiveAvatar/%year%/x", "LiveAvatar/%year%/x", None),
-    ("x\ty", None, "control character (U+0009)"), ("\x7fdel", None, "control character (U+007F)"),
-    ("a/../../b", None, "'..'"), ("./here", None, "'..' or '.'"), ("\\\\server\\share", None, "absolute path"),
-    ("C:\\x", None, "absolute path"), ("n" * 300, None, "longer than 200"),
-], ids=["empty", "blank", "folder-only", "double-slash", "date-pattern", "tab", "del", "dotdot", "dot", "unc",
-        "drive", "long"])
+@pytest.mark.parametrize(
+    "prefix, used, refusal",
+    [
+        ("", "LiveAvatar/avatar", None),
+        ("   ", "LiveAvatar/avatar", None),
+        ("clips/", "clips/avatar", None),
+        ("a//b", "a/b", None),
+        ("LiveAvatar/%year%/x", "LiveAvatar/%year%/x", None),
+        ("x\ty", None, "control character (U+0009)"),
+        ("\x7fdel", None, "control character (U+007F)"),
+        ("a/../../b", None, "'..'"),
+        ("./here", None, "'..' or '.'"),
+        ("\\\\server\\share", None, "absolute path"),
+        ("C:\\x", None, "absolute path"),
+        ("n" * 300, None, "longer than 200"),
+    ],
+    ids=[
+        "empty",
+        "blank",
+        "folder-only",
+        "double-slash",
+        "date-pattern",
+        "tab",
+        "del",
+        "dotdot",
+        "dot",
+        "unc",
+        "drive",
+        "long",
+    ],
+)
 def test_filename_prefixes(prefix, used, refusal):
     if refusal is None:
         assert checked_prefix(prefix, "LiveAvatar/avatar") == used
@@ -650,8 +811,11 @@ def test_filename_prefixes(prefix, used, refusal):
 
 def test_frames_that_do_not_fit_in_ram_are_refused_with_the_figure():
     check_frames_fit(45, 688, 368, available=16 * 2**30)  # 3 clips: fine
-    with pytest.raises(InputError, match=r"1000 frames of 688\*368 in RAM: 2\.8 GiB, but only 2\.0 GiB is free\. "
-                                         r"Use output 'mp4'"):
+    with pytest.raises(
+        InputError,
+        match=r"1000 frames of 688\*368 in RAM: 2\.8 GiB, but only 2\.0 GiB is free\. "
+        r"Use output 'mp4'",
+    ):
         check_frames_fit(1000, 688, 368, available=2 * 2**30)
 
 

@@ -71,8 +71,15 @@ class HostInterrupt(Exception):
     """What a host such as ComfyUI raises on Cancel from its own progress bar."""
 
 
-@pytest.mark.parametrize("error, state", [(None, FINISHED), (GenerationCancelled(), CANCELLED),
-                                          (HostInterrupt(), CANCELLED), (InputError("disk full"), FAILED)])
+@pytest.mark.parametrize(
+    "error, state",
+    [
+        (None, FINISHED),
+        (GenerationCancelled(), CANCELLED),
+        (HostInterrupt(), CANCELLED),
+        (InputError("disk full"), FAILED),
+    ],
+)
 def test_a_watched_render_is_marked_by_how_it_ended(tmp_path, error, state):
     runs = LiveRuns()
 

@@ -58,8 +58,9 @@ def long_upscale(num_clip: int, size: str = "64*64", rescale: float = 4.0, prefi
         nodes["LoadLiveAvatarModel"][widget] = DEFAULT_FILES[folder]
     nodes["UpscaleModelLoader"]["model_name"] = TINY_UPSCALER
     nodes["LiveAvatarStreamUpscale"]["rescale_factor"] = rescale
-    nodes["LiveAvatarSampler"].update(num_clip=num_clip, size=size, trim_to_audio=False, infer_frames=CLIP_FRAMES,
-                                      sample_steps=STEPS_PER_CLIP)
+    nodes["LiveAvatarSampler"].update(
+        num_clip=num_clip, size=size, trim_to_audio=False, infer_frames=CLIP_FRAMES, sample_steps=STEPS_PER_CLIP
+    )
     nodes["EncodeAudio"]["infer_frames"] = CLIP_FRAMES
     nodes["OnlineVAEDecode"]["filename_prefix"] = f"{prefix}/avatar"
     return prompt
@@ -108,8 +109,9 @@ def test_long_upscale_workflow_writes_the_upscaled_mp4_with_flat_memory(server):
     earlier, later = max(rss[4:8]), max(rss[8:])
     per_clip = CLIP_FRAMES * 512 * 512 * 3 * 4 / 2**20  # what keeping one clip's frames would take
     print(f"server RSS: peak {earlier:.0f} MB over clips 5-8, {later:.0f} MB over clips 9-{clips}")
-    assert later - earlier < per_clip, f"the server grew by {later - earlier:.0f} MB in {clips - 8} clips of " \
-                                       f"{per_clip:.0f} MB"
+    assert later - earlier < per_clip, (
+        f"the server grew by {later - earlier:.0f} MB in {clips - 8} clips of {per_clip:.0f} MB"
+    )
 
 
 def page_state(browser) -> dict:
@@ -149,8 +151,11 @@ def test_live_view_plays_while_the_run_renders_and_ends_with_it(server, browser)
     threading.Thread(target=watch_disk, daemon=True).start()
     try:
         # Playing while the run is still going: the position advances between two looks.
-        browser.wait_for(f"window.liveAvatarLive.id === '{run_id}' && window.liveAvatarLive.appended >= 1 && "
-                         "document.querySelector('video').currentTime > 0", timeout=300)
+        browser.wait_for(
+            f"window.liveAvatarLive.id === '{run_id}' && window.liveAvatarLive.appended >= 1 && "
+            "document.querySelector('video').currentTime > 0",
+            timeout=300,
+        )
         first = page_state(browser)
         browser.wait_for(f"document.querySelector('video').currentTime > {first['time']}", timeout=120)
         second = page_state(browser)
@@ -168,8 +173,10 @@ def test_live_view_plays_while_the_run_renders_and_ends_with_it(server, browser)
     assert final["id"] == run_id and final["state"] == "finished" and final["error"] is None
     appended_at = browser.evaluate("window.liveAvatarLive.appendedAt")
     delays = [next(at for count, at in appended_at if count > index) - seen for index, seen in enumerate(on_disk)]
-    print(f"live view: clips in the page {statistics.median(delays):.0f} ms (median), {max(delays):.0f} ms (max) "
-          "after their fragment was on disk")
+    print(
+        f"live view: clips in the page {statistics.median(delays):.0f} ms (median), {max(delays):.0f} ms (max) "
+        "after their fragment was on disk"
+    )
     mp4 = mp4_of(server, outcome["done"])
     frames = read_video_info(mp4)["frames"]
     assert final["time"] == pytest.approx(frames / 25, abs=0.1)  # played to the last frame
@@ -184,8 +191,7 @@ def test_live_view_plays_while_the_run_renders_and_ends_with_it(server, browser)
 def test_live_view_ends_cleanly_when_the_run_is_cancelled(server, browser):
     ws, prompt_id, run_id = start_watching(server, browser, long_upscale(200, rescale=1.0, prefix="cancelled"))
     try:
-        browser.wait_for(f"window.liveAvatarLive.id === '{run_id}' && window.liveAvatarLive.appended >= 2",
-                         timeout=300)
+        browser.wait_for(f"window.liveAvatarLive.id === '{run_id}' && window.liveAvatarLive.appended >= 2", timeout=300)
         server.interrupt()
         execution = server.wait(ws, prompt_id)
     finally:

@@ -34,6 +34,7 @@ def manager(comfyui, tmp_path_factory):
 @pytest.fixture(autouse=True)
 def no_unload_all(manager, monkeypatch):
     """Ours must leave the choice of what to unload to ComfyUI."""
+
     def refuse():
         raise AssertionError("unload_all_models() called: it throws out every other workflow's models")
 
@@ -44,9 +45,16 @@ def no_unload_all(manager, monkeypatch):
 
 def load(offload: bool):
     return LoadLiveAvatarModel().load(
-        diffusion_model=DEFAULT_FILES["diffusion_models"], lora=DEFAULT_FILES["loras"], lora_strength=1.0,
-        text_encoder=DEFAULT_FILES["text_encoders"], vae=DEFAULT_FILES["vae"],
-        audio_encoder=DEFAULT_FILES["audio_encoders"], weight_dtype="fp32", offload_model=offload, compile=False)[0]
+        diffusion_model=DEFAULT_FILES["diffusion_models"],
+        lora=DEFAULT_FILES["loras"],
+        lora_strength=1.0,
+        text_encoder=DEFAULT_FILES["text_encoders"],
+        vae=DEFAULT_FILES["vae"],
+        audio_encoder=DEFAULT_FILES["audio_encoders"],
+        weight_dtype="fp32",
+        offload_model=offload,
+        compile=False,
+    )[0]
 
 
 def make_video(models) -> torch.Tensor:
@@ -55,16 +63,32 @@ def make_video(models) -> torch.Tensor:
     audio = {"waveform": (0.3 * torch.sin(2 * torch.pi * 220 * t))[None, None], "sample_rate": 16000}
     features = EncodeAudio().encode(models, audio, 8)[0]
     prompt = EncodePrompt().encode(models, "A person talks.", "")[0]
-    (job,) = LiveAvatarSampler().prepare(models, torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0)),
-                                         features, prompt, "64*64", "exact", 1, 2, 8, "euler", 0.0, 0, True)
+    (job,) = LiveAvatarSampler().prepare(
+        models,
+        torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0)),
+        features,
+        prompt,
+        "64*64",
+        "exact",
+        1,
+        2,
+        8,
+        "euler",
+        0.0,
+        0,
+        True,
+    )
     return render(job, None, keep_frames=True).frames
 
 
 def loaded(models) -> set[str]:
     """Which of our networks ComfyUI's manager holds loaded now."""
     patchers = comfy_bridge.loaded_patchers()
-    return {name for name in NETWORKS
-            if any(p is models.placement.patcher(models.module(name), models.device) for p in patchers)}
+    return {
+        name
+        for name in NETWORKS
+        if any(p is models.placement.patcher(models.module(name), models.device) for p in patchers)
+    }
 
 
 def test_comfyui_unloads_ours_when_a_later_step_needs_the_memory(manager):

@@ -52,8 +52,9 @@ def load_golden(name: str) -> tuple[dict, dict[str, torch.Tensor]]:
 
 @pytest.fixture(scope="module")
 def tiny_models():
-    files = types.SimpleNamespace(dit=OFFICIAL_TINY / "Wan2.2-S2V-tiny", lora=OFFICIAL_TINY / "liveavatar-tiny.safetensors",
-                                  lora_strength=1.0)
+    files = types.SimpleNamespace(
+        dit=OFFICIAL_TINY / "Wan2.2-S2V-tiny", lora=OFFICIAL_TINY / "liveavatar-tiny.safetensors", lora_strength=1.0
+    )
     dit = load_dit_as(files, torch.device("cpu"), Precision(torch.float32))
     vae = load_vae(GOLDENS / "vae_tiny_wan21_dim8.safetensors", device="cpu", dtype=torch.float32)
     return dit, vae
@@ -64,8 +65,12 @@ def run_with_official_draws(monkeypatch, dit, vae, meta, golden, semantics):
     distances; returns (block latents by (clip, block), frames by clip [3, N, H, W] in -1..1)."""
     height, width = meta["size_hw"]
     distances = {(c["clip"], c["block"], c["step"]): c["d"] for c in meta["dit_calls"]}
-    monkeypatch.setattr(CausalSampler, "clip_noise", lambda self, clip: golden[f"inputs/noise_clip{clip}"][None].clone())
-    monkeypatch.setattr(sampler_module, "sink_distance", lambda seed, clip, block, step, bounds=None: distances[(clip, block, step)])
+    monkeypatch.setattr(
+        CausalSampler, "clip_noise", lambda self, clip: golden[f"inputs/noise_clip{clip}"][None].clone()
+    )
+    monkeypatch.setattr(
+        sampler_module, "sink_distance", lambda seed, clip, block, step, bounds=None: distances[(clip, block, step)]
+    )
     latents = {}
     real_denoise = CausalSampler.denoise
 
@@ -79,8 +84,16 @@ def run_with_official_draws(monkeypatch, dit, vae, meta, golden, semantics):
     image = golden["inputs/ref_image_uint8"].float() / 255.0
     pipeline = StreamingPipeline(dit, vae, "cpu", overlap_decode=False)
     frames: dict[int, list[torch.Tensor]] = {}
-    spec = RunSpec.make(image, golden["inputs/audio_emb"], golden["inputs/context"], (width, height), settings,
-                        num_clip=meta["clips"], trim_to_audio=False, semantics=semantics)
+    spec = RunSpec.make(
+        image,
+        golden["inputs/audio_emb"],
+        golden["inputs/context"],
+        (width, height),
+        settings,
+        num_clip=meta["clips"],
+        trim_to_audio=False,
+        semantics=semantics,
+    )
     for chunk in pipeline.stream(spec):
         frames.setdefault(chunk.clip, []).append(chunk.frames)
     video = {clip: (torch.cat(parts) * 2 - 1).permute(3, 0, 1, 2) for clip, parts in frames.items()}
@@ -114,7 +127,9 @@ def test_a_seed_draws_the_official_clip_noise(tiny_models, noise):
     `official` draws in the model's dtype on its device (bfloat16 on GPUs)."""
     meta, golden = load_golden("multi_gpu")
     dit, _ = tiny_models
-    sampler = CausalSampler(CausalDiT(dit), SamplerSettings(infer_frames=meta["infer_frames"], seed=meta["seed"], noise=noise))
+    sampler = CausalSampler(
+        CausalDiT(dit), SamplerSettings(infer_frames=meta["infer_frames"], seed=meta["seed"], noise=noise)
+    )
     sampler._latent_hw = tuple(meta["latent_hw"])
     for clip in range(meta["clips"]):
         assert torch.equal(sampler.clip_noise(clip)[0], golden[f"inputs/noise_clip{clip}"])
@@ -136,6 +151,12 @@ def test_official_noise_follows_the_model_dtype(tiny_models):
 def test_unknown_semantics_are_refused_before_any_compute(tiny_models, semantics):
     dit, vae = tiny_models
     with pytest.raises(InputError, match="semantics must be one of|sink_roll must be"):
-        spec = RunSpec.make(torch.rand(64, 64, 3), torch.zeros(1, 25, 32, 24), torch.zeros(7, 64), (64, 64),
-                            SamplerSettings(infer_frames=24), semantics=semantics)
+        spec = RunSpec.make(
+            torch.rand(64, 64, 3),
+            torch.zeros(1, 25, 32, 24),
+            torch.zeros(7, 64),
+            (64, 64),
+            SamplerSettings(infer_frames=24),
+            semantics=semantics,
+        )
         next(StreamingPipeline(dit, vae).stream(spec))

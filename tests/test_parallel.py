@@ -49,8 +49,11 @@ class TinyModels:
 MULTI_GPU, SINGLE_GPU = VideoSemantics("official-multi-gpu"), VideoSemantics("official-single-gpu")
 CASES = {
     # 2 clips: the sink roll is crossed; two branches; dpmpp_2m history travels between ranks.
-    "guided_dpmpp": (SamplerSettings(sample_steps=2, infer_frames=INFER, sample_solver="dpmpp_2m", guide_scale=5.0, seed=11), 32,
-                     MULTI_GPU),
+    "guided_dpmpp": (
+        SamplerSettings(sample_steps=2, infer_frames=INFER, sample_solver="dpmpp_2m", guide_scale=5.0, seed=11),
+        32,
+        MULTI_GPU,
+    ),
     # 3 clips, the video cut inside clip 2 (40 frames of audio); 3 steps on 2 ranks.
     "euler_3_steps": (SamplerSettings(sample_steps=3, infer_frames=INFER, seed=12), 40, MULTI_GPU),
     # The official multi-GPU layout: 4 euler steps, 3 clips.
@@ -66,8 +69,15 @@ def make_job(case: str, **overrides) -> RunSpec:
     negative = context.flip(0) if settings.guide_scale > 0 else None
     image = torch.rand(120, 90, 3, generator=torch.Generator().manual_seed(5))
     features = torch.randn(1, 25, 32, audio_frames, generator=torch.Generator().manual_seed(6))
-    inputs = {"image": image, "audio_features": features, "context": context, "size": SIZE, "settings": settings,
-              "negative_context": negative, "semantics": semantics}
+    inputs = {
+        "image": image,
+        "audio_features": features,
+        "context": context,
+        "size": SIZE,
+        "settings": settings,
+        "negative_context": negative,
+        "semantics": semantics,
+    }
     return RunSpec.make(**(inputs | overrides))
 
 
@@ -118,7 +128,12 @@ def assert_same(chunks, expected):
 def test_rank_roles_for_every_shape_of_pipeline():
     official = plan_stages(5, 4)
     assert [(s.rank, list(s.steps), s.decodes) for s in official.stages] == [
-        (0, [0], False), (1, [1], False), (2, [2], False), (3, [3], False), (4, [], True)]
+        (0, [0], False),
+        (1, [1], False),
+        (2, [2], False),
+        (3, [3], False),
+        (4, [], True),
+    ]
     fewer = plan_stages(2, 5)  # longer runs first; the decoding rank gets the shorter one
     assert [(list(s.steps), s.decodes) for s in fewer.stages] == [([0, 1, 2], False), ([3, 4], True)]
     idle = plan_stages(5, 2)
@@ -130,9 +145,13 @@ def test_rank_roles_for_every_shape_of_pipeline():
 
 def test_sink_distance_depends_only_on_the_calls_place():
     draws = [sink_distance(7, clip, block, step) for clip in range(4) for block in range(4) for step in range(4)]
-    assert draws == [sink_distance(7, clip, block, step) for clip in range(4) for block in range(4) for step in range(4)]
+    assert draws == [
+        sink_distance(7, clip, block, step) for clip in range(4) for block in range(4) for step in range(4)
+    ]
     assert all(4 <= d <= 30 for d in draws) and len(set(draws)) > 10
-    assert draws != [sink_distance(8, clip, block, step) for clip in range(4) for block in range(4) for step in range(4)]
+    assert draws != [
+        sink_distance(8, clip, block, step) for clip in range(4) for block in range(4) for step in range(4)
+    ]
 
 
 @pytest.mark.slow
@@ -259,7 +278,9 @@ def test_a_rank_that_cannot_join_says_which_settings_help():
         "store = dist.TCPStore('127.0.0.1', 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60));"
         "join(0, 2, torch.device('cpu'), store, 2.0)"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
     assert result.returncode == 3
     assert "could not join the others within 2 s" in result.stderr
     assert "NCCL_P2P_DISABLE=1" in result.stderr and "MASTER_PORT" in result.stderr
@@ -277,13 +298,22 @@ def cli_files(tmp_path_factory):
     save_file(TinyModels().load_vae("cpu").model.state_dict(), folder / "vae.safetensors")
     torch.manual_seed(0)
     config = Wav2Vec2Config(
-        hidden_size=32, num_hidden_layers=24, num_attention_heads=2, intermediate_size=48, conv_dim=(16,) * 7,
-        conv_bias=True, feat_extract_norm="layer", do_stable_layer_norm=True, num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=4, vocab_size=33,
+        hidden_size=32,
+        num_hidden_layers=24,
+        num_attention_heads=2,
+        intermediate_size=48,
+        conv_dim=(16,) * 7,
+        conv_bias=True,
+        feat_extract_norm="layer",
+        do_stable_layer_norm=True,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+        vocab_size=33,
     )
     Wav2Vec2ForCTC(config).eval().save_pretrained(folder / "wav2vec2")
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
-                             return_attention_mask=True).save_pretrained(folder / "wav2vec2")
+    Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True, return_attention_mask=True
+    ).save_pretrained(folder / "wav2vec2")
     from PIL import Image
 
     Image.fromarray((np.random.default_rng(0).random((90, 120, 3)) * 255).astype(np.uint8)).save(folder / "face.png")
@@ -300,16 +330,50 @@ def test_torchrun_command_writes_the_mp4_on_the_last_rank(cli_files):
 
     out = cli_files / "avatar.mp4"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "liveavatar_core.parallel.run",
-        "--dit", str(OFFICIAL_TINY / "Wan2.2-S2V-tiny"), "--vae", str(cli_files / "vae.safetensors"),
-        "--audio-encoder", str(cli_files / "wav2vec2"), "--prompt-embedding", str(OFFICIAL_TINY / "golden.safetensors"),
-        "--image", str(cli_files / "face.png"), "--audio", str(cli_files / "speech.wav"), "--size", SIZE,
-        "--infer-frames", str(INFER), "--num-clip", "2", "--sample-steps", "3", "--device", "cpu", "--dtype", "fp32",
-        "--output", str(out),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "liveavatar_core.parallel.run",
+        "--dit",
+        str(OFFICIAL_TINY / "Wan2.2-S2V-tiny"),
+        "--vae",
+        str(cli_files / "vae.safetensors"),
+        "--audio-encoder",
+        str(cli_files / "wav2vec2"),
+        "--prompt-embedding",
+        str(OFFICIAL_TINY / "golden.safetensors"),
+        "--image",
+        str(cli_files / "face.png"),
+        "--audio",
+        str(cli_files / "speech.wav"),
+        "--size",
+        SIZE,
+        "--infer-frames",
+        str(INFER),
+        "--num-clip",
+        "2",
+        "--sample-steps",
+        "3",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--output",
+        str(out),
     ]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        command,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"wrote {2 * INFER - 3} frames to {out}" in result.stdout
     info = read_video_info(out)

@@ -90,8 +90,13 @@ def test_cancel_keeps_the_earlier_frames_in_the_mp4(models, reference, tmp_path)
     expected, _ = reference
     seen = []
     with pytest.raises(GenerationCancelled):
-        render(video_job(models, 2), tmp_path / "stopped.mp4", keep_frames=False,
-               should_stop=lambda: len(seen) >= 1, on_frames=seen.append)
+        render(
+            video_job(models, 2),
+            tmp_path / "stopped.mp4",
+            keep_frames=False,
+            should_stop=lambda: len(seen) >= 1,
+            on_frames=seen.append,
+        )
     assert 1 <= len(seen) < len(expected)  # blocks already in the pipeline still arrive
     for got, want in zip(seen, expected):
         assert torch.equal(got, want.frames)
@@ -152,8 +157,13 @@ def test_workers_do_not_run_the_host_applications_main_script(models, tmp_path):
     )
     files = worker_model_files(models).files
     result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), str(files.dit), str(files.vae)], cwd=ROOT, capture_output=True,
-        text=True, timeout=300, check=False, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        [sys.executable, str(script), str(tmp_path), str(files.dit), str(files.vae)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "workers 2" in result.stdout

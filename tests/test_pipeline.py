@@ -135,7 +135,9 @@ def test_three_clips_at_preview_size_make_a_playable_mp4_with_audio(pipeline, co
 
     frames = 3 * 48
     audio = sine(frames / FPS)
-    chunks = pipeline.stream(RunSpec.make(portrait(), features(frames), context, "384*256", SamplerSettings(sample_steps=1)))
+    chunks = pipeline.stream(
+        RunSpec.make(portrait(), features(frames), context, "384*256", SamplerSettings(sample_steps=1))
+    )
     path = tmp_path / "avatar.mp4"
     written = write_video(chunks, path, audio, 16000, "384*256")
     info = read_video_info(path)
@@ -152,7 +154,9 @@ def test_run_stopped_after_two_clips_leaves_those_clips_with_audio(pipeline, con
 
     infer = 16
     finished = []
-    spec = RunSpec.make(portrait(), features(5 * infer), context, SMALL, SamplerSettings(sample_steps=1, infer_frames=infer))
+    spec = RunSpec.make(
+        portrait(), features(5 * infer), context, SMALL, SamplerSettings(sample_steps=1, infer_frames=infer)
+    )
     chunks = pipeline.stream(spec, should_stop=lambda: len(finished) >= 2)
 
     def tracked():

@@ -62,10 +62,19 @@ def inputs(default_models, default_model_files):
     audio = EncodedAudio(torch.randn(1, 3, 64, frames, generator=generator).bfloat16(), tone.repeat(2, 1), 16000)
     prompt = PromptEmbeddings(torch.randn(5, 48, generator=generator), torch.randn(3, 48, generator=generator))
     files = default_model_files
-    return {"image": torch.rand(96, 128, 3, generator=generator), "audio": audio, "prompt": prompt,
-            "settings": SETTINGS,
-            "files": {"dit": files["diffusion_models"], "vae": files["vae"], "lora": files["loras"],
-                      "text_encoder": files["text_encoders"], "audio_encoder": files["audio_encoders"]}}
+    return {
+        "image": torch.rand(96, 128, 3, generator=generator),
+        "audio": audio,
+        "prompt": prompt,
+        "settings": SETTINGS,
+        "files": {
+            "dit": files["diffusion_models"],
+            "vae": files["vae"],
+            "lora": files["loras"],
+            "text_encoder": files["text_encoders"],
+            "audio_encoder": files["audio_encoders"],
+        },
+    }
 
 
 def job_of(models, inputs, **changes):
@@ -80,8 +89,13 @@ def killed(inputs, tmp_path_factory):
     folder = tmp_path_factory.mktemp("killed")
     torch.save(inputs, folder / "inputs.pt")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(folder / "inputs.pt"), str(folder / f"{NAME}.mp4")],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(folder / "inputs.pt"), str(folder / f"{NAME}.mp4")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
     try:
         line = child.stdout.readline()
         assert line.strip() == "READY", child.stderr.read()
@@ -133,8 +147,9 @@ def test_a_killed_run_leaves_a_playable_mp4_and_its_sidecar(killed):
 
 
 @pytest.mark.slow
-def test_resume_appends_the_rest_and_equals_an_uninterrupted_run(default_models, inputs, killed, uninterrupted,
-                                                                  tmp_path):
+def test_resume_appends_the_rest_and_equals_an_uninterrupted_run(
+    default_models, inputs, killed, uninterrupted, tmp_path
+):
     mp4 = copy_of(killed, tmp_path)
     result = render(job_of(default_models, inputs), mp4, keep_frames=False, resume=True)
     assert result.frames_written == FRAMES
@@ -155,8 +170,9 @@ def test_resume_appends_the_rest_and_equals_an_uninterrupted_run(default_models,
 
 
 @pytest.mark.slow
-def test_without_the_replayed_clip_the_resumed_frames_differ(default_models, inputs, killed, uninterrupted, tmp_path,
-                                                             monkeypatch):
+def test_without_the_replayed_clip_the_resumed_frames_differ(
+    default_models, inputs, killed, uninterrupted, tmp_path, monkeypatch
+):
     """The caches matter: resumed without repeating clip 1's DiT calls, clip 2 on differs."""
     import liveavatar_core.resume
 
@@ -173,21 +189,30 @@ def test_without_the_replayed_clip_the_resumed_frames_differ(default_models, inp
 def test_resume_with_changed_inputs_names_them_before_any_compute(default_models, inputs, killed, tmp_path):
     mp4 = copy_of(killed, tmp_path)
     size = mp4.stat().st_size
-    changed = job_of(default_models, inputs, settings=SamplerSettings(sample_steps=2, infer_frames=16, seed=7),
-                     image=inputs["image"].flip(0))
-    with pytest.raises(InputError, match=r"seed was 0, now 7.*the portrait changed|the portrait changed.*seed was 0"
-                       ) as error:
+    changed = job_of(
+        default_models,
+        inputs,
+        settings=SamplerSettings(sample_steps=2, infer_frames=16, seed=7),
+        image=inputs["image"].flip(0),
+    )
+    with pytest.raises(
+        InputError, match=r"seed was 0, now 7.*the portrait changed|the portrait changed.*seed was 0"
+    ) as error:
         render(changed, mp4, keep_frames=False, resume=True, should_stop=lambda: pytest.fail("it computed"))
     assert "turn resume off" in str(error.value)
     assert mp4.stat().st_size == size
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damage, message", [
-    (lambda mp4: sidecar_path(mp4).write_text("{"), "unreadable"),
-    (lambda mp4: os.truncate(mp4, 1000), "fewer than"),
-    (lambda mp4: next(mp4.parent.glob(f"{NAME}.resume-clip-*")).write_bytes(b"junk"), "unreadable"),
-], ids=["json", "short-mp4", "state"])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda mp4: sidecar_path(mp4).write_text("{"), "unreadable"),
+        (lambda mp4: os.truncate(mp4, 1000), "fewer than"),
+        (lambda mp4: next(mp4.parent.glob(f"{NAME}.resume-clip-*")).write_bytes(b"junk"), "unreadable"),
+    ],
+    ids=["json", "short-mp4", "state"],
+)
 def test_a_damaged_sidecar_is_refused_with_the_fix(default_models, inputs, killed, tmp_path, damage, message):
     mp4 = copy_of(killed, tmp_path)
     damage(mp4)
@@ -196,8 +221,7 @@ def test_a_damaged_sidecar_is_refused_with_the_fix(default_models, inputs, kille
 
 
 @pytest.mark.slow
-def test_the_decode_node_continues_the_unfinished_mp4(default_models, inputs, killed, uninterrupted, tmp_path,
-                                                      comfyui):
+def test_the_decode_node_continues_the_unfinished_mp4(default_models, inputs, killed, uninterrupted, tmp_path, comfyui):
     import folder_paths
 
     output = tmp_path / "output"
@@ -209,9 +233,13 @@ def test_the_decode_node_continues_the_unfinished_mp4(default_models, inputs, ki
         with pytest.raises(InputError, match="frames"):
             node.decode(job_of(default_models, inputs), "mp4 + frames", "LiveAvatar/avatar", 19, resume=True)
         with pytest.raises(InputError, match="seed was 0, now 1"):
-            node.decode(job_of(default_models, inputs, settings=SamplerSettings(sample_steps=2, infer_frames=16,
-                                                                                seed=1)),
-                        "mp4", "LiveAvatar/avatar", 19, resume=True)
+            node.decode(
+                job_of(default_models, inputs, settings=SamplerSettings(sample_steps=2, infer_frames=16, seed=1)),
+                "mp4",
+                "LiveAvatar/avatar",
+                19,
+                resume=True,
+            )
         result = node.decode(job_of(default_models, inputs), "mp4", "LiveAvatar/avatar", 19, resume=True)
     finally:
         folder_paths.set_output_directory(previous)

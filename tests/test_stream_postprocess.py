@@ -31,8 +31,13 @@ def models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models")
     write_default_models(folder)
     paths = default_model_paths(folder)
-    files = ModelFiles(dit=paths["diffusion_models"], text_encoder=paths["text_encoders"], vae=paths["vae"],
-                       audio_encoder=paths["audio_encoders"], lora=paths["loras"])
+    files = ModelFiles(
+        dit=paths["diffusion_models"],
+        text_encoder=paths["text_encoders"],
+        vae=paths["vae"],
+        audio_encoder=paths["audio_encoders"],
+        lora=paths["loras"],
+    )
     return load_models(files, dtype="fp32")
 
 
@@ -44,8 +49,9 @@ def upscaler(tmp_path_factory):
 @pytest.fixture(scope="module")
 def nodes(comfyui):
     # Under its own name: ComfyUI's `nodes` module holds the plain name.
-    spec = importlib.util.spec_from_file_location("liveavatar_nodes", ROOT / "nodes" / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT / "nodes")])
+    spec = importlib.util.spec_from_file_location(
+        "liveavatar_nodes", ROOT / "nodes" / "__init__.py", submodule_search_locations=[str(ROOT / "nodes")]
+    )
     package = importlib.util.module_from_spec(spec)
     sys.modules["liveavatar_nodes"] = package
     spec.loader.exec_module(package)
@@ -182,8 +188,11 @@ def test_the_model_is_on_the_device_only_while_the_stream_runs(models):
         yield
         events.append("off")
 
-    upscale = ModelUpscale(lambda images, tile, overlap: images.repeat_interleave(2, -1).repeat_interleave(2, -2),
-                           scale=2, on_device=on_device)
+    upscale = ModelUpscale(
+        lambda images, tile, overlap: images.repeat_interleave(2, -1).repeat_interleave(2, -2),
+        scale=2,
+        on_device=on_device,
+    )
     job = TransformedJob(job_of(models, clips=2), upscale)
     for _ in job.frames():
         assert events == ["on"]
@@ -201,13 +210,14 @@ def test_memory_stays_flat_over_many_upscaled_clips(models, upscaler, nodes, tmp
     job = job_of(models, clips=clips)
     (upscaled,) = nodes[0].wrap(job, upscaler, 4.0)  # 2x model, then 4x: 512*512 frames, 25 MB a clip
     rss = []
-    render(upscaled, tmp_path / "long.mp4", keep_frames=False,
-           on_frames=lambda frames: rss.append(resident_mb()))
+    render(upscaled, tmp_path / "long.mp4", keep_frames=False, on_frames=lambda frames: rss.append(resident_mb()))
     per_clip = len(rss) // clips
     settled, end = rss[4 * per_clip - 1], rss[-1]
     print(f"RSS after clip 4: {settled:.0f} MB, after clip {clips}: {end:.0f} MB, peak {max(rss):.0f} MB")
     kept = (clips - 4) * QUICK.infer_frames * 512 * 512 * 3 * 4 / 2**20
-    assert end - settled < 60, f"resident memory grew by {end - settled:.0f} MB over {clips - 4} clips " \
-                               f"(keeping the frames would add {kept:.0f} MB)"
+    assert end - settled < 60, (
+        f"resident memory grew by {end - settled:.0f} MB over {clips - 4} clips "
+        f"(keeping the frames would add {kept:.0f} MB)"
+    )
     info = read_video_info(tmp_path / "long.mp4")
     assert (info["width"], info["height"], info["frames"]) == (512, 512, job.frame_count)

@@ -19,8 +19,15 @@ from liveavatar_core.weights import build_empty, check_tensor_names
 
 TOLERANCE = 1e-5
 TINY = {"vocab": 256, "d_model": 64, "d_kv": 16, "heads": 4, "d_ff": 96, "layers": 2}
-LINEARS = ("SelfAttention.q", "SelfAttention.k", "SelfAttention.v", "SelfAttention.o",
-           "DenseReluDense.wi_0", "DenseReluDense.wi_1", "DenseReluDense.wo")
+LINEARS = (
+    "SelfAttention.q",
+    "SelfAttention.k",
+    "SelfAttention.v",
+    "SelfAttention.o",
+    "DenseReluDense.wi_0",
+    "DenseReluDense.wi_1",
+    "DenseReluDense.wo",
+)
 
 # ComfyUI's (= transformers') names -> Wan's, per layer. Wan applies the GELU to `ffn.gate`,
 # transformers to `wi_0`; Wan's `fc1` is the linear half.
@@ -59,14 +66,24 @@ def sentencepiece_model() -> bytes:
     """A small umT5-style sentencepiece model (pad 0, end 1, unknown 2), trained here."""
     import sentencepiece
 
-    words = ("the quick brown fox jumps over lazy dog a talking avatar speaks clearly in bright studio "
-             "hello world how are you today woman man smiles looks at camera natural light portrait").split()
+    words = (
+        "the quick brown fox jumps over lazy dog a talking avatar speaks clearly in bright studio "
+        "hello world how are you today woman man smiles looks at camera natural light portrait"
+    ).split()
     rng = random.Random(0)
     corpus = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(300)]
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus), model_writer=model, vocab_size=200, hard_vocab_limit=False,
-        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2,
+        sentence_iterator=iter(corpus),
+        model_writer=model,
+        vocab_size=200,
+        hard_vocab_limit=False,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
     )
     return model.getvalue()
 
@@ -79,18 +96,20 @@ def comfyui_state() -> dict[str, torch.Tensor]:
     shapes = {"shared.weight": (TINY["vocab"], d), "encoder.final_layer_norm.weight": (d,)}
     for i in range(TINY["layers"]):
         block = f"encoder.block.{i}."
-        shapes.update({
-            block + "layer.0.layer_norm.weight": (d,),
-            block + "layer.0.SelfAttention.q.weight": (inner, d),
-            block + "layer.0.SelfAttention.k.weight": (inner, d),
-            block + "layer.0.SelfAttention.v.weight": (inner, d),
-            block + "layer.0.SelfAttention.o.weight": (d, inner),
-            block + "layer.0.SelfAttention.relative_attention_bias.weight": (32, TINY["heads"]),
-            block + "layer.1.layer_norm.weight": (d,),
-            block + "layer.1.DenseReluDense.wi_0.weight": (ff, d),
-            block + "layer.1.DenseReluDense.wi_1.weight": (ff, d),
-            block + "layer.1.DenseReluDense.wo.weight": (d, ff),
-        })
+        shapes.update(
+            {
+                block + "layer.0.layer_norm.weight": (d,),
+                block + "layer.0.SelfAttention.q.weight": (inner, d),
+                block + "layer.0.SelfAttention.k.weight": (inner, d),
+                block + "layer.0.SelfAttention.v.weight": (inner, d),
+                block + "layer.0.SelfAttention.o.weight": (d, inner),
+                block + "layer.0.SelfAttention.relative_attention_bias.weight": (32, TINY["heads"]),
+                block + "layer.1.layer_norm.weight": (d,),
+                block + "layer.1.DenseReluDense.wi_0.weight": (ff, d),
+                block + "layer.1.DenseReluDense.wi_1.weight": (ff, d),
+                block + "layer.1.DenseReluDense.wo.weight": (d, ff),
+            }
+        )
     state = {}
     for name, shape in shapes.items():
         if name.endswith("layer_norm.weight"):
@@ -115,9 +134,17 @@ def comfyui_umt5(comfy, state: dict[str, torch.Tensor], operations=None, dtype=t
     import comfy.ops
     import comfy.text_encoders.t5
 
-    config = {"d_ff": TINY["d_ff"], "d_kv": TINY["d_kv"], "d_model": TINY["d_model"], "num_heads": TINY["heads"],
-              "num_layers": TINY["layers"], "vocab_size": TINY["vocab"], "dense_act_fn": "gelu_pytorch_tanh",
-              "is_gated_act": True, "model_type": "umt5"}
+    config = {
+        "d_ff": TINY["d_ff"],
+        "d_kv": TINY["d_kv"],
+        "d_model": TINY["d_model"],
+        "num_heads": TINY["heads"],
+        "num_layers": TINY["layers"],
+        "vocab_size": TINY["vocab"],
+        "dense_act_fn": "gelu_pytorch_tanh",
+        "is_gated_act": True,
+        "model_type": "umt5",
+    }
     model = comfy.text_encoders.t5.T5(config, dtype, "cpu", operations or comfy.ops.manual_cast)
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not missing and not unexpected, (missing, unexpected)
@@ -189,7 +216,13 @@ def test_wan_checkpoint_names_fill_a_full_size_umt5_encoder():
 def test_full_size_config_is_umt5_xxl():
     config = umt5_xxl_config()
     assert (config.vocab_size, config.d_model, config.num_layers, config.num_heads, config.d_kv, config.d_ff) == (
-        256384, 4096, 24, 64, 64, 10240)
+        256384,
+        4096,
+        24,
+        64,
+        64,
+        10240,
+    )
     assert config.is_gated_act and config.dense_act_fn == "gelu_new"  # tanh GELU, as Wan's
     assert config.relative_attention_num_buckets == 32 and config.relative_attention_max_distance == 128
     assert config.layer_norm_epsilon == 1e-6
@@ -416,8 +449,9 @@ def test_other_networks_are_refused_with_the_fix(tsv, network, tmp_path):
 
 
 def test_t5_xxl_of_flux_is_refused(tmp_path, comfyui_state):
-    state = {k: v for k, v in comfyui_state.items()
-             if "relative_attention_bias" not in k or k.startswith("encoder.block.0.")}
+    state = {
+        k: v for k, v in comfyui_state.items() if "relative_attention_bias" not in k or k.startswith("encoder.block.0.")
+    }
     path = tmp_path / "t5xxl_fp16.safetensors"
     save_file(state, str(path))
     with pytest.raises(CheckpointError, match="not umT5-XXL"):

@@ -23,12 +23,40 @@ SMALL_DIM = 16  # same structure as the real VAE (base width 96), 36x fewer chan
 
 # From the official Wan2.1 VAE code (Wan2_1_VAE.__init__).
 OFFICIAL_MEAN = [
-    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+    -0.7571,
+    -0.7089,
+    -0.9113,
+    0.1075,
+    -0.1745,
+    0.9653,
+    -0.1517,
+    1.5508,
+    0.4134,
+    -0.0715,
+    0.5517,
+    -0.3632,
+    -0.1922,
+    -0.9497,
+    0.2503,
+    -0.2921,
 ]
 OFFICIAL_STD = [
-    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+    2.8184,
+    1.4541,
+    2.3275,
+    2.6558,
+    1.2196,
+    1.7708,
+    2.6052,
+    2.0743,
+    3.2687,
+    2.1526,
+    2.8652,
+    1.5579,
+    1.6382,
+    1.1253,
+    2.8251,
+    1.9160,
 ]
 
 
@@ -132,10 +160,15 @@ def comfy_reference(comfyui, tmp_path_factory):
     return files, video, latents, expected_latents, expected_video
 
 
-@pytest.mark.parametrize("layout", [
-    pytest.param("official .pth", marks=pytest.mark.slow), "ComfyUI .safetensors", "whole-model file, vae. prefix",
-    pytest.param("diffusers names", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param("official .pth", marks=pytest.mark.slow),
+        "ComfyUI .safetensors",
+        "whole-model file, vae. prefix",
+        pytest.param("diffusers names", marks=pytest.mark.slow),
+    ],
+)
 def test_matches_comfyui_wan_vae(comfy_reference, layout):
     files, video, latents, expected_latents, expected_video = comfy_reference
     vae = load_vae(files[layout])
@@ -222,7 +255,7 @@ def test_streaming_decode_equals_whole_decode(small_vae, chunks):
     print(f"\nstreaming decode in chunks {chunks}: rel err {error:.3e}")
     assert error <= TOLERANCE
     # The stream must really use its caches: decoding the last chunk alone gives other frames.
-    alone = small_vae.decode(latents[:, :, -chunks[-1]:])
+    alone = small_vae.decode(latents[:, :, -chunks[-1] :])
     assert relative_error(alone[:, :, -4:], whole[:, :, -4:]) > 1e-3
 
 
@@ -259,8 +292,11 @@ def test_missing_tensor_is_reported(tmp_path, small_vae):
 
 OTHER_NETWORKS = {
     "umT5 (ComfyUI / transformers names)": (
-        {"shared.weight": (32, 8), "encoder.block.0.layer.0.SelfAttention.q.weight": (8, 8),
-         "encoder.final_layer_norm.weight": (8,)},
+        {
+            "shared.weight": (32, 8),
+            "encoder.block.0.layer.0.SelfAttention.q.weight": (8, 8),
+            "encoder.final_layer_norm.weight": (8,),
+        },
         "umT5 text encoder.*models/text_encoders",
     ),
     "umT5 (official names)": (
@@ -272,8 +308,10 @@ OTHER_NETWORKS = {
         "diffusion model.*models/diffusion_models",
     ),
     "Wan2.2 VAE": (
-        {"decoder.middle.0.residual.0.gamma": (8, 1, 1, 1),
-         "decoder.upsamples.0.upsamples.0.residual.2.weight": (8, 8, 3, 3, 3)},
+        {
+            "decoder.middle.0.residual.0.gamma": (8, 1, 1, 1),
+            "decoder.upsamples.0.upsamples.0.residual.2.weight": (8, 8, 3, 3, 3),
+        },
         "Wan2.2 VAE \\(48 latent channels",
     ),
     "Wan2.2 VAE (diffusers names)": (

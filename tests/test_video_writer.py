@@ -130,8 +130,9 @@ def test_a_continued_file_equals_one_written_at_once(tmp_path, past_the_audio):
         written = writer.written
     with open(resumed, "ab") as file:
         file.write(b"\0\0\1\0moof" + bytes(300))  # a fragment cut short by a kill
-    with StreamingVideoWriter(resumed, FPS, WIDTH, HEIGHT, audio=audio, sample_rate=SAMPLE_RATE,
-                              append_to=written) as writer:
+    with StreamingVideoWriter(
+        resumed, FPS, WIDTH, HEIGHT, audio=audio, sample_rate=SAMPLE_RATE, append_to=written
+    ) as writer:
         for index in range(2, 4):
             writer.write_frames(clip_frames(index))
         assert writer.frames_written == 4 * CLIP

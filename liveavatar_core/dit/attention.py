@@ -33,8 +33,10 @@ def check_backend(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}, got {name!r}")
     if name == "fa3" and _fa3() is None:
-        raise ValueError("attention backend 'fa3' needs FlashAttention-3 (the flash_attn_interface package, "
-                         "or fa3_fwd_interface from the fa3-fwd wheel)")
+        raise ValueError(
+            "attention backend 'fa3' needs FlashAttention-3 (the flash_attn_interface package, "
+            "or fa3_fwd_interface from the fa3-fwd wheel)"
+        )
 
 
 # FlashAttention-3's Python module: the upstream build's name, then the forward-only wheel's.

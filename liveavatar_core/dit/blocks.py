@@ -60,7 +60,9 @@ class S2VBlock(nn.Module):
         norm, input_scale = self.norm3, fp8.static_scale(self.cross_attn.q)
         if input_scale is None:
             return fused.layer_norm_affine(x, norm.weight, norm.bias, norm.eps, dtype)
-        return fp8.Fp8Activation(fused.layer_norm_affine_fp8(x, norm.weight, norm.bias, norm.eps, input_scale), input_scale)
+        return fp8.Fp8Activation(
+            fused.layer_norm_affine_fp8(x, norm.weight, norm.bias, norm.eps, input_scale), input_scale
+        )
 
     def _ffn(self, x):
         input_scale = fp8.static_scale(self.ffn[2])

@@ -56,8 +56,13 @@ class S2VConfig:
 
 
 REQUIRED_TENSORS = (
-    "patch_embedding.weight", "casual_audio_encoder.weights", "blocks.0.ffn.0.weight", "head.head.weight",
-    "time_embedding.0.weight", "text_embedding.0.weight", "casual_audio_encoder.encoder.conv1_local.conv.weight",
+    "patch_embedding.weight",
+    "casual_audio_encoder.weights",
+    "blocks.0.ffn.0.weight",
+    "head.head.weight",
+    "time_embedding.0.weight",
+    "text_embedding.0.weight",
+    "casual_audio_encoder.encoder.conv1_local.conv.weight",
 )
 RIGHT_FILE = "Pick the Wan2.2-S2V-14B checkpoint (official shards or ComfyUI's wan2.2_s2v_14B_*.safetensors)."
 
@@ -93,13 +98,21 @@ def config_from_shapes(
     def bad(field: str, value, why: str, fix: str) -> CheckpointError:
         return CheckpointError(f"{source}: {field} = {value!r} {why}. {fix}")
 
-    num_heads = _positive_int(hints.get("num_heads", dim // HEAD_DIM), "num_heads", bad,
-                              f"Set num_heads so that {dim} / num_heads is even (the released models use "
-                              f"{HEAD_DIM} channels per head: {max(1, dim // HEAD_DIM)}).")
+    num_heads = _positive_int(
+        hints.get("num_heads", dim // HEAD_DIM),
+        "num_heads",
+        bad,
+        f"Set num_heads so that {dim} / num_heads is even (the released models use "
+        f"{HEAD_DIM} channels per head: {max(1, dim // HEAD_DIM)}).",
+    )
     if dim % num_heads or (dim // num_heads) % 2:
-        raise bad("num_heads", num_heads, f"does not split the model width {dim} into heads of an even size",
-                  f"Set num_heads to a divisor of {dim} leaving an even head size (e.g. {max(1, dim // HEAD_DIM)}), "
-                  "or use the config.json that came with this model.")
+        raise bad(
+            "num_heads",
+            num_heads,
+            f"does not split the model width {dim} into heads of an even size",
+            f"Set num_heads to a divisor of {dim} leaving an even head size (e.g. {max(1, dim // HEAD_DIM)}), "
+            "or use the config.json that came with this model.",
+        )
     inject = hints.get("audio_inject_layers")
     if inject is None:
         if (num_layers, num_injectors) != (40, len(WAN22_S2V_14B_INJECT_LAYERS)):
@@ -110,24 +123,36 @@ def config_from_shapes(
             )
         inject = WAN22_S2V_14B_INJECT_LAYERS
     if not isinstance(inject, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in inject):
-        raise bad("audio_inject_layers", inject, "is not a list of block numbers",
-                  "Use the config.json that came with this model.")
+        raise bad(
+            "audio_inject_layers",
+            inject,
+            "is not a list of block numbers",
+            "Use the config.json that came with this model.",
+        )
     if len(inject) != num_injectors:
         raise CheckpointError(
             f"{label}: the config lists {len(inject)} audio-injection layers but the file holds "
             f"{num_injectors} injectors. The config.json belongs to another model."
         )
     if len(set(inject)) != len(inject) or any(not 0 <= i < num_layers for i in inject):
-        raise bad("audio_inject_layers", list(inject), f"names blocks outside 0..{num_layers - 1} or twice",
-                  "Use the config.json that came with this model.")
+        raise bad(
+            "audio_inject_layers",
+            list(inject),
+            f"names blocks outside 0..{num_layers - 1} or twice",
+            "Use the config.json that came with this model.",
+        )
     text_len = _positive_int(hints.get("text_len", 512), "text_len", bad, "Use 512, umT5's length in Wan2.2.")
-    motion_frames = _positive_int(hints.get("motion_frames", MOTION_FRAMES), "motion_frames", bad, "Use 73, as Wan2.2-S2V.")
+    motion_frames = _positive_int(
+        hints.get("motion_frames", MOTION_FRAMES), "motion_frames", bad, "Use 73, as Wan2.2-S2V."
+    )
     eps = hints.get("eps", 1e-6)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
         raise bad("eps", eps, "is not a small positive number", "Use 1e-6, as Wan2.2-S2V.")
     if dim < 4 or conv1_local[0] % (dim // 4):
-        raise CheckpointError(f"{label}: the audio encoder's conv1_local {conv1_local} does not fit the width {dim}. "
-                              f"The file is damaged or of another model. {RIGHT_FILE}")
+        raise CheckpointError(
+            f"{label}: the audio encoder's conv1_local {conv1_local} does not fit the width {dim}. "
+            f"The file is damaged or of another model. {RIGHT_FILE}"
+        )
     return S2VConfig(
         dim=dim,
         ffn_dim=shapes["blocks.0.ffn.0.weight"][0],

@@ -88,16 +88,18 @@ if DEFAULT_SCALING not in ACTIVATION_SCALINGS:
     raise ValueError(f"LIVEAVATAR_FP8_SCALING must be one of {', '.join(ACTIVATION_SCALINGS)}, got {DEFAULT_SCALING!r}")
 
 
-def set_activation_scaling_(model: nn.Module, kind: str, calibration_calls: int = 1,
-                            headroom: float = STATIC_HEADROOM) -> nn.Module:
+def set_activation_scaling_(
+    model: nn.Module, kind: str, calibration_calls: int = 1, headroom: float = STATIC_HEADROOM
+) -> nn.Module:
     """How every fp8 layer of `model` scales its inputs: "tensor" (the default), "row" or
     "static" (each layer's scale taken from its first `calibration_calls` calls, times
     `headroom`, then frozen; choosing it again starts a new calibration)."""
     if kind not in ACTIVATION_SCALINGS:
         raise ValueError(f"activation scaling must be one of {ACTIVATION_SCALINGS}, got {kind!r}")
     if calibration_calls < 1 or headroom < 1:
-        raise ValueError(f"static scaling needs calibration_calls >= 1 and headroom >= 1, got "
-                         f"{calibration_calls} and {headroom}")
+        raise ValueError(
+            f"static scaling needs calibration_calls >= 1 and headroom >= 1, got {calibration_calls} and {headroom}"
+        )
     for module in model.modules():
         if isinstance(module, Fp8Linear):
             module.activation_scaling = kind
@@ -193,8 +195,9 @@ class Fp8Linear(nn.Module):
         return self._matmul(x8, x_scale, w_scale, x.shape)
 
     def _matmul(self, x8, x_scale, w_scale, shape) -> torch.Tensor:
-        out = torch._scaled_mm(x8, self.weight.t(), scale_a=x_scale, scale_b=w_scale,
-                               bias=self.bias, out_dtype=self.compute_dtype)
+        out = torch._scaled_mm(
+            x8, self.weight.t(), scale_a=x_scale, scale_b=w_scale, bias=self.bias, out_dtype=self.compute_dtype
+        )
         return out.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -203,8 +206,9 @@ class Fp8Linear(nn.Module):
 
 def fp8_layer_names(model: nn.Module) -> list[str]:
     """The linear layers that run in fp8 (all but `FP8_EXEMPT`)."""
-    return [name for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and not FP8_EXEMPT.match(name)]
+    return [
+        name for name, module in model.named_modules() if isinstance(module, nn.Linear) and not FP8_EXEMPT.match(name)
+    ]
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -233,8 +237,13 @@ def dequantize_dit_(model: nn.Module) -> nn.Module:
     fp8 file)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, Fp8Linear):
-            linear = nn.Linear(module.in_features, module.out_features, module.bias is not None,
-                               device=module.weight.device, dtype=module.compute_dtype)
+            linear = nn.Linear(
+                module.in_features,
+                module.out_features,
+                module.bias is not None,
+                device=module.weight.device,
+                dtype=module.compute_dtype,
+            )
             linear.weight.copy_(module.dequantized_weight())
             if module.bias is not None:
                 linear.bias.copy_(module.bias)

@@ -26,8 +26,11 @@ def _config_hints(path: Path, tensors: TensorFile) -> tuple[dict, str]:
     metadata = tensors.metadata()
     if CONFIG_METADATA_KEY in metadata:
         source = f"the {CONFIG_METADATA_KEY!r} metadata of {tensors.label}"
-        return _json_object(metadata[CONFIG_METADATA_KEY], source, "Write the file again (save_dit) or remove "
-                            "that metadata and put the model's config.json next to it."), source
+        return _json_object(
+            metadata[CONFIG_METADATA_KEY],
+            source,
+            "Write the file again (save_dit) or remove that metadata and put the model's config.json next to it.",
+        ), source
     folder = path if path.is_dir() else path.parent
     config_file = folder / "config.json"
     if config_file.exists():

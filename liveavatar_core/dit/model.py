@@ -192,7 +192,9 @@ class WanS2VTransformer(nn.Module):
             video = self.embed_video(latents, cond) + self.trainable_cond_mask.weight[VIDEO]
             sink, sink_positions = self.embed_sink(ref, motion)
             x = torch.cat([video, sink], dim=1).float()
-            positions = torch.cat([self.video_positions(frames, height, width, device=device), sink_positions.to(device)])
+            positions = torch.cat(
+                [self.video_positions(frames, height, width, device=device), sink_positions.to(device)]
+            )
             rope = rope_cos_sin(positions, self.config.head_dim, device)
 
             times = torch.cat([timestep.flatten().expand(batch), timestep.new_zeros(1)]).to(device)
@@ -201,7 +203,14 @@ class WanS2VTransformer(nn.Module):
             segments = [video.shape[1], sink.shape[1]]
 
             x = self.run_blocks(
-                x, modulation, segments, rope, self.embed_text(context), self.embed_audio(audio), video.shape[1], kv_hook
+                x,
+                modulation,
+                segments,
+                rope,
+                self.embed_text(context),
+                self.embed_audio(audio),
+                video.shape[1],
+                kv_hook,
             )
             out = self.head(x[:, : video.shape[1]], head_emb[:batch, None], [video.shape[1]])
             return self.unpatchify(out.float(), frames, height, width)

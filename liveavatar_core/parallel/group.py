@@ -67,9 +67,11 @@ def check_cpu_workers(processes: int) -> None:
             f"worker processes need one GPU each (CPU workers are for tests only: {CPU_WORKERS_FLAG}=1)."
         )
     if processes > MAX_CPU_WORKERS:
-        raise InputError(f"gpus = {processes} CPU worker processes: at most {MAX_CPU_WORKERS} run on the CPU "
-                         f"(they are for tests, each holds a copy of the models). Set gpus to at most "
-                         f"{MAX_CPU_WORKERS}, or to 1.")
+        raise InputError(
+            f"gpus = {processes} CPU worker processes: at most {MAX_CPU_WORKERS} run on the CPU "
+            f"(they are for tests, each holds a copy of the models). Set gpus to at most "
+            f"{MAX_CPU_WORKERS}, or to 1."
+        )
 
 
 def rank_device(kind: str, local_rank: int) -> torch.device:
@@ -101,8 +103,12 @@ def join(
     watchdog.start()
     try:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        options = {"backend": backend, "rank": rank, "world_size": world_size,
-                   "timeout": timedelta(seconds=OPERATION_TIMEOUT_S)}
+        options = {
+            "backend": backend,
+            "rank": rank,
+            "world_size": world_size,
+            "timeout": timedelta(seconds=OPERATION_TIMEOUT_S),
+        }
         if store is None:
             options["init_method"] = "env://"
         else:

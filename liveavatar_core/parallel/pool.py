@@ -100,8 +100,18 @@ class WorkerPool:
         self._jobs = [ctx.Queue() for _ in range(self.world_size)]
         with _main_script_hidden(not self.run_main_script):
             for rank in range(self.world_size):
-                args = (rank, self.world_size, self.device_kind, self._store.port, self.models, self._jobs[rank],
-                        self._events, self._stop, self.join_timeout_s, self.cpu_threads)
+                args = (
+                    rank,
+                    self.world_size,
+                    self.device_kind,
+                    self._store.port,
+                    self.models,
+                    self._jobs[rank],
+                    self._events,
+                    self._stop,
+                    self.join_timeout_s,
+                    self.cpu_threads,
+                )
                 process = ctx.Process(target=worker_main, args=args, name=f"liveavatar-rank{rank}", daemon=True)
                 process.start()
                 self._procs.append(process)
@@ -118,7 +128,9 @@ class WorkerPool:
             elif time.monotonic() > deadline:
                 missing = sorted(set(range(self.world_size)) - ready)
                 self._teardown()
-                raise DistributedError(f"pipeline ranks {missing} did not start and join within {wait_s:.0f} s. {JOIN_HINT}")
+                raise DistributedError(
+                    f"pipeline ranks {missing} did not start and join within {wait_s:.0f} s. {JOIN_HINT}"
+                )
 
     def shutdown(self) -> None:
         """Asks the workers to leave, then ends any that do not."""
@@ -206,8 +218,9 @@ class WorkerPool:
             self._teardown()
 
     # -- failures -----------------------------------------------------------------------------
-    def _failure(self, errors: list[Failed], kept: list[FrameChunk], when: str, job_id: int | None = None,
-                 frames: int = 0):
+    def _failure(
+        self, errors: list[Failed], kept: list[FrameChunk], when: str, job_id: int | None = None, frames: int = 0
+    ):
         """Collects what arrives for a moment, tears the pool down, and returns the chunks that
         arrived and the error to raise: a rank that died without a word is the cause (its
         neighbours only lost their links to it), else the first rank that reported."""

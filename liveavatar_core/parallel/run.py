@@ -60,7 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     inputs.add_argument("--audio", required=True)
     inputs.add_argument("--prompt", help="what the video shows (encoded by --text-encoder)")
     inputs.add_argument("--negative-prompt", help="default: Wan's negative prompt (used with guidance only)")
-    inputs.add_argument("--prompt-embedding", help="safetensors with 'context' (and 'negative_context') instead of --prompt")
+    inputs.add_argument(
+        "--prompt-embedding", help="safetensors with 'context' (and 'negative_context') instead of --prompt"
+    )
     run = p.add_argument_group("generation")
     run.add_argument("--size", default="688*368", help="width*height, multiples of 16")
     run.add_argument("--num-clip", type=int, default=0, help="clips to make (0: as many as the audio needs)")
@@ -70,15 +72,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--sample-guide-scale", type=float, default=0.0)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--no-trim", action="store_true", help="keep the video running past the end of the audio")
-    run.add_argument("--semantics", choices=SEMANTICS, default=SEMANTICS[0],
-                     help="which official pipeline's motion context, sink roll and decode to reproduce")
-    run.add_argument("--no-sink-roll", action="store_true",
-                     help="official-single-gpu only: keep the first sink (the official script without "
-                          "--enable_online_decode)")
-    run.add_argument("--noise", choices=NOISE_SOURCES, default="cpu",
-                     help="cpu: the same noise on every machine; official: as the official code draws it")
-    run.add_argument("--kv-cache", choices=KV_CACHE_PLACES, default="device",
-                     help="where each rank keeps its attention caches: on its GPU, or in host memory (low VRAM)")
+    run.add_argument(
+        "--semantics",
+        choices=SEMANTICS,
+        default=SEMANTICS[0],
+        help="which official pipeline's motion context, sink roll and decode to reproduce",
+    )
+    run.add_argument(
+        "--no-sink-roll",
+        action="store_true",
+        help="official-single-gpu only: keep the first sink (the official script without --enable_online_decode)",
+    )
+    run.add_argument(
+        "--noise",
+        choices=NOISE_SOURCES,
+        default="cpu",
+        help="cpu: the same noise on every machine; official: as the official code draws it",
+    )
+    run.add_argument(
+        "--kv-cache",
+        choices=KV_CACHE_PLACES,
+        default="device",
+        help="where each rank keeps its attention caches: on its GPU, or in host memory (low VRAM)",
+    )
     out = p.add_argument_group("output and processes")
     out.add_argument("--output", required=True, help="the mp4 to write")
     out.add_argument("--crf", type=int, default=19)
@@ -100,8 +116,12 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         settings = SamplerSettings(
-            sample_steps=args.sample_steps, infer_frames=args.infer_frames, sample_solver=args.sample_solver,
-            guide_scale=args.sample_guide_scale, seed=args.seed, noise=args.noise,
+            sample_steps=args.sample_steps,
+            infer_frames=args.infer_frames,
+            sample_solver=args.sample_solver,
+            guide_scale=args.sample_guide_scale,
+            seed=args.seed,
+            noise=args.noise,
         )
         settings.validate()  # before the ranks join: a bad setting needs no process group
         plan = plan_stages(world, settings.sample_steps)
@@ -151,10 +171,19 @@ def share_inputs(args, settings: SamplerSettings, source: int, rank: int, world:
             raise DistributedError(f"stopped: rank {source} could not read the inputs (its message says why).")
         tensors = message.tensors
     image, features, context, *negative = tensors
-    spec = RunSpec.make(image, features, context, args.size, settings, num_clip=args.num_clip or None,
-                        negative_context=negative[0] if negative else None, trim_to_audio=not args.no_trim,
-                        semantics=VideoSemantics(args.semantics, sink_roll=not args.no_sink_roll),
-                        kv_cache=args.kv_cache, gpus=world)
+    spec = RunSpec.make(
+        image,
+        features,
+        context,
+        args.size,
+        settings,
+        num_clip=args.num_clip or None,
+        negative_context=negative[0] if negative else None,
+        trim_to_audio=not args.no_trim,
+        semantics=VideoSemantics(args.semantics, sink_roll=not args.no_sink_roll),
+        kv_cache=args.kv_cache,
+        gpus=world,
+    )
     return spec, waveform
 
 

@@ -48,7 +48,9 @@ class BlockKVCache:
         """Ring indices of the tokens of frames [first_frame, first_frame + frames)."""
         key = (first_frame % self.frames, frames, torch.device(device))
         if key not in self._slots:
-            starts = (torch.arange(first_frame, first_frame + frames, device=device) % self.frames) * self.tokens_per_frame
+            starts = (
+                torch.arange(first_frame, first_frame + frames, device=device) % self.frames
+            ) * self.tokens_per_frame
             tokens = starts[:, None] + torch.arange(self.tokens_per_frame, device=device)[None]
             self._slots[key] = tokens.flatten()
         return self._slots[key]
@@ -78,8 +80,16 @@ class BlockKVCache:
         used = self._write(layer, first_frame, frames, keys, values)
         return self.keys[layer][:, :used], self.values[layer][:, :used]
 
-    def write_and_read_with_sink(self, layer: int, first_frame: int, frames: int, keys: torch.Tensor,
-                                 values: torch.Tensor, sink_keys: torch.Tensor, sink_values: torch.Tensor):
+    def write_and_read_with_sink(
+        self,
+        layer: int,
+        first_frame: int,
+        frames: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        sink_keys: torch.Tensor,
+        sink_values: torch.Tensor,
+    ):
         """As `write_and_read`, followed by the sink's keys/values, but returned as
         [sink | cached frames]: slices of one buffer, no concatenation."""
         sink = sink_keys.shape[1]
@@ -167,16 +177,36 @@ class Fp8BlockKVCache(BlockKVCache):
 
     def write_and_read(self, layer: int, first_frame: int, frames: int, keys: torch.Tensor, values: torch.Tensor):
         used = self._write(layer, first_frame, frames, keys, values)
-        return (fused.run(_dequantize, self.keys[layer][:, :used], self.key_scales[layer][:, :used], self.dtype),
-                fused.run(_dequantize, self.values[layer][:, :used], self.value_scales[layer][:, :used], self.dtype))
+        return (
+            fused.run(_dequantize, self.keys[layer][:, :used], self.key_scales[layer][:, :used], self.dtype),
+            fused.run(_dequantize, self.values[layer][:, :used], self.value_scales[layer][:, :used], self.dtype),
+        )
 
-    def write_and_read_with_sink(self, layer: int, first_frame: int, frames: int, keys: torch.Tensor,
-                                 values: torch.Tensor, sink_keys: torch.Tensor, sink_values: torch.Tensor):
+    def write_and_read_with_sink(
+        self,
+        layer: int,
+        first_frame: int,
+        frames: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        sink_keys: torch.Tensor,
+        sink_values: torch.Tensor,
+    ):
         used = self._write(layer, first_frame, frames, keys, values)
-        return (fused.run(_dequantize_behind, sink_keys.to(self.dtype), self.keys[layer][:, :used],
-                          self.key_scales[layer][:, :used]),
-                fused.run(_dequantize_behind, sink_values.to(self.dtype), self.values[layer][:, :used],
-                          self.value_scales[layer][:, :used]))
+        return (
+            fused.run(
+                _dequantize_behind,
+                sink_keys.to(self.dtype),
+                self.keys[layer][:, :used],
+                self.key_scales[layer][:, :used],
+            ),
+            fused.run(
+                _dequantize_behind,
+                sink_values.to(self.dtype),
+                self.values[layer][:, :used],
+                self.value_scales[layer][:, :used],
+            ),
+        )
 
 
 class Fp8SinkCache(SinkCache):
@@ -195,8 +225,11 @@ class Fp8SinkCache(SinkCache):
         values8, value_scale = fused.run(_quantize_heads, values)
         old = self.raw_keys[layer]
         if old is not None and old.shape == keys8.shape:
-            for target, new in zip((old, self.values[layer], self.key_scales[layer], self.value_scales[layer]),
-                                   (keys8, values8, key_scale, value_scale), strict=True):
+            for target, new in zip(
+                (old, self.values[layer], self.key_scales[layer], self.value_scales[layer]),
+                (keys8, values8, key_scale, value_scale),
+                strict=True,
+            ):
                 target.copy_(new)  # in place: a captured DiT call reads the sink by address
         else:
             self.raw_keys[layer], self.values[layer] = keys8, values8

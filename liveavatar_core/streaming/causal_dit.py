@@ -40,8 +40,13 @@ def _sink_in_place_fits(device: torch.device) -> bool:
 
 
 class CausalDiT:
-    def __init__(self, model: WanS2VTransformer, sink_in_place: bool | None = None, cuda_graphs: bool | None = None,
-                 kv_fp8: bool | None = None):
+    def __init__(
+        self,
+        model: WanS2VTransformer,
+        sink_in_place: bool | None = None,
+        cuda_graphs: bool | None = None,
+        kv_fp8: bool | None = None,
+    ):
         self.model = model
         self.config = model.config
         # None: decided at the first call, from its device.
@@ -133,7 +138,9 @@ class CausalDiT:
             return self.graphs.run(cache, key, call, inputs, keep=(sink,))
         return call(*inputs)
 
-    def _denoise(self, latents, timesteps, video_positions, sink_positions, context, audio, first_frame, cache, sink, cond):
+    def _denoise(
+        self, latents, timesteps, video_positions, sink_positions, context, audio, first_frame, cache, sink, cond
+    ):
         model = self.model
         frames, height, width = latents.shape[2:]
         video = model.embed_video(latents, cond) + model.trainable_cond_mask.weight[VIDEO]
@@ -148,7 +155,9 @@ class CausalDiT:
                 if in_place:
                     return cache.write_and_read_with_sink(layer, first_frame, frames, k, v, sink_k, sink_v)
                 keys, values = cache.write_and_read(layer, first_frame, frames, k, v)
-                return torch.cat([keys, sink_k.to(keys.dtype)], dim=1), torch.cat([values, sink_v.to(values.dtype)], dim=1)
+                return torch.cat([keys, sink_k.to(keys.dtype)], dim=1), torch.cat(
+                    [values, sink_v.to(values.dtype)], dim=1
+                )
 
             return kv
 

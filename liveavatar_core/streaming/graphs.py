@@ -48,7 +48,9 @@ class BlockGraphs:
         params = list(self._model.parameters())
         return tuple(p.data_ptr() for p in (params[0], params[len(params) // 2], params[-1]))
 
-    def run(self, owner, key, fn: Callable[..., torch.Tensor], tensors: tuple[torch.Tensor, ...], keep=()) -> torch.Tensor:
+    def run(
+        self, owner, key, fn: Callable[..., torch.Tensor], tensors: tuple[torch.Tensor, ...], keep=()
+    ) -> torch.Tensor:
         graphs = self._graphs.setdefault(owner, {})
         entry = graphs.get(key)
         if entry is not None and entry.weights != self._weights():

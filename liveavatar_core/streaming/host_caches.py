@@ -75,7 +75,9 @@ class KVStager:
     def _ring_for(self, key, like: torch.Tensor) -> int:
         if not self._rings:
             for _ in range(self.depth):
-                self._rings.append((torch.empty_like(like, device=self.device), torch.empty_like(like, device=self.device)))
+                self._rings.append(
+                    (torch.empty_like(like, device=self.device), torch.empty_like(like, device=self.device))
+                )
             self._staged = [None] * self.depth
             self._ready = [None] * self.depth
             self._drained = [None] * self.depth

@@ -71,10 +71,14 @@ class SamplerSettings:
         if self.infer_frames <= 0 or self.infer_frames % 4:
             raise InputError(f"infer_frames must be a positive multiple of 4 (e.g. 48 or 32), got {self.infer_frames}.")
         if not 1 <= self.sample_steps <= 50:
-            raise InputError(f"sample_steps must be between 1 and 50 (the distilled model uses 3-5), got {self.sample_steps}.")
+            raise InputError(
+                f"sample_steps must be between 1 and 50 (the distilled model uses 3-5), got {self.sample_steps}."
+            )
         if self.sample_solver not in SOLVERS:
             raise InputError(f"sample_solver must be one of {', '.join(SOLVERS)}, got {self.sample_solver!r}.")
-        require_finite("sample_guide_scale", self.guide_scale, "Give a number from 0 (off, the official setting) to 20.")
+        require_finite(
+            "sample_guide_scale", self.guide_scale, "Give a number from 0 (off, the official setting) to 20."
+        )
         require_finite("shift", self.shift, "Give a positive number (3 is LiveAvatar's).")
         if self.guide_scale < 0:
             raise InputError(f"sample_guide_scale must be >= 0 (0 turns guidance off), got {self.guide_scale}.")
@@ -103,8 +107,17 @@ class Progress:
 class _Branch:
     """One guidance branch: its text, its sink and its per-step caches."""
 
-    def __init__(self, context: torch.Tensor, num_layers: int, steps: int, frames: int, tokens_per_frame: int, silent: bool,
-                 stager: KVStager | None = None, fp8: bool = False):
+    def __init__(
+        self,
+        context: torch.Tensor,
+        num_layers: int,
+        steps: int,
+        frames: int,
+        tokens_per_frame: int,
+        silent: bool,
+        stager: KVStager | None = None,
+        fp8: bool = False,
+    ):
         self.context = context
         self.silent = silent
         fp8 = fp8 and stager is None  # e4m3 caches live on the device only
@@ -117,7 +130,9 @@ class _Branch:
 
 
 class CausalSampler:
-    def __init__(self, dit: CausalDiT, settings: SamplerSettings, device: torch.device | str = "cpu", kv_cache: str = "device"):
+    def __init__(
+        self, dit: CausalDiT, settings: SamplerSettings, device: torch.device | str = "cpu", kv_cache: str = "device"
+    ):
         settings.validate()
         check_kv_cache(kv_cache)
         self.dit = dit
@@ -129,7 +144,13 @@ class CausalSampler:
         self._latent_hw: tuple[int, int] | None = None
         self._stager: KVStager | None = None
 
-    def start(self, ref: torch.Tensor, motion: torch.Tensor, context: torch.Tensor, negative_context: torch.Tensor | None = None):
+    def start(
+        self,
+        ref: torch.Tensor,
+        motion: torch.Tensor,
+        context: torch.Tensor,
+        negative_context: torch.Tensor | None = None,
+    ):
         """Prefills the sink(s). ref [1, 16, 1, h, w]; motion [1, 16, 19, h, w] latents;
         contexts: text embeddings [L, 4096] (the negative one used only with guidance)."""
         s = self.settings
@@ -148,8 +169,16 @@ class CausalSampler:
         for text, silent in contexts:
             embedded = model.embed_text([text.to(self.device)])
             self._branches.append(
-                _Branch(embedded, model.config.num_layers, s.sample_steps, s.latent_frames, tokens, silent, stager,
-                        fp8=getattr(self.dit, "kv_fp8", False))
+                _Branch(
+                    embedded,
+                    model.config.num_layers,
+                    s.sample_steps,
+                    s.latent_frames,
+                    tokens,
+                    silent,
+                    stager,
+                    fp8=getattr(self.dit, "kv_fp8", False),
+                )
             )
         self.replace_sink(ref, motion)
 
@@ -203,8 +232,10 @@ class CausalSampler:
                 raise GenerationCancelled(f"stopped before clip {clip + 1}, block {block_index + 1}")
             after_step = None
             if progress is not None:
+
                 def after_step(step, block=block_index):
                     progress(Progress(clip, block, len(blocks), step, s.sample_steps))
+
             x = noise[:, :, start : start + frames]
             x = self.denoise(clip, block_index, x, self.new_solver(), range(s.sample_steps), clip_features, after_step)
             yield start, x

@@ -108,8 +108,9 @@ ATTENTION_OPTIONS = ("cudnn", "flash", "efficient", "fa3")
 # The VAE part's variants: "plain" (cuDNN's default kernels), "autotune" (cudnn.benchmark),
 # "channels-last" (NDHWC activations and weights), "autotune+channels-last" (WanVAE's default on CUDA).
 VAE_VARIANTS = ("plain", "autotune", "channels-last", "autotune+channels-last")
-TINY_DIT = S2VConfig(dim=256, ffn_dim=512, num_heads=4, num_layers=4, text_dim=64, audio_dim=32,
-                     audio_inject_layers=(0, 2), freq_dim=256)
+TINY_DIT = S2VConfig(
+    dim=256, ffn_dim=512, num_heads=4, num_layers=4, text_dim=64, audio_dim=32, audio_inject_layers=(0, 2), freq_dim=256
+)
 
 
 @dataclass(frozen=True)
@@ -268,9 +269,13 @@ def split_variant(variant: str) -> tuple[str, set[str]]:
 def variant_kernels(variant: str) -> Kernels:
     base, options = split_variant(variant)
     chosen = [o for o in ATTENTION_OPTIONS if o in options]
-    return Kernels(compile_elementwise=base != "eager", attention=chosen[0] if chosen else "sdpa",
-                   sink_in_place="inplace" in options, cuda_graphs="graphs" in options,
-                   kv_fp8="kvfp8" in options)
+    return Kernels(
+        compile_elementwise=base != "eager",
+        attention=chosen[0] if chosen else "sdpa",
+        sink_in_place="inplace" in options,
+        cuda_graphs="graphs" in options,
+        kv_fp8="kvfp8" in options,
+    )
 
 
 def use_variant(model: WanS2VTransformer, variant: str) -> WanS2VTransformer:
@@ -298,7 +303,9 @@ class VariantModels:
             self._fp8 = quantize_dit_(twin).eval().requires_grad_(False)
         # "static" starts a new calibration: the variant's first DiT call (the sink prefill) sets the scales.
         calls = CLIP_CALIBRATION_CALLS if "calclip" in options else 1
-        return use_variant(set_activation_scaling_(self._fp8, ACTIVATION_SCALING[base], calibration_calls=calls), variant)
+        return use_variant(
+            set_activation_scaling_(self._fp8, ACTIVATION_SCALING[base], calibration_calls=calls), variant
+        )
 
     def release(self) -> None:
         self._fp8 = None
@@ -333,8 +340,10 @@ def tokens_per_frame(config: S2VConfig, h: int, w: int) -> int:
 
 def sink_tokens(config: S2VConfig, h: int, w: int) -> int:
     """Reference frame + frame-packed motion tokens (buckets 1, 2, 16 at 1x, 2x, 4x patches)."""
-    motion = sum((span // scale) * (h // (2 * scale)) * (w // (2 * scale))
-                 for span, scale in zip(config.framepack_buckets, (1, 2, 4), strict=True))
+    motion = sum(
+        (span // scale) * (h // (2 * scale)) * (w // (2 * scale))
+        for span, scale in zip(config.framepack_buckets, (1, 2, 4), strict=True)
+    )
     return tokens_per_frame(config, h, w) + motion
 
 
@@ -368,8 +377,10 @@ def check_room(bench: Bench, preset: Preset, extra_gib: float = 0.0) -> str | No
     need = stream_cache_gib(bench, preset) + extra_gib + 3.0  # + activations and allocator slack
     free = bench.free_gib()
     if need > free:
-        return (f"skipped: the KV caches need ~{need:.0f} GiB next to the model, {free:.0f} GiB free "
-                f"(run on a larger GPU, or --force)")
+        return (
+            f"skipped: the KV caches need ~{need:.0f} GiB next to the model, {free:.0f} GiB free "
+            f"(run on a larger GPU, or --force)"
+        )
     return None
 
 
@@ -399,9 +410,13 @@ def run_comfy(model, x: dict, dtype: torch.dtype, text_len: int) -> torch.Tensor
     context[0, : x["context"].shape[0]] = x["context"].to(dtype)
     latents = x["latents"].to(dtype)
     return model(
-        latents, x["timestep"], context,
-        audio_embed=x["audio"].to(dtype), reference_latent=x["ref"].to(dtype),
-        reference_motion=x["motion"].to(dtype), control_video=torch.zeros_like(latents),
+        latents,
+        x["timestep"],
+        context,
+        audio_embed=x["audio"].to(dtype),
+        reference_latent=x["ref"].to(dtype),
+        reference_motion=x["motion"].to(dtype),
+        control_video=torch.zeros_like(latents),
     )
 
 
@@ -446,19 +461,34 @@ def comfy_twin(comfy, ours: WanS2VTransformer):
     c = ours.config
     meta = torch.device("meta")
     theirs = comfy.ldm.wan.model.WanModel_S2V(
-        model_type="s2v", patch_size=c.patch_size, text_len=c.text_len, in_dim=c.in_dim, dim=c.dim,
-        ffn_dim=c.ffn_dim, freq_dim=c.freq_dim, text_dim=c.text_dim, out_dim=c.out_dim, num_heads=c.num_heads,
-        num_layers=c.num_layers, eps=c.eps, audio_dim=c.audio_dim, num_audio_token=c.num_audio_token,
-        cond_dim=c.cond_dim, audio_inject_layers=list(c.audio_inject_layers),
-        device=meta, dtype=ours.dtype, operations=comfy.ops.disable_weight_init,
+        model_type="s2v",
+        patch_size=c.patch_size,
+        text_len=c.text_len,
+        in_dim=c.in_dim,
+        dim=c.dim,
+        ffn_dim=c.ffn_dim,
+        freq_dim=c.freq_dim,
+        text_dim=c.text_dim,
+        out_dim=c.out_dim,
+        num_heads=c.num_heads,
+        num_layers=c.num_layers,
+        eps=c.eps,
+        audio_dim=c.audio_dim,
+        num_audio_token=c.num_audio_token,
+        cond_dim=c.cond_dim,
+        audio_inject_layers=list(c.audio_inject_layers),
+        device=meta,
+        dtype=ours.dtype,
+        operations=comfy.ops.disable_weight_init,
     )
     expected = theirs.state_dict()
     state = ours.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     misshaped = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
     if missing or unexpected or misshaped:
-        raise RuntimeError(f"key sets differ: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                           f"mis-shaped {misshaped[:5]}")
+        raise RuntimeError(
+            f"key sets differ: missing {missing[:5]}, unexpected {unexpected[:5]}, mis-shaped {misshaped[:5]}"
+        )
     shared = {k: v if v.dtype == expected[k].dtype else v.to(expected[k].dtype) for k, v in state.items()}
     theirs.load_state_dict(shared, strict=True, assign=True)
     leftover = [n for n, t in list(theirs.named_parameters()) + list(theirs.named_buffers()) if t.is_meta]
@@ -478,7 +508,9 @@ def part_attention(bench: Bench) -> list[dict]:
     q_len = BLOCK_FRAMES * tpf
     k_len = p.infer_frames // 4 * tpf + sink_tokens(c, h, w)
     heads, head_dim = c.num_heads, c.head_dim
-    q, k, v = (bench.randn(1, n, heads, head_dim, seed=s).to(bench.dtype) for n, s in ((q_len, 1), (k_len, 2), (k_len, 3)))
+    q, k, v = (
+        bench.randn(1, n, heads, head_dim, seed=s).to(bench.dtype) for n, s in ((q_len, 1), (k_len, 2), (k_len, 3))
+    )
     with use_kernels(Kernels(attention="math")):
         reference = attention_dispatch.attention(q.float(), k.float(), v.float())
     flops = 4 * q_len * k_len * heads * head_dim
@@ -495,8 +527,11 @@ def part_attention(bench: Bench) -> list[dict]:
             continue
         row.update({"ms": ms, "TFLOP/s": flops / ms / 1e9, "rel error vs float32": relative_error(out, reference)})
         rows.append(row)
-        print(f"attention [{backend}]: {ms:.2f} ms, {row['TFLOP/s']:.0f} TFLOP/s, "
-              f"rel error {row['rel error vs float32']:.2e}", flush=True)
+        print(
+            f"attention [{backend}]: {ms:.2f} ms, {row['TFLOP/s']:.0f} TFLOP/s, "
+            f"rel error {row['rel error vs float32']:.2e}",
+            flush=True,
+        )
     del q, k, v, reference
     bench.release()
     return rows
@@ -532,8 +567,11 @@ def part_dit(bench: Bench, presets: list[str]) -> list[dict]:
                     "ours ms/step": ours_ms * p.branches,
                     "ours peak GiB": bench.peak_gib(),
                 }
-                print(f"dit {name} [{variant}]: ours {ours_ms:.1f} ms/forward "
-                      f"({rows[name, variant]['ours TFLOP/s']:.0f} TFLOP/s)", flush=True)
+                print(
+                    f"dit {name} [{variant}]: ours {ours_ms:.1f} ms/forward "
+                    f"({rows[name, variant]['ours TFLOP/s']:.0f} TFLOP/s)",
+                    flush=True,
+                )
                 profile(bench, f"dit-{name}-{variant}", partial(run_ours, ours, x))
         variant_models.release()
         bench.release()
@@ -556,18 +594,22 @@ def part_dit(bench: Bench, presets: list[str]) -> list[dict]:
                 out_steady = run_comfy(theirs, steady_audio(x), bench.dtype, c.text_len)
                 for variant in bench.variants:
                     row = rows[name, variant]
-                    row.update({
-                        "ComfyUI ms/forward": theirs_ms,
-                        "ComfyUI TFLOP/s": row["TFLOP/forward"] * 1e12 / theirs_ms / 1e9,
-                        "ComfyUI peak GiB": peak,
-                        "speed-up (ComfyUI ms / ours ms)": theirs_ms / row["ours ms/forward"],
-                        "rel diff vs ComfyUI": relative_error(outputs[name, variant][0], out),
-                        "rel diff, audio constant in time": relative_error(outputs[name, variant][1], out_steady),
-                        "ComfyUI setup": info,
-                    })
-                    print(f"dit {name} [{variant}]: ComfyUI {theirs_ms:.1f} ms/forward, speed-up "
-                          f"{row['speed-up (ComfyUI ms / ours ms)']:.2f}x, rel diff {row['rel diff vs ComfyUI']:.3g}",
-                          flush=True)
+                    row.update(
+                        {
+                            "ComfyUI ms/forward": theirs_ms,
+                            "ComfyUI TFLOP/s": row["TFLOP/forward"] * 1e12 / theirs_ms / 1e9,
+                            "ComfyUI peak GiB": peak,
+                            "speed-up (ComfyUI ms / ours ms)": theirs_ms / row["ours ms/forward"],
+                            "rel diff vs ComfyUI": relative_error(outputs[name, variant][0], out),
+                            "rel diff, audio constant in time": relative_error(outputs[name, variant][1], out_steady),
+                            "ComfyUI setup": info,
+                        }
+                    )
+                    print(
+                        f"dit {name} [{variant}]: ComfyUI {theirs_ms:.1f} ms/forward, speed-up "
+                        f"{row['speed-up (ComfyUI ms / ours ms)']:.2f}x, rel diff {row['rel diff vs ComfyUI']:.3g}",
+                        flush=True,
+                    )
                 profile(bench, f"dit-{name}-comfyui", partial(run_comfy, theirs, x, bench.dtype, c.text_len))
                 del out, out_steady
             del theirs
@@ -592,8 +634,15 @@ class TimedDenoise:
         frames = latents.shape[2]
         video = frames * cache.tokens_per_frame
         keys = min(cache.frames, first_frame + frames) * cache.tokens_per_frame + sink.raw_keys[0].shape[1]
-        self.calls.append({"clip": self.clip, "frames": frames, "keys": keys, "marks": (start, end),
-                           "flops": dit_flops(c, video, keys, video, frames)})
+        self.calls.append(
+            {
+                "clip": self.clip,
+                "frames": frames,
+                "keys": keys,
+                "marks": (start, end),
+                "flops": dit_flops(c, video, keys, video, frames),
+            }
+        )
         return out
 
     def resolve(self) -> None:
@@ -611,8 +660,12 @@ def part_stream(bench: Bench, presets: list[str]) -> list[dict]:
         model = variant_models(variant)
         base, options = split_variant(variant)
         p = PRESETS[name]
-        row = {"part": "stream", "preset": name, "variant": variant,
-               "KV caches GiB": stream_cache_gib(bench, p, fp8="kvfp8" in options)}
+        row = {
+            "part": "stream",
+            "preset": name,
+            "variant": variant,
+            "KV caches GiB": stream_cache_gib(bench, p, fp8="kvfp8" in options),
+        }
         note = check_room(bench, p)
         if note:
             rows.append({**row, "note": note})
@@ -654,23 +707,25 @@ def part_stream(bench: Bench, presets: list[str]) -> list[dict]:
         last = [k for k in timer.calls if k["clip"] == bench.clips - 1 and k["frames"] == BLOCK_FRAMES] or full
         call_ms = statistics.median(k["ms"] for k in full)
         steady_clip_s = statistics.median(clip_s[1:] or clip_s)
-        row.update({
-            "tokens/block": BLOCK_FRAMES * tokens_per_frame(c, h, w),
-            "keys/block (steady)": max(k["keys"] for k in full),
-            "ms/call (steady)": call_ms,
-            "ms/call (last clip)": statistics.median(k["ms"] for k in last),
-            "ms/block-step": call_ms * p.branches,
-            "TFLOP/s (steady)": sum(k["flops"] for k in steady) / sum(k["ms"] for k in steady) / 1e9,
-            "sink prefill ms": prefill_ms,
-            "clip 0 DiT s": clip_s[0],
-            "clip 1 DiT s": clip_s[1] if len(clip_s) > 1 else None,
-            "steady clip DiT s": steady_clip_s,
-            "last clip DiT s": clip_s[-1],
-            "DiT-only fps": p.infer_frames / steady_clip_s,
-            "DiT-only fps (last clip)": p.infer_frames / clip_s[-1],
-            "CUDA graphs": dit.graphs.count() if "graphs" in options else None,
-            "device peak GiB": bench.peak_gib(),
-        })
+        row.update(
+            {
+                "tokens/block": BLOCK_FRAMES * tokens_per_frame(c, h, w),
+                "keys/block (steady)": max(k["keys"] for k in full),
+                "ms/call (steady)": call_ms,
+                "ms/call (last clip)": statistics.median(k["ms"] for k in last),
+                "ms/block-step": call_ms * p.branches,
+                "TFLOP/s (steady)": sum(k["flops"] for k in steady) / sum(k["ms"] for k in steady) / 1e9,
+                "sink prefill ms": prefill_ms,
+                "clip 0 DiT s": clip_s[0],
+                "clip 1 DiT s": clip_s[1] if len(clip_s) > 1 else None,
+                "steady clip DiT s": steady_clip_s,
+                "last clip DiT s": clip_s[-1],
+                "DiT-only fps": p.infer_frames / steady_clip_s,
+                "DiT-only fps (last clip)": p.infer_frames / clip_s[-1],
+                "CUDA graphs": dit.graphs.count() if "graphs" in options else None,
+                "device peak GiB": bench.peak_gib(),
+            }
+        )
         if dit.graphs.failed:
             row["note"] = f"graph capture failed: {dit.graphs.failed[:200]}"
         bf16 = first_clips.get((name, "compiled"), first_clips.get((name, "eager")))
@@ -683,22 +738,35 @@ def part_stream(bench: Bench, presets: list[str]) -> list[dict]:
             print(f"stream {name} [{variant}]: no bf16 variant in this run to compare the latents with", flush=True)
         # One change at a time against the same run's variant without it: static vs dynamic
         # fp8 input scales, e4m3 vs bf16 caches.
-        for label, twin in (("fp8-tensor", variant.replace("fp8-static", "fp8-tensor", 1)),
-                            ("no kvfp8", "+".join([base, *[o for o in variant.split("+")[1:] if o != "kvfp8"]]))):
+        for label, twin in (
+            ("fp8-tensor", variant.replace("fp8-static", "fp8-tensor", 1)),
+            ("no kvfp8", "+".join([base, *[o for o in variant.split("+")[1:] if o != "kvfp8"]])),
+        ):
             if twin != variant and (name, twin) in last_clips:
-                row[f"rel diff vs {label}, clip 0"] = relative_error(first_clips[name, variant], first_clips[name, twin])
-                row[f"rel diff vs {label}, last clip"] = relative_error(last_clips[name, variant], last_clips[name, twin])
+                row[f"rel diff vs {label}, clip 0"] = relative_error(
+                    first_clips[name, variant], first_clips[name, twin]
+                )
+                row[f"rel diff vs {label}, last clip"] = relative_error(
+                    last_clips[name, variant], last_clips[name, twin]
+                )
         if options and (name, base) in last_clips:
             # Each option's own error: the same run without the options, clip 0 and the last clip.
             row["rel diff vs no options, clip 0"] = relative_error(first_clips[name, variant], first_clips[name, base])
             row["rel diff vs no options, last clip"] = relative_error(last_clips[name, variant], last_clips[name, base])
         rows.append(row)
-        print(f"stream {name} [{variant}]: {call_ms:.1f} ms/call, last clip {row['ms/call (last clip)']:.1f} ms/call, "
-              f"steady clip {steady_clip_s:.2f} s ({row['DiT-only fps']:.1f} fps DiT only), "
-              f"clips {', '.join(f'{t:.2f}' for t in clip_s)} s", flush=True)
+        print(
+            f"stream {name} [{variant}]: {call_ms:.1f} ms/call, last clip {row['ms/call (last clip)']:.1f} ms/call, "
+            f"steady clip {steady_clip_s:.2f} s ({row['DiT-only fps']:.1f} fps DiT only), "
+            f"clips {', '.join(f'{t:.2f}' for t in clip_s)} s",
+            flush=True,
+        )
         with torch.inference_mode():
             dit.denoise_block = timer.inner
-            profile(bench, f"stream-{name}-{variant}", lambda sampler=sampler, audio=audio: next(iter(sampler.generate_clip(bench.clips, audio))))
+            profile(
+                bench,
+                f"stream-{name}-{variant}",
+                lambda sampler=sampler, audio=audio: next(iter(sampler.generate_clip(bench.clips, audio))),
+            )
         del sampler, dit, timer
         bench.release()
     del model, variant_models
@@ -732,8 +800,10 @@ def vae_row(bench: Bench, vae: WanVAE, name: str, variant: str, decoded: dict) -
         for clip in range(bench.clips):
             latents = bench.randn(1, 16, frames, h, w, seed=200 + clip)
             start = bench.mark()
-            out = [decoder.decode_next(latents[:, :, first : first + BLOCK_FRAMES])  # block by block, as the pipeline
-                   for first in range(0, frames, BLOCK_FRAMES)]
+            out = [
+                decoder.decode_next(latents[:, :, first : first + BLOCK_FRAMES])  # block by block, as the pipeline
+                for first in range(0, frames, BLOCK_FRAMES)
+            ]
             clip_ms.append((start, bench.mark()))
             last = torch.cat(out, dim=2)
         bench.sync()
@@ -745,7 +815,9 @@ def vae_row(bench: Bench, vae: WanVAE, name: str, variant: str, decoded: dict) -
     motion_ms = statistics.median(bench.measure(partial(vae.encode, motion)))
     ref_ms = statistics.median(bench.measure(partial(vae.encode, ref)))
     row = {
-        "part": "vae", "preset": name, "variant": variant,
+        "part": "vae",
+        "preset": name,
+        "variant": variant,
         "decode clip ms (steady)": decode_ms,
         "decode ms/frame": decode_ms / p.infer_frames,
         "decode clip 0 ms": clip_ms[0],
@@ -759,14 +831,20 @@ def vae_row(bench: Bench, vae: WanVAE, name: str, variant: str, decoded: dict) -
         # official-single-gpu's extra work per clip: the 365-frame window re-encoded, and the
         # clip decoded behind its 92 motion latents.
         window = motion.repeat(1, 1, REFERENCE_COPIES, 1, 1)
-        row["single-gpu: encode 365-frame window ms"] = statistics.median(bench.measure(partial(vae.encode, window), iters=2))
+        row["single-gpu: encode 365-frame window ms"] = statistics.median(
+            bench.measure(partial(vae.encode, window), iters=2)
+        )
         prefix = bench.randn(1, 16, latent_frame_count(window.shape[2]), h, w, seed=4)
         row["single-gpu: decode 92-latent prefix ms"] = statistics.median(
-            bench.measure(partial(decode_from_scratch, vae, prefix), iters=2))
+            bench.measure(partial(decode_from_scratch, vae, prefix), iters=2)
+        )
         del window, prefix
     row["device peak GiB"] = bench.peak_gib()
-    print(f"vae {name} [{variant}]: decode {decode_ms:.0f} ms/clip (clip 0 {clip_ms[0]:.0f}), "
-          f"encode motion {motion_ms:.0f} ms", flush=True)
+    print(
+        f"vae {name} [{variant}]: decode {decode_ms:.0f} ms/clip (clip 0 {clip_ms[0]:.0f}), "
+        f"encode motion {motion_ms:.0f} ms",
+        flush=True,
+    )
     bench.release()
     return row
 
@@ -795,8 +873,14 @@ def part_e2e(bench: Bench, presets: list[str]) -> list[dict]:
         vae.autotune = vae.channels_last = "vae" in split_variant(variant)[1]
         pipeline = StreamingPipeline(variant_models(variant), vae, bench.device)
         p = PRESETS[name]
-        row = {"part": "e2e", "preset": name, "variant": variant, "semantics": semantics, "clips": clips,
-               "writer": writer}
+        row = {
+            "part": "e2e",
+            "preset": name,
+            "variant": variant,
+            "semantics": semantics,
+            "clips": clips,
+            "writer": writer,
+        }
         note = check_room(bench, p, extra_gib=2.0)
         if note:
             rows.append({**row, "note": note})
@@ -816,8 +900,16 @@ def part_e2e(bench: Bench, presets: list[str]) -> list[dict]:
         with torch.inference_mode(), tempfile.TemporaryDirectory() as folder:
             t0 = time.perf_counter()
             clip_peaks = {}
-            spec = RunSpec.make(image, features, context, bench.size(p), settings, num_clip=clips,
-                                negative_context=negative, semantics=semantics)
+            spec = RunSpec.make(
+                image,
+                features,
+                context,
+                bench.size(p),
+                settings,
+                num_clip=clips,
+                negative_context=negative,
+                semantics=semantics,
+            )
             chunks = stamped(pipeline.stream(spec), t0, stamps, clip_peaks)
             if writer:
                 waveform = torch.zeros(1, SAMPLE_RATE * frames // FPS)
@@ -834,23 +926,28 @@ def part_e2e(bench: Bench, presets: list[str]) -> list[dict]:
         later = sum(s[1] for s in stamps if s[2] > 0)
         clip1_end = max((s[0] for s in stamps if s[2] == 1), default=None)
         after_1 = sum(s[1] for s in stamps if s[2] > 1)
-        row.update({
-            "frames": made,
-            "first-frame latency s": stamps[0][0],
-            "total s": total,
-            "fps": made / total,
-            "fps after clip 0": later / (total - clip0_end) if later else None,
-            "fps after clip 1": after_1 / (total - clip1_end) if after_1 else None,
-            "device peak GiB": bench.peak_gib(),
-            # Memory must not grow with the clip count: the peak after clip 2 and after the last.
-            "device peak GiB at clip 2": clip_peaks.get(2),
-            "device peak GiB at last clip": clip_peaks.get(clips),
-            "host peak RSS GiB": peak_rss_gib(),
-            "mp4 MB": file_mb,
-        })
+        row.update(
+            {
+                "frames": made,
+                "first-frame latency s": stamps[0][0],
+                "total s": total,
+                "fps": made / total,
+                "fps after clip 0": later / (total - clip0_end) if later else None,
+                "fps after clip 1": after_1 / (total - clip1_end) if after_1 else None,
+                "device peak GiB": bench.peak_gib(),
+                # Memory must not grow with the clip count: the peak after clip 2 and after the last.
+                "device peak GiB at clip 2": clip_peaks.get(2),
+                "device peak GiB at last clip": clip_peaks.get(clips),
+                "host peak RSS GiB": peak_rss_gib(),
+                "mp4 MB": file_mb,
+            }
+        )
         rows.append(row)
-        print(f"e2e {name} [{variant}, {semantics}]: {made} frames in {total:.1f} s = {row['fps']:.1f} fps, first frame after "
-              f"{stamps[0][0]:.2f} s", flush=True)
+        print(
+            f"e2e {name} [{variant}, {semantics}]: {made} frames in {total:.1f} s = {row['fps']:.1f} fps, first frame after "
+            f"{stamps[0][0]:.2f} s",
+            flush=True,
+        )
         del pipeline
         bench.release()
     del variant_models, vae
@@ -903,14 +1000,19 @@ def part_load(bench: Bench) -> list[dict]:
             if label == "cold" and not cold:
                 label = "cache kept"  # no root: the file may still be in the page cache
             result = load_in_subprocess(path, bench)
-            row.update({
-                f"{label}: load s": result["seconds"],
-                f"{label}: peak RSS GiB": result["rss_peak_gib"],
-                f"{label}: RSS before GiB": result["rss_before_gib"],
-                f"{label}: device peak GiB": result["device_peak_gib"],
-            })
-            print(f"load ({label}): {result['seconds']:.1f} s, peak RSS {result['rss_peak_gib']:.1f} GiB "
-                  f"(before load {result['rss_before_gib']:.1f})", flush=True)
+            row.update(
+                {
+                    f"{label}: load s": result["seconds"],
+                    f"{label}: peak RSS GiB": result["rss_peak_gib"],
+                    f"{label}: RSS before GiB": result["rss_before_gib"],
+                    f"{label}: device peak GiB": result["device_peak_gib"],
+                }
+            )
+            print(
+                f"load ({label}): {result['seconds']:.1f} s, peak RSS {result['rss_peak_gib']:.1f} GiB "
+                f"(before load {result['rss_before_gib']:.1f})",
+                flush=True,
+            )
     finally:
         if not bench.args.keep_file:
             path.unlink(missing_ok=True)
@@ -943,11 +1045,17 @@ def load_child(path: str, device: str) -> None:
     if cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    print(json.dumps({
-        "seconds": seconds, "rss_peak_gib": peak_rss_gib(), "rss_before_gib": before,
-        "device_peak_gib": torch.cuda.max_memory_allocated(device) / GIB if cuda else None,
-        "tensors": len(model.state_dict()),
-    }))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "rss_peak_gib": peak_rss_gib(),
+                "rss_before_gib": before,
+                "device_peak_gib": torch.cuda.max_memory_allocated(device) / GIB if cuda else None,
+                "tensors": len(model.state_dict()),
+            }
+        )
+    )
 
 
 # -- results ---------------------------------------------------------------------------------------
@@ -979,12 +1087,19 @@ def tables(runs: dict) -> str:
         columns = []
         for _, run in keyed:
             columns += [k for k in run["values"] if k not in columns]
-        lines += [f"### {part}", "", "| preset | " + " | ".join(columns) + " | device | torch | run at |",
-                  "|" + "---|" * (len(columns) + 4)]
+        lines += [
+            f"### {part}",
+            "",
+            "| preset | " + " | ".join(columns) + " | device | torch | run at |",
+            "|" + "---|" * (len(columns) + 4),
+        ]
         for key, run in sorted(keyed, key=lambda kv: _preset_order(kv[0])):
             cells = [fmt(run["values"].get(col)) for col in columns]
-            lines.append(f"| {key.split('/', 1)[1]} | " + " | ".join(cells)
-                         + f" | {run['device']} | {run['torch']} | {run['time']} |")
+            lines.append(
+                f"| {key.split('/', 1)[1]} | "
+                + " | ".join(cells)
+                + f" | {run['device']} | {run['torch']} | {run['time']} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -1002,11 +1117,15 @@ def environment(bench: Bench | None) -> dict:
     return {"device": device, "torch": torch.__version__, "time": dt.datetime.now().strftime("%Y-%m-%d %H:%M")}
 
 
-GPU_SPEED_NOTES = ("Random weights of the real 14B architecture (bf16); speed-up = ComfyUI's time / ours. "
-                   "`tests/benchmarks/gpu_speed.py` explains the FLOP count.")
+GPU_SPEED_NOTES = (
+    "Random weights of the real 14B architecture (bf16); speed-up = ComfyUI's time / ours. "
+    "`tests/benchmarks/gpu_speed.py` explains the FLOP count."
+)
 
 
-def store(out: Path, name: str, runs: dict, title: str | None = None, notes: str = GPU_SPEED_NOTES) -> tuple[Path, Path]:
+def store(
+    out: Path, name: str, runs: dict, title: str | None = None, notes: str = GPU_SPEED_NOTES
+) -> tuple[Path, Path]:
     """Merges `runs` into <out>/<name>.json (a later run of a part/preset replaces the earlier)
     and rewrites <out>/<name>.md from everything stored."""
     out.mkdir(parents=True, exist_ok=True)
@@ -1053,23 +1172,36 @@ def main() -> None:
     parser.add_argument("--presets", default=",".join(PRESETS), help=f"comma list of {', '.join(PRESETS)}")
     parser.add_argument("--tiny", action="store_true", help="small model and frames: a smoke test on any device")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=str(ROOT / "tests" / "benchmarks" / "results"),
-                        help="folder of the results files ('' = print only)")
+    parser.add_argument(
+        "--out",
+        default=str(ROOT / "tests" / "benchmarks" / "results"),
+        help="folder of the results files ('' = print only)",
+    )
     parser.add_argument("--iters", type=int, help="timed repetitions (default 5; tiny 1)")
     parser.add_argument("--warmup", type=int, help="untimed repetitions first (default 2; tiny 1)")
     parser.add_argument("--clips", type=int, help="clips of the stream and vae parts (default 3; tiny 2)")
     parser.add_argument("--e2e-clips", type=int, help="clips of the e2e part (default: --clips)")
-    parser.add_argument("--semantics", default="official-multi-gpu",
-                        help="comma list of the e2e part's semantics (official-multi-gpu, official-single-gpu)")
+    parser.add_argument(
+        "--semantics",
+        default="official-multi-gpu",
+        help="comma list of the e2e part's semantics (official-multi-gpu, official-single-gpu)",
+    )
     parser.add_argument("--load-dir", help="folder for the load part's file (default: the temp folder)")
     parser.add_argument("--keep-file", action="store_true", help="keep the load part's file")
     parser.add_argument("--force", action="store_true", help="run presets whose caches look too big for the GPU")
-    parser.add_argument("--variants", default="compiled",
-                        help=f"comma list of {', '.join(VARIANTS)}: how our DiT runs in the dit and stream parts")
+    parser.add_argument(
+        "--variants",
+        default="compiled",
+        help=f"comma list of {', '.join(VARIANTS)}: how our DiT runs in the dit and stream parts",
+    )
     parser.add_argument("--e2e-variants", help="comma list of the e2e part's variants (default: --variants)")
     parser.add_argument("--vae-variants", default="plain", help=f"comma list of {', '.join(VAE_VARIANTS)}")
-    parser.add_argument("--vae-windows", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time the single-GPU semantics' window encode and prefix decode")
+    parser.add_argument(
+        "--vae-windows",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the single-GPU semantics' window encode and prefix decode",
+    )
     parser.add_argument("--profile", metavar="DIR", help="also profile one call per preset and variant into DIR")
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="only fold these result files into --out")
     parser.add_argument("--load-child", help=argparse.SUPPRESS)
@@ -1100,8 +1232,11 @@ def main() -> None:
     bench = Bench(args)
     torch.set_grad_enabled(False)
     env = environment(bench)
-    print(f"{env['device']}, torch {env['torch']}, {'tiny' if bench.tiny else '14B'} DiT, {bench.dtype}, "
-          f"{bench.warmup} warm-up + {bench.iters} timed runs", flush=True)
+    print(
+        f"{env['device']}, torch {env['torch']}, {'tiny' if bench.tiny else '14B'} DiT, {bench.dtype}, "
+        f"{bench.warmup} warm-up + {bench.iters} timed runs",
+        flush=True,
+    )
 
     rows = []
     name = f"gpu_speed-{dt.date.today().isoformat()}" + ("-tiny" if bench.tiny else "")

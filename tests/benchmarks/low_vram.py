@@ -78,22 +78,33 @@ class Inputs:
     def __init__(self, bench: Bench, preset, clips: int):
         c = bench.config
         self.frames = clips * preset.infer_frames
-        self.features = torch.randn(1, c.num_audio_layers, c.audio_dim, self.frames, generator=torch.Generator().manual_seed(5))
+        self.features = torch.randn(
+            1, c.num_audio_layers, c.audio_dim, self.frames, generator=torch.Generator().manual_seed(5)
+        )
         self.context = torch.randn(TEXT_TOKENS, c.text_dim, generator=torch.Generator().manual_seed(6)) * 0.2
         self.image = torch.rand(512, 512, 3, generator=torch.Generator().manual_seed(8))
-        self.settings = SamplerSettings(sample_steps=preset.steps, infer_frames=preset.infer_frames,
-                                        guide_scale=preset.guide_scale)
+        self.settings = SamplerSettings(
+            sample_steps=preset.steps, infer_frames=preset.infer_frames, guide_scale=preset.guide_scale
+        )
         self.size = bench.size(preset)
 
 
-def run_video(bench: Bench, pipeline: StreamingPipeline, inputs: Inputs, clips: int,
-              kv_cache: str = "device") -> tuple[dict, torch.Tensor]:
+def run_video(
+    bench: Bench, pipeline: StreamingPipeline, inputs: Inputs, clips: int, kv_cache: str = "device"
+) -> tuple[dict, torch.Tensor]:
     """One untimed clip (compiles, picks kernels, allocates the caches' first time), then
     `clips` clips into an mp4; returns the figures and every frame made."""
 
     def spec(num_clip: int) -> RunSpec:
-        return RunSpec.make(inputs.image, inputs.features, inputs.context, inputs.size, inputs.settings,
-                            num_clip=num_clip, kv_cache=kv_cache)
+        return RunSpec.make(
+            inputs.image,
+            inputs.features,
+            inputs.context,
+            inputs.size,
+            inputs.settings,
+            num_clip=num_clip,
+            kv_cache=kv_cache,
+        )
 
     with torch.inference_mode():
         for _ in pipeline.stream(spec(1)):
@@ -172,19 +183,38 @@ def main() -> None:
     parser.add_argument("--cap-gib", type=float, default=22.0, help="device memory cap of the low-VRAM run")
     parser.add_argument("--tiny", action="store_true", help="small model and frames: a smoke test on any device")
     parser.add_argument("--skip-beside", action="store_true", help="leave out the full-speed run with decode beside")
-    parser.add_argument("--host-uncapped", action="store_true",
-                        help="also run the host caches without the cap, decode in line (tells the caches from the cap)")
+    parser.add_argument(
+        "--host-uncapped",
+        action="store_true",
+        help="also run the host caches without the cap, decode in line (tells the caches from the cap)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
-                        help="folder of the results files ('' = print only)")
+    parser.add_argument(
+        "--out",
+        default=str(Path(__file__).resolve().parent / "results"),
+        help="folder of the results files ('' = print only)",
+    )
     args = parser.parse_args()
-    bench = Bench(argparse.Namespace(device=args.device, tiny=args.tiny, warmup=0, iters=1, clips=args.clips,
-                                     force=True, variants="fp8-tensor", profile=None))
+    bench = Bench(
+        argparse.Namespace(
+            device=args.device,
+            tiny=args.tiny,
+            warmup=0,
+            iters=1,
+            clips=args.clips,
+            force=True,
+            variants="fp8-tensor",
+            profile=None,
+        )
+    )
     torch.set_grad_enabled(False)
     env = environment(bench)
     preset = PRESETS[args.preset]
-    print(f"{env['device']}, torch {env['torch']}, {'tiny' if bench.tiny else '14B'} fp8 DiT, {args.preset}, "
-          f"{args.clips} clips per run, cap {args.cap_gib} GiB", flush=True)
+    print(
+        f"{env['device']}, torch {env['torch']}, {'tiny' if bench.tiny else '14B'} fp8 DiT, {args.preset}, "
+        f"{args.clips} clips per run, cap {args.cap_gib} GiB",
+        flush=True,
+    )
 
     dit, vae = fp8_dit(bench), build_vae(bench)
     inputs = Inputs(bench, preset, args.clips)
@@ -203,9 +233,14 @@ def main() -> None:
         shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items() if k not in ("part", "preset")}
         print(f"low_vram: {shown}", flush=True)
 
-    full_speed = [("full speed, decode in line", False)] + ([] if args.skip_beside else [("full speed, decode beside", True)])
+    full_speed = [("full speed, decode in line", False)] + (
+        [] if args.skip_beside else [("full speed, decode beside", True)]
+    )
     for label, overlap in full_speed:
-        record(label, *run_video(bench, StreamingPipeline(dit, vae, bench.device, overlap_decode=overlap), inputs, args.clips))
+        record(
+            label,
+            *run_video(bench, StreamingPipeline(dit, vae, bench.device, overlap_decode=overlap), inputs, args.clips),
+        )
         bench.release()
 
     if args.host_uncapped:
@@ -242,8 +277,10 @@ def main() -> None:
     print("\n" + tables(runs))
     if args.out:
         name = f"low_vram-{dt.date.today().isoformat()}" + ("-tiny" if bench.tiny else "")
-        notes = ("Random weights of the real 14B architecture, DiT in fp8 (one input scale per call), "
-                 "compiled element-wise chains; `tests/benchmarks/low_vram.py` says what each row runs.")
+        notes = (
+            "Random weights of the real 14B architecture, DiT in fp8 (one input scale per call), "
+            "compiled element-wise chains; `tests/benchmarks/low_vram.py` says what each row runs."
+        )
         json_path, md_path = store(Path(args.out), name, runs, f"LiveAvatar low-VRAM mode, {dt.date.today()}", notes)
         print(f"results: {json_path} and {md_path.name}")
 

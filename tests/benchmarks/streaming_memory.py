@@ -29,8 +29,9 @@ from liveavatar_core.streaming import SamplerSettings  # noqa: E402
 from liveavatar_core.time_grid import FPS  # noqa: E402
 from liveavatar_core.vae import WanVAE  # noqa: E402
 
-SMALL_DIT = S2VConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=4, text_dim=64, audio_dim=32,
-                      audio_inject_layers=(0, 2), freq_dim=256)
+SMALL_DIT = S2VConfig(
+    dim=256, ffn_dim=512, num_heads=2, num_layers=4, text_dim=64, audio_dim=32, audio_inject_layers=(0, 2), freq_dim=256
+)
 
 
 def peak_rss_mib() -> float:
@@ -44,8 +45,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--mp4", help="also stream the video into this file")
-    parser.add_argument("--dtype", choices=("bf16", "fp32"),
-                        help="weights of both networks (default: bf16 on GPUs, as the pack loads them; fp32 on CPUs)")
+    parser.add_argument(
+        "--dtype",
+        choices=("bf16", "fp32"),
+        help="weights of both networks (default: bf16 on GPUs, as the pack loads them; fp32 on CPUs)",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
@@ -67,12 +71,15 @@ def main() -> None:
                 if done in marks:
                     gpu = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
                     rows.append((done, peak_rss_mib(), gpu, time.perf_counter() - start))
-                    print(f"clip {done}: peak RSS {rows[-1][1]:.0f} MiB, device peak {gpu:.0f} MiB, "
-                          f"{rows[-1][3]:.0f} s", flush=True)
+                    print(
+                        f"clip {done}: peak RSS {rows[-1][1]:.0f} MiB, device peak {gpu:.0f} MiB, {rows[-1][3]:.0f} s",
+                        flush=True,
+                    )
             yield chunk
 
-    spec = RunSpec.make(image, features, context, args.size, SamplerSettings(sample_steps=args.steps),
-                        num_clip=args.clips)
+    spec = RunSpec.make(
+        image, features, context, args.size, SamplerSettings(sample_steps=args.steps), num_clip=args.clips
+    )
     chunks = on_chunk(pipeline.stream(spec))
     if args.mp4:
         audio = torch.zeros(1, 16000 * frames // FPS)
