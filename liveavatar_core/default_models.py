@@ -46,12 +46,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .dit import S2VConfig, WanS2VTransformer, save_dit
-from .dit.loading import CONFIG_METADATA_KEY
+from .dit import S2VConfig, WanS2VTransformer
 
 DEFAULT_FILES = {
     "diffusion_models": "liveavatar_tiny_s2v.safetensors",

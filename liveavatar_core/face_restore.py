@@ -91,6 +91,14 @@ class FaceRestore(FrameTransform):
         self._on_device = on_device
         self._batch = batch
 
+    def settings(self) -> dict:
+        return {
+            "region": self.region,
+            "input_size": self.input_size,
+            "strength": self.strength,
+            "feather": self.feather,
+        }
+
     def active(self):
         return self._on_device() if self._on_device is not None else contextlib.nullcontext()
 

@@ -3,10 +3,10 @@
 - `encode_audio`: any waveform -> `EncodedAudio` (wav2vec2 features per video frame, kept on
   the CPU in bfloat16, the DiT's own input precision, plus the original track for the mp4).
 - `encode_prompt`: prompt (+ negative) -> `PromptEmbeddings`.
-- `make_job` -> `VideoJob`: the models and the run's `RunSpec` (every input checked when it is
-  made), run only when its frames are pulled (`frames`), so generation and decoding
-  interleave and memory stays flat. With `gpus` > 1 it runs in warm worker processes, one per
-  GPU (`parallel.shared_pools`).
+- `job_for` (a made `RunSpec`) or `make_job` (its inputs) -> `VideoJob`: the models and the
+  run's `RunSpec` (every input checked when it is made), run only when its frames are pulled
+  (`frames`), so generation and decoding interleave and memory stays flat. With `gpus` > 1 it
+  runs in warm worker processes, one per GPU (`parallel.shared_pools`).
 - `render`: pull a job into an mp4 (streamed, with audio) and/or one frame tensor.
 """
 
@@ -30,6 +30,7 @@ from .parallel.group import check_cpu_workers
 from .parallel.models import FileModels
 from .parallel.shared_pools import release_shared_pool, shared_pool
 from .pipeline import StreamingPipeline, write_video
+from .resume import ClipJournal, journal_for
 from .run_spec import RunSpec
 from .semantics import FrameChunk, VideoSemantics
 from .streaming import Progress, SamplerSettings
@@ -41,6 +42,7 @@ __all__ = [
     "VideoJob",
     "encode_audio",
     "encode_prompt",
+    "job_for",
     "make_job",
     "render",
     "worker_model_files",
@@ -103,22 +105,24 @@ class VideoJob:
         self,
         progress: Callable[[Progress], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        journal: ClipJournal | None = None,
     ) -> Iterator[FrameChunk]:
         """Generates and decodes block by block; frames [N, H, W, 3] in 0..1 on the CPU.
 
         The same frames either way: in this process, or with `gpus` > 1 in worker processes
-        (each runs some of the denoising steps, the last also decodes)."""
+        (each runs some of the denoising steps, the last also decodes). `journal`: see
+        `resume` (in this process only)."""
         if self.gpus > 1:
             yield from self._frames_from_workers(progress, should_stop)
         else:
-            yield from self._frames_here(progress, should_stop)
+            yield from self._frames_here(progress, should_stop, journal)
 
-    def _frames_here(self, progress, should_stop) -> Iterator[FrameChunk]:
+    def _frames_here(self, progress, should_stop, journal=None) -> Iterator[FrameChunk]:
         release_shared_pool()  # the workers' networks would crowd this process's GPU
         models = self.models
         pipeline = StreamingPipeline(models.dit, models.vae, models.device)
         with models.on_device("dit", "vae"):
-            yield from pipeline.stream(self.spec, progress, should_stop)
+            yield from pipeline.stream(self.spec, progress, should_stop, journal)
 
     def _frames_from_workers(self, progress, should_stop) -> Iterator[FrameChunk]:
         # This process's DiT and VAE stay where they are: the workers load their own copies.
@@ -131,14 +135,14 @@ class VideoJob:
 
 def worker_model_files(models: LiveAvatarModels) -> FileModels:
     """What worker processes load the DiT and VAE from: the files (without the encoders, which
-    they never run) and the weight precision."""
+    they never run), the weight precision and whether the DiT compiles."""
     if models.files.vae is None:
         raise InputError(
             "gpus > 1: the worker processes load the VAE from its file, but this one was given ready-made "
             "(e.g. from core Load VAE): pick the VAE file in the loader instead, or set gpus to 1."
         )
     files = dataclasses.replace(models.files, text_encoder=None, audio_encoder=None)
-    return FileModels(files, models.precision)
+    return FileModels(files, models.precision, models.dit.kernels.compile_elementwise)
 
 
 def _with_block_progress(
@@ -206,13 +210,14 @@ def make_job(
     trim_to_audio: bool = True,
     gpus: int = 1,
     semantics: VideoSemantics | str | None = None,
+    kv_cache: str = "device",
 ) -> VideoJob:
     """Checks every input now (see `RunSpec.make`), so a bad one fails before minutes of compute.
 
     num_clip: None or 0 = as many clips as the audio needs. gpus: 1 = this process; more =
     that many worker processes, one per GPU (CPU processes when the models run on the CPU),
-    kept warm between runs. The attention caches live where the models were loaded to keep
-    them (`LiveAvatarModels.kv_cache`).
+    kept warm between runs. kv_cache: where the sampler's attention caches live, "device" or
+    "host" memory (the low-VRAM mode; the same video), in every process of the run.
     """
     spec = RunSpec.make(
         image,
@@ -224,11 +229,17 @@ def make_job(
         negative_context=prompt.negative,
         trim_to_audio=trim_to_audio,
         semantics=semantics,
-        kv_cache=models.kv_cache,
+        kv_cache=kv_cache,
         gpus=gpus,
         size_mode=size_mode,
     )
-    _check_machine(models, gpus)
+    return job_for(models, spec, audio)
+
+
+def job_for(models: LiveAvatarModels, spec: RunSpec, audio: EncodedAudio) -> VideoJob:
+    """The job running `spec` with `models`; refuses (InputError) a `spec.gpus` that this
+    machine or these models cannot serve. `audio`: the track the spec's features came from."""
+    _check_machine(models, spec.gpus)
     return VideoJob(models, spec, audio)
 
 
@@ -247,19 +258,32 @@ def render(
     should_stop: Callable[[], bool] | None = None,
     on_frames: Callable[[torch.Tensor], None] | None = None,
     crf: int = 19,
+    resume: bool = False,
 ) -> RenderResult:
     """Runs the job, streaming it to an mp4 (with audio) and/or keeping its frames.
 
     Kept frames live in memory (about 3 MB per 688*368 frame): for long runs write the mp4
     only, which keeps memory flat. A stopped or failed run leaves a playable file with every
     finished clip; the exception propagates.
+
+    An mp4 run in one process leaves a resume sidecar beside the file until it finishes (see
+    `resume`); `resume=True` continues the mp4 after its last finished clip when the sidecar's
+    inputs are this job's (InputError naming what differs otherwise), or starts it anew when
+    it has none. `frames_written` then counts the whole file.
     """
     if mp4_path is None and not keep_frames:
         raise InputError("nothing to render into: ask for the mp4, the frames, or both.")
+    if resume and (mp4_path is None or keep_frames):
+        raise InputError(
+            "resume continues an mp4 and keeps no frames (those of the clips before it are not in "
+            "memory): render to the mp4 only, or turn resume off."
+        )
     if keep_frames:
         check_frames_fit(job.frame_count, job.width, job.height)
+    journal = None if mp4_path is None else journal_for(job, mp4_path, crf, resume)
     kept = torch.empty(job.frame_count, job.height, job.width, 3) if keep_frames else None
-    done, last = 0, None
+    done = 0 if journal is None or journal.written is None else journal.written.frames
+    last = None
 
     def collect(chunks: Iterator[FrameChunk]) -> Iterator[FrameChunk]:
         nonlocal done, last
@@ -272,9 +296,14 @@ def render(
                 on_frames(chunk.frames)
             yield chunk
 
-    chunks = collect(job.frames(progress, should_stop))
+    options = {} if journal is None else {"journal": journal}
+    chunks = collect(job.frames(progress, should_stop, **options))
     if mp4_path is not None:
-        write_video(chunks, mp4_path, job.audio.track, job.audio.sample_rate, (job.width, job.height), crf=crf)
+        write_video(
+            chunks, mp4_path, job.audio.track, job.audio.sample_rate, (job.width, job.height), crf=crf, journal=journal
+        )
+        if journal is not None:
+            journal.finish()
     else:
         for _ in chunks:
             pass

@@ -15,6 +15,7 @@ a host with its own memory manager (ComfyUI) gives one that asks that manager in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,13 +25,12 @@ from typing import Protocol
 import torch
 
 from .audio_encoder import AudioEncoder, load_audio_encoder
-from .dit import WanS2VTransformer, fused, load_dit
+from .dit import WanS2VTransformer, load_dit
 from .dit.fp8 import dequantize_dit_, has_fp8_layers, quantize_dit_
 from .errors import CheckpointError, InputError
 from .finite import require_finite
 from .lora import merge_lora
 from .model_files import WEIGHT_DTYPES, ModelFiles, Precision, whole_checkpoint
-from .streaming.sampler import check_kv_cache
 from .text_encoder import TextEncoder, load_text_encoder
 from .vae import WanVAE, load_vae
 
@@ -84,8 +84,6 @@ class LiveAvatarModels:
     precision: Precision = Precision()  # the DiT's weights, as loaded
     # Where the networks came from: worker processes of a multi-GPU run load their own copies.
     files: ModelFiles | None = None
-    # Where the sampler's attention caches live: "device", or "host" memory (low VRAM).
-    kv_cache: str = "device"
     placement: Placement = field(default_factory=TorchPlacement)
 
     @property
@@ -118,7 +116,6 @@ def load_models(
     dtype: torch.dtype | str = torch.bfloat16,
     offload: bool = False,
     compile_elementwise: bool | None = None,
-    kv_cache: str = "device",
     vae: WanVAE | None = None,
     audio_encoder: AudioEncoder | None = None,
 ) -> LiveAvatarModels:
@@ -127,25 +124,23 @@ def load_models(
     `dtype` is the DiT's and umT5's weight dtype; the VAE and wav2vec2 use it on GPUs and
     float32 on the CPU, where half-precision convolutions are slow. fp8 (`float8_e4m3fn`)
     puts the DiT's linear layers in fp8 and the rest in bf16. `compile_elementwise` turns the
-    compiled element-wise chains of `dit.fused` on or off for the process (None: leave as is).
-    `kv_cache` "host" keeps the sampler's attention caches in host memory: with fp8 and
-    `offload` this is the low-VRAM mode. `vae` and `audio_encoder`, when given, are used
+    DiT's compiled element-wise chains (`dit.fused`) on or off (None: the default, see
+    `dit.kernels`).
+    With fp8 and `offload`, a run's attention caches in host memory (`RunSpec.kv_cache`) make
+    the low-VRAM mode. `vae` and `audio_encoder`, when given, are used
     instead of loading `files.vae` / `files.audio_encoder` (they are checked and placed alike).
     Raises CheckpointError
     naming the file when one holds another network or the networks do not fit together.
     """
     device = torch.device(device)
-    check_kv_cache(kv_cache)
     require_finite(
         "lora_strength", files.lora_strength, "Give a number from -2 to 2; 1.0 is what LiveAvatar was trained for."
     )
-    if compile_elementwise is not None:
-        fused.set_compiled(compile_elementwise)
     precision = Precision.of(dtype)
     dtype, small_dtype = precision.dense, precision.small(device)
     home = torch.device("cpu") if offload else device
 
-    dit = load_dit_as(files, home, precision)
+    dit = load_dit_as(files, home, precision, compile_elementwise)
     text_encoder = (
         None if files.text_encoder is None else load_text_encoder(files.text_encoder, device=home, dtype=dtype)
     )
@@ -171,13 +166,16 @@ def load_models(
             f"the VAE {vae.label} has {vae.model.config.z_dim} latent channels but the diffusion "
             f"model expects {dit.config.in_dim}. Pick the Wan 2.1 VAE (wan_2.1_vae.safetensors)."
         )
-    return LiveAvatarModels(dit, vae, text_encoder, audio_encoder, device, offload, precision, files, kv_cache)
+    return LiveAvatarModels(dit, vae, text_encoder, audio_encoder, device, offload, precision, files)
 
 
-def load_dit_as(files: ModelFiles, home: torch.device, precision: Precision) -> WanS2VTransformer:
+def load_dit_as(
+    files: ModelFiles, home: torch.device, precision: Precision, compile_elementwise: bool | None = None
+) -> WanS2VTransformer:
     """The DiT of `files` with the LoRA merged, its linear layers in fp8 or in the dense dtype
     whatever the file holds. An fp8 run of a bf16 file is loaded on the CPU and quantised layer
-    by layer into `home`, so the bf16 weights never need room on the GPU."""
+    by layer into `home`, so the bf16 weights never need room on the GPU. `compile_elementwise`:
+    see `load_models`."""
     fp8 = precision.fp8
     dit = load_dit(whole_checkpoint(files.dit), device="cpu" if fp8 else home, dtype=precision.dense)
     lora = files.lora is not None and files.lora_strength != 0
@@ -188,6 +186,8 @@ def load_dit_as(files: ModelFiles, home: torch.device, precision: Precision) -> 
         logger.info("LiveAvatar LoRA: %s", report)
     if fp8:
         quantize_dit_(dit, home)
+    if compile_elementwise is not None:
+        dit.kernels = dataclasses.replace(dit.kernels, compile_elementwise=compile_elementwise)
     return dit.to(home)
 
 

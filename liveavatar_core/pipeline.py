@@ -25,6 +25,7 @@ import torch
 
 from .dit import WanS2VTransformer
 from .overlapped_decode import DecodeQueue
+from .resume import ClipJournal
 from .run_spec import RunSpec, WorkItem
 from .semantics import FrameChunk
 from .sizing import parse_size
@@ -56,11 +57,13 @@ class StreamingPipeline:
         spec: RunSpec,
         progress: Callable[[Progress], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        journal: ClipJournal | None = None,
     ) -> Iterator[FrameChunk]:
         """Yields the run's decoded frames block by block.
 
         Raises GenerationCancelled when `should_stop()` turns true (checked before each block);
-        the blocks finished before it are yielded first."""
+        the blocks finished before it are yielded first. `journal` (see `resume`) records what
+        each clip leaves for the next, and with a resume point runs only the clips after it."""
         settings, schedule = spec.settings, spec.schedule
         sampler = CausalSampler(CausalDiT(self.dit), settings, self.device, spec.kv_cache)
         with (
@@ -69,7 +72,8 @@ class StreamingPipeline:
         ):
             try:
                 sampler.start(*video.sink_inputs(), spec.context, spec.negative_context)
-                for item in schedule.items:
+                items = schedule.items if journal is None else journal.begin(sampler, video, spec)
+                for item in items:
                     if should_stop is not None and should_stop():
                         raise stopped_before(item)
                     if item.block == 0:
@@ -85,7 +89,10 @@ class StreamingPipeline:
                         range(settings.sample_steps),
                         features,
                         after_step,
+                        None if journal is None else journal.on_input(item),
                     )
+                    if journal is not None:
+                        journal.block_done(item, latents)
                     yield from decoder.submit(item.clip, item.block, latents)
                     if item == schedule.roll_after:
                         yield from decoder.drain()  # the sink roll needs clip 0's frames
@@ -116,25 +123,34 @@ def write_video(
     sample_rate: int,
     size: str | tuple[int, int],
     crf: int = 19,
+    journal: ClipJournal | None = None,
 ) -> int:
     """Streams `chunks` into an mp4 with the audio muxed; returns the frame count written.
 
     The waveform is shifted by `VIDEO_START_OFFSET` frames so it lines up with the first
     generated frame. Frames are encoded on a thread while the next ones are generated; a run
     stopped or failing at any point leaves a playable file with every clip made before it
-    (the exception still propagates).
+    (the exception still propagates). With `journal` (see `resume`) the file continues what
+    the journal's resume point wrote, and each clip on disk updates its sidecar.
     """
     from .background_writer import BackgroundWriter
     from .video_writer import StreamingVideoWriter
 
     width, height = parse_size(size)
     skip = start_offset_samples(sample_rate)
-    with StreamingVideoWriter(path, FPS, width, height, waveform[..., skip:], sample_rate, crf=crf) as writer:
+    append_to = None if journal is None else journal.written
+    with StreamingVideoWriter(
+        path, FPS, width, height, waveform[..., skip:], sample_rate, crf=crf, append_to=append_to
+    ) as writer:
+
+        def write(chunk: FrameChunk) -> None:
+            writer.write_frames(chunk.frames, clip_boundary=chunk.ends_clip)
+            if journal is not None and chunk.ends_clip:
+                journal.clip_written(chunk.clip, writer.written)
+
         # Encoding runs beside generation; leaving this block waits for it, so the file holds
         # every chunk made before a stop or failure.
-        with BackgroundWriter(
-            lambda chunk: writer.write_frames(chunk.frames, clip_boundary=chunk.ends_clip)
-        ) as background:
+        with BackgroundWriter(write) as background:
             for chunk in chunks:
                 background.put(chunk)
         return writer.frames_written

@@ -135,6 +135,19 @@ class OfficialVideo:
     def _decode_block(self, clip: int, block: int, latents: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    # A resumed run (see `resume`) rebuilds this object's state after the clips already written.
+    resumable = False
+
+    def decoder_prefix(self) -> torch.Tensor:
+        """The latents the streaming decoder consumes before the first block's."""
+        raise NotImplementedError
+
+    def continue_after(self, first_latent: torch.Tensor, decoded: torch.Tensor, frames_done: int) -> None:
+        """State as after `frames_done` frames: clip 0's first latent (for the sink roll) and
+        the decoder primed with `decoded`, the latest latents it consumed (their frames are
+        not given again). Call after `sink_inputs`."""
+        raise NotImplementedError
+
     def _start_decoder(self, prefix: torch.Tensor) -> None:
         """A fresh streaming decoder that has consumed `prefix` (whose frames neither official
         pipeline keeps), so the latents after it decode as the official code decodes them."""
@@ -167,10 +180,20 @@ class MultiGpuVideo(OfficialVideo):
         self._motion = self.vae.encode(self.pixels.repeat(1, 1, MOTION_FRAMES, 1, 1))
         return ref, self._motion
 
+    resumable = True
+
     def _decode_block(self, clip, block, latents):
         if self._decoder is None:
-            self._start_decoder(self._motion[:, :, :PRIMING_LATENTS])
+            self._start_decoder(self.decoder_prefix())
         return self._decoder.decode_next(latents)
+
+    def decoder_prefix(self):
+        return self._motion[:, :, :PRIMING_LATENTS]
+
+    def continue_after(self, first_latent, decoded, frames_done):
+        self._first_latent = first_latent.to(self.vae.device)
+        self.frames_left -= frames_done
+        self._start_decoder(decoded.to(self.vae.device))
 
 
 class SingleGpuVideo(OfficialVideo):

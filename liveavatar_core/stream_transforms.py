@@ -26,6 +26,18 @@ class FrameTransform:
     """Base of the per-block transforms: the size they produce and the work per block."""
 
     name = "transform"
+    # Which model weights the transform runs (e.g. their digest), set by whoever loads them:
+    # a resumed run checks that the frames it appends come from the same ones.
+    model_identity = "unknown"
+
+    def settings(self) -> dict:
+        """What decides its frames besides the model (for `describe`)."""
+        return {}
+
+    def describe(self) -> str:
+        """The transform, its settings and its model, in one line."""
+        settings = ", ".join(f"{key}={value}" for key, value in sorted(self.settings().items()))
+        return f"{self.name}({settings}; model {self.model_identity})"
 
     def output_size(self, width: int, height: int) -> tuple[int, int]:
         return width, height
@@ -64,10 +76,10 @@ class TransformedJob:
         return self._job
 
     def frames(
-        self, progress: Callable | None = None, should_stop: Callable[[], bool] | None = None
+        self, progress: Callable | None = None, should_stop: Callable[[], bool] | None = None, **options
     ) -> Iterator[FrameChunk]:
         with self.transform.active():
-            for chunk in self._job.frames(progress, should_stop):
+            for chunk in self._job.frames(progress, should_stop, **options):
                 frames = self.transform.apply(chunk.frames)
                 expected = (chunk.frames.shape[0], self.height, self.width, 3)
                 if tuple(frames.shape) != expected:

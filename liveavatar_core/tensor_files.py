@@ -113,6 +113,11 @@ class TensorFile:
         prefixes = tuple(prefixes)
         return self.renamed(lambda name: strip_prefix(name, prefixes))
 
+    def under(self, prefix: str) -> TensorFile:
+        """Only the tensors whose names start with `prefix`, named without it (one network of a
+        whole-model file)."""
+        return self.renamed(lambda name: name[len(prefix) :] if name.startswith(prefix) else None)
+
     def _handle(self, path: str) -> SafetensorsFile:
         if path not in self._handles:
             self._handles[path] = SafetensorsFile(path)

@@ -64,6 +64,9 @@ class ModelUpscale(FrameTransform):
         self._oom_errors = oom_errors or _out_of_memory_errors()
         self.tile = FIRST_TILE
 
+    def settings(self) -> dict:
+        return {"scale": self.scale, "rescale": self.rescale}
+
     def output_size(self, width: int, height: int) -> tuple[int, int]:
         factor = self.scale * self.rescale
         return even_size(width * factor, height * factor)

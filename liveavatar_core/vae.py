@@ -133,6 +133,14 @@ class WanVAE:
         with self.conv_settings(z) as z:
             return self.model.decode(z).sample.float().clamp_(-1.0, 1.0)
 
+    def decoder_memory(self) -> int:
+        """Latent frames back that the streaming decoder's state depends on: a causal
+        convolution of temporal kernel k looks k - 1 of its frames back, and its frames are
+        never longer than a latent frame, so the sum over the decoder bounds the window. A
+        fresh decoder fed that many latents is in the state of one fed all of them."""
+        decoder = self.model.decoder
+        return 1 + sum(m.kernel_size[0] - 1 for m in decoder.modules() if isinstance(m, WanCausalConv3d))
+
     def streaming_decoder(self) -> StreamingDecoder:
         """A decoder that takes the latents of one video chunk by chunk (see `StreamingDecoder`)."""
         return StreamingDecoder(self)

@@ -78,7 +78,7 @@ def vae_tensors_in_diffusers_names(tensors: TensorFile) -> TensorFile:
         raise CheckpointError(_not_a_vae_message(tensors.label, keys))
     if prefix:
         # A whole-model file: keep only the VAE's tensors.
-        tensors = tensors.renamed(lambda name: name[len(prefix) :] if name.startswith(prefix) else None)
+        tensors = tensors.under(prefix)
     if WAN22_MARKER in tensors:
         raise CheckpointError(_wan22_message(tensors.label))
     if WAN_MARKER in tensors:

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import os
 import struct
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -67,6 +69,9 @@ class StreamingVideoWriter:
     sample_rate:  sample rate of `audio` in Hz (the file's audio is 48 kHz AAC).
     crf:          H.264 quality, 0 (lossless) .. 51 (worst); 17-23 is the usual range.
     preset:       x264 speed/size trade-off ("ultrafast" .. "veryslow").
+    append_to:    continue an mp4 this writer made (a resumed run): its first `size` bytes are
+                  kept (anything after them, e.g. a clip half written when a run died, is cut)
+                  and the next clip follows its `frames` frames, the audio too.
 
     Use as a context manager: leaving the block, even through an exception, finishes the clip
     in progress and closes the file.
@@ -82,6 +87,7 @@ class StreamingVideoWriter:
         sample_rate: int | None = None,
         crf: int = 19,
         preset: str = "medium",
+        append_to: WrittenPart | None = None,
     ):
         self.path = Path(path)
         self.fps = _checked_fps(fps)
@@ -91,7 +97,8 @@ class StreamingVideoWriter:
         if preset not in X264_PRESETS:
             raise InputError(f"preset={preset!r} is not an x264 preset; use one of {', '.join(X264_PRESETS)}.")
         self._video_options = {"crf": str(int(crf)), "preset": preset, "bf": "0"}  # bf=0: see _open_clip
-        self._audio = None if audio is None else _AudioTrack(audio, sample_rate)
+        start = Fraction(0) if append_to is None else Fraction(append_to.frames) / self.fps
+        self._audio = None if audio is None else _AudioTrack(audio, sample_rate, start)
         self._max_clip_frames = max(1, int(self.fps * MAX_SECONDS_PER_FRAGMENT))
 
         if not self.path.parent.is_dir():
@@ -108,12 +115,20 @@ class StreamingVideoWriter:
         self._fragments_written = 0
         self._clip = None  # the in-memory muxer of the clip being built
         self._closed = False
+        if append_to is not None:
+            self._reopen(append_to)
 
     # -- public API -----------------------------------------------------------------------
     @property
     def frames_written(self) -> int:
         """Frames accepted so far (those of an unfinished clip included)."""
         return self._frames_written
+
+    @property
+    def written(self) -> WrittenPart:
+        """What is on disk, right after a clip boundary (for `append_to`)."""
+        size = 0 if self._file is None else self._file.tell()
+        return WrittenPart(self._frames_written, self._fragments_written, size)
 
     def write_frames(self, frames, clip_boundary: bool = True) -> None:
         """Encodes frames [N, H, W, 3] (uint8 0..255, or float 0..1 as in ComfyUI's IMAGE).
@@ -207,6 +222,17 @@ class StreamingVideoWriter:
                 f"Cannot write {self.path} ({err.strerror}); choose a writable output path with free space."
             ) from None
 
+    def _reopen(self, part: WrittenPart) -> None:
+        if not self.path.is_file() or self.path.stat().st_size < part.size or part.fragments < 1:
+            raise InputError(
+                f"Cannot continue {self.path}: it is missing or shorter than the {part.size} bytes "
+                "its run wrote; turn resume off to start a new video."
+            )
+        self._file = open(self.path, "r+b")
+        self._file.truncate(part.size)
+        self._file.seek(part.size)
+        self._frames_written, self._fragments_written = part.frames, part.fragments
+
     @property
     def created(self) -> bool:
         """Whether the file exists yet (it does once the first clip is on disk)."""
@@ -244,6 +270,16 @@ class StreamingVideoWriter:
         return _ClipMuxer(buffer, container, video, audio)
 
 
+@dataclass(frozen=True)
+class WrittenPart:
+    """A prefix of an mp4 that ends on a clip: `size` bytes holding `frames` frames in
+    `fragments` fragments."""
+
+    frames: int
+    fragments: int
+    size: int
+
+
 class _ClipMuxer:
     """One clip's in-memory MP4 muxer and its streams."""
 
@@ -258,9 +294,16 @@ class _AudioTrack:
     Packet timestamps count from 0 in 48 kHz samples. The encoder's first packet decodes to
     its priming samples; skipping as many samples of the source makes every later sample play
     at its true time without an edit list.
+
+    `start_s` > 0 continues a file whose audio stopped at the first packet starting at or after
+    it: the encoder starts `WARMUP_PACKETS` packets earlier and those (and its priming packet)
+    are dropped, so the first new packet overlaps the last kept one as a continuous encoder's
+    would, and every sample keeps its time.
     """
 
-    def __init__(self, waveform, sample_rate: int | None):
+    WARMUP_PACKETS = 2
+
+    def __init__(self, waveform, sample_rate: int | None, start_s: Fraction = Fraction(0)):
         self._source = _checked_waveform(waveform)
         if sample_rate is None or int(sample_rate) <= 0:
             raise InputError(
@@ -279,7 +322,14 @@ class _AudioTrack:
         self._unencoded = np.zeros((self._source.shape[0], 0), np.float32)
         self._samples_encoded = 0
         self._packets_made = 0
+        self._drop = 0  # packets of a continuing encoder that only lead up to the first kept one
         self._pending: collections.deque = collections.deque()
+        if start_s > 0:
+            first = math.ceil(start_s * AUDIO_SAMPLE_RATE / self._frame_size)  # the first packet not yet written
+            warmup = min(self.WARMUP_PACKETS, first - 1)
+            self._packets_made = first - 1 - warmup
+            self._skip += self._packets_made * self._frame_size
+            self._drop = 1 + warmup
 
     def add_stream_to(self, container):
         return container.add_stream("aac", rate=AUDIO_SAMPLE_RATE, layout=self._layout, bit_rate=AUDIO_BIT_RATE)
@@ -306,6 +356,10 @@ class _AudioTrack:
         frame.pts = self._samples_encoded
         self._samples_encoded += self._frame_size
         for packet in self._encoder.encode(frame):
+            if self._drop:
+                self._drop -= 1
+                self._packets_made += 1
+                continue
             packet.pts = packet.dts = self._packets_made * self._frame_size
             packet.time_base = Fraction(1, AUDIO_SAMPLE_RATE)
             self._packets_made += 1
@@ -315,13 +369,14 @@ class _AudioTrack:
         """The next stretch of 48 kHz audio: the source, then silence once it has run out."""
         channels = self._source.shape[0]
         if self._source_done:
-            return np.zeros((channels, self._frame_size), np.float32)
-        chunk_length = max(1, self._source_rate // 10)
-        chunk = self._source[:, self._source_read : self._source_read + chunk_length]
-        self._source_read += chunk.shape[1]
-        if chunk.shape[1] < chunk_length:
-            self._source_done = True
-        samples = self._resampled(chunk) if self._resampler is not None else np.array(chunk, np.float32)
+            samples = np.zeros((channels, max(self._frame_size, min(self._skip, AUDIO_SAMPLE_RATE))), np.float32)
+        else:
+            chunk_length = max(1, self._source_rate // 10)
+            chunk = self._source[:, self._source_read : self._source_read + chunk_length]
+            self._source_read += chunk.shape[1]
+            if chunk.shape[1] < chunk_length:
+                self._source_done = True
+            samples = self._resampled(chunk) if self._resampler is not None else np.array(chunk, np.float32)
         if self._skip:
             dropped = min(self._skip, samples.shape[1])
             samples, self._skip = samples[:, dropped:], self._skip - dropped

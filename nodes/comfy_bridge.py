@@ -152,9 +152,10 @@ def _same_device(a: torch.device | None, b: torch.device) -> bool:
     return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
 
 
-def make_room_for_run(models) -> None:
+def make_room_for_run(job) -> None:
     """Before a video whose attention caches live on the device: ComfyUI frees the other models."""
-    if isinstance(models.placement, ComfyPlacement) and models.kv_cache == "device":
+    models = job.models
+    if isinstance(models.placement, ComfyPlacement) and job.spec.kv_cache == "device":
         models.placement.make_room(models.device)
 
 
@@ -180,26 +181,33 @@ def core_vae_weights(vae) -> dict:
     """The state dict of a core VAE (from Load VAE), if it is the Wan 2.1 VAE."""
     from comfy.ldm.wan.vae import WanVAE
 
-    model = getattr(vae, "first_stage_model", None)
-    if not isinstance(model, WanVAE):
-        raise InputError(
-            f"vae_model: this is not the Wan 2.1 VAE ({type(model).__name__}). Load wan_2.1_vae.safetensors "
-            "with Load VAE (the Wan 2.2 VAE does not fit this model)."
-        )
-    return vae.get_sd()
+    return _core_weights(
+        vae,
+        getattr(vae, "first_stage_model", None),
+        WanVAE,
+        "vae_model: this is not the Wan 2.1 VAE",
+        "Load wan_2.1_vae.safetensors with Load VAE (the Wan 2.2 VAE does not fit this model).",
+    )
 
 
 def core_audio_encoder_weights(audio_encoder) -> dict:
     """The state dict of a core audio encoder (from Load Audio Encoder), if it is a wav2vec2."""
     from comfy.audio_encoders.wav2vec2 import Wav2Vec2Model
 
-    model = getattr(audio_encoder, "model", None)
-    if not isinstance(model, Wav2Vec2Model):
-        raise InputError(
-            f"audio_encoder_model: this is not a wav2vec2 ({type(model).__name__}). Load "
-            "wav2vec2_large_english*.safetensors with Load Audio Encoder."
-        )
-    return audio_encoder.get_sd()
+    return _core_weights(
+        audio_encoder,
+        getattr(audio_encoder, "model", None),
+        Wav2Vec2Model,
+        "audio_encoder_model: this is not a wav2vec2",
+        "Load wav2vec2_large_english*.safetensors with Load Audio Encoder.",
+    )
+
+
+def _core_weights(holder, model, expected: type, wrong: str, fix: str) -> dict:
+    """`holder.get_sd()` when the network it holds is an `expected`; else InputError `wrong` + `fix`."""
+    if not isinstance(model, expected):
+        raise InputError(f"{wrong} ({type(model).__name__}). {fix}")
+    return holder.get_sd()
 
 
 def cancel_requested() -> bool:
@@ -256,6 +264,21 @@ def new_output_file(
     os.makedirs(folder, exist_ok=True)
     file = f"{name}_{counter:05}_.{extension}"
     return Path(folder) / file, file, subfolder
+
+
+def output_folder(
+    prefix: str, width: int, height: int, default_prefix: str = "LiveAvatar/avatar"
+) -> tuple[Path, str, str]:
+    """Where `new_output_file` puts files of this prefix: (folder, file name stem, subfolder)."""
+    import folder_paths
+
+    from liveavatar_core.output_names import checked_prefix
+
+    prefix = checked_prefix(prefix, default_prefix)
+    folder, name, _, subfolder, _ = folder_paths.get_save_image_path(
+        prefix, folder_paths.get_output_directory(), width, height
+    )
+    return Path(folder), name, subfolder
 
 
 def show_output_on_node(ui: dict) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import contextlib
 
-from liveavatar_core.errors import LiveAvatarError
+from liveavatar_core.errors import InputError, LiveAvatarError
 from liveavatar_core.generation import render
 from liveavatar_core.live_view import watched
 from liveavatar_core.pipeline import FPS
+from liveavatar_core.resume import check_resumable, find_resumable, job_inputs, steps_done
 from liveavatar_core.streaming import GenerationCancelled
 
 from . import comfy_bridge, live_routes
@@ -22,7 +23,8 @@ class OnlineVAEDecode:
     DESCRIPTION = (
         "Generates the video and decodes it block by block with the causal VAE. 'mp4' streams every "
         "clip to a file as it is made, so memory stays flat for any length and a cancelled run keeps "
-        "a playable file. 'frames' returns IMAGE frames for upscale or face-restore nodes. With the "
+        "a playable file; with resume on, a later run with the same inputs continues it after its last "
+        "finished clip. 'frames' returns IMAGE frames for upscale or face-restore nodes. With the "
         "sampler's gpus > 1, warm worker processes (one per GPU) do the work and progress advances per block."
     )
     CATEGORY = CATEGORY
@@ -64,15 +66,41 @@ class OnlineVAEDecode:
                         "tooltip": "H.264 quality: lower is better and bigger; 17-23 is the usual range.",
                     },
                 ),
-            }
+            },
+            # Optional, so API prompts written before it existed still run.
+            "optional": {
+                "resume": (
+                    "BOOLEAN",
+                    {
+                        "default": False,
+                        "tooltip": "Continue the unfinished mp4 of an earlier run with the same inputs (one that "
+                        "crashed, was killed or cancelled) after its last finished clip, appending to "
+                        "it; with none, a new video starts. Changed inputs are refused, naming what "
+                        "differs. 'mp4' output, gpus 1, official-multi-gpu semantics.",
+                    },
+                ),
+            },
         }
 
-    def decode(self, video_stream, output, filename_prefix, crf):
+    def decode(self, video_stream, output, filename_prefix, crf, resume=False):
         job = video_stream
-        comfy_bridge.make_room_for_run(job.models)
+        if resume and output != "mp4":
+            raise InputError(
+                f"resume continues an mp4, but output is {output!r}: set output to 'mp4', or turn "
+                "resume off (the frames of the clips made before are not in memory)."
+            )
+        mp4 = file = subfolder = point = None
+        if resume:
+            check_resumable(job)
+            folder, name, subfolder = comfy_bridge.output_folder(filename_prefix, job.width, job.height)
+            point = find_resumable(folder, name, job_inputs(job, crf))  # before any compute
+            if point is not None:
+                mp4, file = point.mp4, point.mp4.name
+        comfy_bridge.make_room_for_run(job)
         progress = comfy_bridge.NodeProgress(job.total_steps)
-        mp4 = file = subfolder = None
-        if output != "frames":
+        if point is not None:
+            progress.steps = steps_done(job, point.clips_done)  # the bar starts where the video stopped
+        elif output != "frames":
             mp4, file, subfolder = comfy_bridge.new_output_file(filename_prefix, job.width, job.height, "mp4")
         saved = {"filename": file, "subfolder": subfolder, "type": "output"}
         try:
@@ -85,6 +113,7 @@ class OnlineVAEDecode:
                     should_stop=comfy_bridge.cancel_requested,
                     on_frames=progress.on_frames,
                     crf=crf,
+                    resume=point is not None,
                 )
         except GenerationCancelled:
             self._show_kept(mp4, saved)

@@ -74,13 +74,18 @@ class EncodeAudio:
         return (encoded, {"waveform": track, "sample_rate": encoded.sample_rate}, num_clip, frames)
 
 
-class EncodePrompt:
-    DISPLAY_NAME = "LiveAvatar Encode Prompt"
-    DESCRIPTION = "Encodes the prompt (and the negative prompt used by guidance) with umT5-XXL."
+class _PromptNode:
+    """What both prompt nodes give: embeddings for the sampler."""
+
     CATEGORY = CATEGORY
     RETURN_TYPES = (PROMPT,)
     RETURN_NAMES = ("prompt",)
     OUTPUT_TOOLTIPS = ("Text embeddings for LiveAvatar Sampler.",)
+
+
+class EncodePrompt(_PromptNode):
+    DISPLAY_NAME = "LiveAvatar Encode Prompt"
+    DESCRIPTION = "Encodes the prompt (and the negative prompt used by guidance) with umT5-XXL."
     FUNCTION = "encode"
 
     @classmethod
@@ -117,17 +122,13 @@ class EncodePrompt:
         return (encode_prompt(model, prompt, negative_prompt),)
 
 
-class LiveAvatarPromptFromConditioning:
+class LiveAvatarPromptFromConditioning(_PromptNode):
     DISPLAY_NAME = "LiveAvatar Prompt From Conditioning"
     DESCRIPTION = (
         "Uses prompts encoded by core CLIP Text Encode with the umT5-XXL of core Load CLIP (type wan), so "
         "the umT5 ComfyUI already holds serves LiveAvatar too. Gives the same embeddings as LiveAvatar "
         "Encode Prompt for plain prompts; see the tooltips for what core's encoder does differently."
     )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = (PROMPT,)
-    RETURN_NAMES = ("prompt",)
-    OUTPUT_TOOLTIPS = ("Text embeddings for LiveAvatar Sampler.",)
     FUNCTION = "convert"
 
     @classmethod

@@ -13,8 +13,6 @@ from .types import CATEGORY, MODEL
 
 NO_LORA = "none"
 NO_FILE = "none"  # for the networks that may come from core loaders instead
-# The sampler's attention caches: on the GPU, or in system RAM (the low-VRAM mode).
-KV_CACHE_CHOICES = {"gpu": "device", "system RAM (low VRAM)": "host"}
 
 
 class LoadLiveAvatarModel:
@@ -110,19 +108,8 @@ class LoadLiveAvatarModel:
                         "default": True,
                         "tooltip": "Compile the diffusion model's element-wise work into fused GPU kernels "
                         "(torch.compile): about 1.3x faster at 688*368 and up. The first run compiles "
-                        "for a minute. Small sizes such as 384*256 run faster with it off. Applies to "
-                        "every LiveAvatar model in this ComfyUI.",
-                    },
-                ),
-                "kv_cache": (
-                    list(KV_CACHE_CHOICES),
-                    {
-                        "default": "gpu",
-                        "tooltip": "Where the attention caches of earlier frames live. They are large (38 GB at "
-                        "688*368 with 4 steps): 'system RAM (low VRAM)' keeps them in pinned system RAM "
-                        "and streams one layer at a time to the GPU, beside the computation. With "
-                        "weight_dtype fp8_e4m3fn and offload_model on, Standard fits in a 24 GB card. "
-                        "Same video either way.",
+                        "for a minute. Small sizes such as 384*256 run faster with it off. Applies to this "
+                        "model (and to its worker processes when gpus > 1).",
                     },
                 ),
                 "vae_model": (
@@ -173,12 +160,9 @@ class LoadLiveAvatarModel:
         weight_dtype,
         offload_model,
         compile=True,
-        kv_cache="gpu",
         vae_model=None,
         audio_encoder_model=None,
     ):
-        if kv_cache not in KV_CACHE_CHOICES:
-            raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHE_CHOICES)}, got {kv_cache!r}.")
         files = ModelFiles(
             dit=comfy_bridge.model_path("diffusion_models", diffusion_model, "diffusion_model"),
             text_encoder=_optional_path("text_encoders", text_encoder, "text_encoder"),
@@ -213,7 +197,6 @@ class LoadLiveAvatarModel:
             dtype=weight_dtype,
             offload=offload_model,
             compile_elementwise=compile,
-            kv_cache=KV_CACHE_CHOICES[kv_cache],
             vae=core_vae,
             audio_encoder=core_audio,
         )

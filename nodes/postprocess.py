@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
+
 from liveavatar_core.face_restore import FaceRegion, FaceRestore
 from liveavatar_core.stream_transforms import TransformedJob
 from liveavatar_core.upscale import ModelUpscale
@@ -37,6 +39,14 @@ def _held_on(model, device):
             model.to("cpu")
 
     return held
+
+
+def _identity(model) -> str:
+    """Its weights' digest: a resumed run checks that it appends frames of the same model."""
+    from liveavatar_core.resume import module_digest
+
+    network = getattr(model, "model", None)
+    return module_digest(network) if isinstance(network, torch.nn.Module) else "unknown"
 
 
 def _check_image_model(model, input_name: str) -> None:
@@ -108,6 +118,7 @@ class LiveAvatarStreamUpscale:
             on_device=_held_on(upscale_model, device),
             oom_errors=(comfy.model_management.OOM_EXCEPTION,),
         )
+        transform.model_identity = _identity(upscale_model)
         return (TransformedJob(video_stream, transform),)
 
 
@@ -172,4 +183,5 @@ class LiveAvatarStreamFaceRestore:
             device=device,
             on_device=_held_on(face_model, device),
         )
+        transform.model_identity = _identity(face_model)
         return (TransformedJob(video_stream, transform),)

@@ -55,6 +55,7 @@ class Preset:
     extra: dict = field(default_factory=dict)
     upscale_model: str | None = None  # set: a Stream Upscale node with this model between sampler and decode
     rescale_factor: float = 1.0
+    resume: bool = False  # on: queueing it again after a crash continues the unfinished mp4
 
 
 PRESETS = (
@@ -96,9 +97,11 @@ PRESETS = (
         1000,
         4,
         offload=False,
+        resume=True,
         note="Very long videos: up to 1000 clips (about 32 min). Every clip is decoded and written to the "
         "mp4 as soon as it is made, so memory stays flat; weights stay on the GPU (no offload). "
-        "Cancel keeps a playable mp4 of every finished clip.",
+        "Cancel keeps a playable mp4 of every finished clip. resume is on: after a crash or a cancel, "
+        "queue the same workflow again and it continues that mp4 after its last finished clip.",
     ),
     Preset(
         "liveavatar_long_upscale",
@@ -107,12 +110,13 @@ PRESETS = (
         1000,
         4,
         offload=False,
+        resume=True,
         upscale_model="RealESRGAN_x2plus.pth",
         note="The Long preset with every block upscaled as soon as it is decoded: up to 1000 clips (about "
         "32 min) at 688*368, 4 steps, written at twice the width and height by RealESRGAN x2 (put it in "
         "models/upscale_models, or pick another upscale model; rescale_factor resizes its output). "
         "Memory stays flat for any length. Watch it while it renders at /liveavatar/live/latest/ "
-        "on the ComfyUI address.",
+        "on the ComfyUI address. resume is on: queued again after a crash, it continues the mp4.",
     ),
     Preset(
         "liveavatar_hd",
@@ -160,7 +164,6 @@ def _nodes(p: Preset) -> list[dict]:
         p.weight_dtype,
         p.offload,
         p.compile,
-        p.kv_cache,
     ]
     sampler = [
         p.size,
@@ -177,13 +180,14 @@ def _nodes(p: Preset) -> list[dict]:
         p.semantics,
         p.sink_roll,
         p.noise,
+        p.kv_cache,
     ]
     nodes = [
         dict(
             id=1,
             type="LoadLiveAvatarModel",
             pos=[40, 60],
-            size=[360, 290],
+            size=[360, 266],
             widgets=model,
             inputs={},
             outputs=[("model", "LIVEAVATAR_MODEL")],
@@ -233,7 +237,7 @@ def _nodes(p: Preset) -> list[dict]:
             id=6,
             type="LiveAvatarSampler",
             pos=[900, 60],
-            size=[340, 490],
+            size=[340, 514],
             widgets=sampler,
             inputs={
                 "model": ("LIVEAVATAR_MODEL", 1, 0),
@@ -273,7 +277,7 @@ def _nodes(p: Preset) -> list[dict]:
             type="OnlineVAEDecode",
             pos=[decode_x, 60],
             size=[360, 420],
-            widgets=["mp4", f"LiveAvatar/{p.name.removeprefix('liveavatar_')}", 19],
+            widgets=["mp4", f"LiveAvatar/{p.name.removeprefix('liveavatar_')}", 19, p.resume],
             inputs={"video_stream": ("LIVEAVATAR_VIDEO_STREAM", stream_from, 0)},
             outputs=[("frames", "IMAGE"), ("audio", "AUDIO"), ("video", "VIDEO"), ("mp4_path", "STRING")],
         )
@@ -368,7 +372,6 @@ WIDGET_NAMES = {
         "weight_dtype",
         "offload_model",
         "compile",
-        "kv_cache",
     ],
     "LoadImage": ["image", None],
     "LoadAudio": ["audio", None, None],
@@ -389,8 +392,9 @@ WIDGET_NAMES = {
         "semantics",
         "sink_roll",
         "noise",
+        "kv_cache",
     ],
-    "OnlineVAEDecode": ["output", "filename_prefix", "crf"],
+    "OnlineVAEDecode": ["output", "filename_prefix", "crf", "resume"],
     "UpscaleModelLoader": ["model_name"],
     "LiveAvatarStreamUpscale": ["rescale_factor"],
     "LiveAvatarPromptFromConditioning": [],

@@ -16,10 +16,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+import make_example_media as media
 import numpy as np
 from PIL import Image, ImageDraw
-
-import make_example_media as media
 
 CANVAS = (media.WIDTH, media.HEIGHT)
 MOUTH_BOX = (204, 332, 308, 412)  # where the mouth moves, in canvas coordinates (default style)

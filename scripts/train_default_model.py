@@ -61,10 +61,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import numpy as np  # noqa: E402
+import talking_faces as faces  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import talking_faces as faces  # noqa: E402
 from liveavatar_core import default_models as dm  # noqa: E402
 
 SIZE = 128  # training frames are SIZE x SIZE

@@ -337,6 +337,7 @@ def write_wav(path, samples: np.ndarray, rate: int) -> None:
         out.writeframes(pcm.tobytes())
 
 
+@pytest.mark.slow
 def test_stereo_44k_wav_loads_as_16k_mono(tmp_path):
     seconds, rate = 1.5, 44100
     t = np.arange(int(seconds * rate)) / rate

@@ -155,9 +155,13 @@ def test_kv_cached_blocks_equal_full_causal_recomputation(model, golden, infer_f
     assert worst <= TOLERANCE
 
 
-def run_clips(model, golden, clips=2, kv_cache="device", sink_in_place=True, **overrides):
+def run_clips(
+    model, golden, clips=2, kv_cache="device", sink_in_place=True, kv_fp8=False, sampler_out=None, **overrides
+):
     settings = SamplerSettings(**{"infer_frames": 12, "sample_steps": 2, "seed": 7} | overrides)
-    sampler = CausalSampler(CausalDiT(model, sink_in_place=sink_in_place), settings, kv_cache=kv_cache)
+    sampler = CausalSampler(CausalDiT(model, sink_in_place=sink_in_place, kv_fp8=kv_fp8), settings, kv_cache=kv_cache)
+    if sampler_out is not None:
+        sampler_out.append(sampler)
     negative = golden["context"].flip(0) if settings.guide_scale > 0 else None
     sampler.start(golden["ref"][None], golden["motion"][None], golden["context"], negative)
     frames = settings.infer_frames
@@ -168,6 +172,7 @@ def run_clips(model, golden, clips=2, kv_cache="device", sink_in_place=True, **o
     return torch.cat(out, dim=2)
 
 
+@pytest.mark.slow
 def test_same_seed_same_video_other_seed_other_video(model, golden):
     a, b = run_clips(model, golden), run_clips(model, golden)
     assert torch.equal(a, b)
@@ -175,6 +180,7 @@ def test_same_seed_same_video_other_seed_other_video(model, golden):
 
 
 @pytest.mark.parametrize("solver", ["euler", "dpmpp_2m"])
+@pytest.mark.slow
 def test_solvers_and_guidance_produce_finite_distinct_latents(model, golden, solver):
     plain = run_clips(model, golden, sample_solver=solver)
     guided = run_clips(model, golden, sample_solver=solver, guide_scale=5.0)
@@ -193,6 +199,7 @@ def test_caches_in_host_memory_give_the_same_video(model, golden, overrides):
 
 
 @pytest.mark.parametrize("overrides", [dict(infer_frames=32, sample_steps=3), dict(infer_frames=24, guide_scale=4.0)])
+@pytest.mark.slow
 def test_sink_read_in_place_gives_the_same_video_as_concatenation(model, golden, overrides):
     """[sink | ring] read as one slice attends to the same keys as ring + sink concatenated,
     in another order: three clips (the ring wraps, a short last block, several steps; or two
@@ -202,6 +209,34 @@ def test_sink_read_in_place_gives_the_same_video_as_concatenation(model, golden,
     error = relative_error(in_place, concatenated)
     print(f"\nsink in place vs concatenated: relative difference {error:.2e}")
     assert error <= TOLERANCE
+
+
+def test_fp8_caches_stay_close_and_take_half_the_bytes(model, golden):
+    """e4m3 keys and values (a scale per token and head) over three clips, the ring wrapping:
+    close to the full-precision caches, whichever way the sink is read, at about half the
+    bytes of bf16 caches."""
+    overrides = dict(infer_frames=32, sample_steps=3)
+    full = run_clips(model, golden, clips=3, **overrides)
+    samplers = []
+    fp8_in_place = run_clips(model, golden, clips=3, kv_fp8=True, sampler_out=samplers, **overrides)
+    fp8_concatenated = run_clips(model, golden, clips=3, kv_fp8=True, sink_in_place=False, **overrides)
+    error = relative_error(fp8_in_place, full)
+    print(f"\nfp8 vs full-precision caches after 3 clips: relative difference {error:.2e}")
+    assert 0 < error < 0.03
+    assert relative_error(fp8_concatenated, fp8_in_place) <= TOLERANCE
+
+    branch = samplers[0]._branches[0]
+    cache, sink = branch.caches[0], branch.sink
+    assert cache.keys[0].dtype == sink.raw_keys[0].dtype == torch.float8_e4m3fn
+    cached = [t for ring in (cache.keys, cache.values, cache.key_scales, cache.value_scales) for t in ring]
+    bf16_bytes = 2 * sum(k.numel() for k in cache.keys + cache.values)
+    assert sum(t.nbytes for t in cached) <= 0.55 * bf16_bytes
+
+
+def test_fp8_caches_are_off_by_default(model, golden):
+    samplers = []
+    run_clips(model, golden, clips=1, sampler_out=samplers)
+    assert samplers[0]._branches[0].caches[0].keys[0].dtype == torch.float32
 
 
 def test_unknown_cache_place_is_refused(model):

@@ -291,6 +291,35 @@ def test_interrupt_stops_within_a_block_and_keeps_a_playable_mp4(server):
     assert server.run(api_workflow("liveavatar_preview", num_clip=1)).ok, "the server did not recover"
 
 
+def test_resume_continues_an_interrupted_run_in_the_same_mp4(server):
+    prompt = api_workflow("liveavatar_preview", num_clip=3)
+    node_of(prompt, "LiveAvatarSampler")["inputs"]["size"] = "64*64"
+    node_of(prompt, "OnlineVAEDecode")["inputs"].update(filename_prefix="resumed/avatar", resume=True)
+    steps_per_clip = 3 * 3  # 32 frames: blocks of 3, 3 and 2 latent frames, 3 steps each
+    interrupted = threading.Event()
+
+    def on_message(message):
+        if message.get("type") == "progress" and message["data"].get("node") == "7" and not interrupted.is_set():
+            if message["data"]["value"] >= steps_per_clip + 1:  # clip 0 made, clip 1 under way
+                interrupted.set()
+                server.interrupt()
+
+    assert server.run(prompt, on_message=on_message).outcome == "execution_interrupted"
+    folder = server.base / "output" / "resumed"
+    (mp4,) = folder.glob("*.mp4")
+    assert read_video_info(mp4)["frames"] < 3 * 32 - 3
+    assert (folder / f"{mp4.stem}.resume.json").exists()
+
+    execution = server.run(prompt)  # the same prompt again: resume picks the unfinished mp4
+    assert execution.ok, execution.error()
+    assert output_file(server, execution, "7") == mp4 and list(folder.glob("*.mp4")) == [mp4]
+    info = read_video_info(mp4)
+    assert info["frames"] == 3 * 32 - 3 and abs(info["audio_duration_s"] - info["frames"] / 25) <= 1 / 25
+    assert not list(folder.glob("*.resume*")), "the finished run left its sidecar"
+    last = [m["data"] for m in execution.messages if m.get("type") == "progress" and m["data"].get("node") == "7"][-1]
+    assert last["value"] == last["max"]
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

@@ -125,6 +125,7 @@ def tiny_core_clip(core, tmp_path):
     return clip
 
 
+@pytest.mark.slow
 def test_prompt_through_core_clip_text_encode_equals_encode_prompt(core, tmp_path):
     clip = tiny_core_clip(core, tmp_path)
     models = load_ours()
@@ -157,6 +158,7 @@ def test_conditioning_past_512_tokens_or_of_another_width_is_refused(core, tmp_p
 
 
 # -- VAE --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_core_vae_in_the_loader_decodes_identically(core):
     (core_vae,) = core.VAELoader().load_vae(DEFAULT_FILES["vae"])
     from_file = load_ours()

@@ -24,8 +24,9 @@ from functools import lru_cache
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
 from PIL import Image
+
+from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import talking_faces as faces  # noqa: E402
@@ -34,8 +35,8 @@ from liveavatar_core.default_models import DEFAULT_FILES, SHIPPED_DIR  # noqa: E
 from liveavatar_core.generation import encode_audio, encode_prompt, make_job  # noqa: E402
 from liveavatar_core.models import ModelFiles, load_models  # noqa: E402
 from liveavatar_core.sizing import fit_reference  # noqa: E402
-from liveavatar_core.time_grid import VIDEO_START_OFFSET  # noqa: E402
 from liveavatar_core.streaming import SamplerSettings  # noqa: E402
+from liveavatar_core.time_grid import VIDEO_START_OFFSET  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

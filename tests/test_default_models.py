@@ -16,12 +16,12 @@ from liveavatar_core.audio_encoder import load_audio_encoder
 from liveavatar_core.audio_io import SAMPLE_RATE, load_audio
 from liveavatar_core.default_models import (
     DEFAULT_FILES,
-    audio_encoder_state,
-    text_encoder_state,
     TINY_DIT,
+    audio_encoder_state,
     has_default_models,
     lora_state,
     main,
+    text_encoder_state,
     tiny_dit,
     write_default_models,
 )
@@ -90,6 +90,7 @@ def test_networks_load_and_fit_together(loaded):
     assert features.shape[:3] == (1, dit.config.num_audio_layers, dit.config.audio_dim)
 
 
+@pytest.mark.slow
 def test_the_pipeline_runs_on_them(loaded):
     text, audio = loaded["text"], loaded["audio"]
     context, negative = text.encode(["a friendly face talking", "blurry"])

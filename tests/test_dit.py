@@ -12,6 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import FIXTURES, OFFICIAL_TINY, ROOT, relative_error
 from liveavatar_core.dit import S2VConfig, WanS2VTransformer, load_dit, save_dit
+from liveavatar_core.dit import attention as dispatch
+from liveavatar_core.dit.kernels import Kernels
+from liveavatar_core.dit.kernels import current as current_kernels
 from liveavatar_core.errors import CheckpointError
 from liveavatar_core.lora import merge_lora
 
@@ -39,6 +42,7 @@ def official_model():
     return load_dit(TINY_DIR, dtype=torch.float32)
 
 
+@pytest.mark.slow
 def test_expected_keys_of_14b_match_the_real_checkpoint():
     result = subprocess.run(
         [sys.executable, "-m", "liveavatar_core.checkpoints", "expected-keys", "dit"],
@@ -69,6 +73,23 @@ def test_official_layout_reproduces_official_output(official_model, golden):
     assert error <= TOLERANCE
 
 
+def test_each_model_runs_with_its_own_kernel_choices(official_model, golden, monkeypatch):
+    """Kernel choices are options of a model, not of the process: a second model held to the
+    math attention kernel uses it in its calls only, and both give the official output."""
+    held = []
+    real = dispatch._sdpa_kernel
+    monkeypatch.setattr(dispatch, "_sdpa_kernel", lambda name: held.append(name) or real(name))
+    other = load_dit(TINY_DIR, dtype=torch.float32)
+    other.kernels = Kernels(attention="math")
+    assert relative_error(predict(other, golden), golden["out_base"]) <= TOLERANCE
+    assert held and set(held) == {"math"}
+    held.clear()
+    assert official_model.kernels.attention == "auto"
+    assert relative_error(predict(official_model, golden), golden["out_base"]) <= TOLERANCE
+    assert held == [], "the other model's choice leaked into this one"
+    assert current_kernels().attention == "auto"
+
+
 def test_lora_merge_reproduces_official_output(golden):
     model = load_dit(TINY_DIR, dtype=torch.float32)
     report = merge_lora(model, TINY_LORA)
@@ -79,6 +100,7 @@ def test_lora_merge_reproduces_official_output(golden):
 
 
 @pytest.mark.parametrize("lora_prefix", ["", "diffusion_model."])
+@pytest.mark.slow
 def test_lora_variants_with_adapter_names_and_prefixes(tmp_path, golden, lora_prefix):
     renamed = {}
     for key, value in load_file(str(TINY_LORA)).items():
@@ -113,6 +135,7 @@ def test_lora_of_another_model_is_refused(tmp_path, official_model):
 
 @pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.slow
 def test_single_file_layouts_give_the_same_output(tmp_path, official_model, golden, prefix, dtype):
     state = {prefix + k: v.to(dtype) for k, v in load_dit(TINY_DIR, dtype=torch.float32).state_dict().items()}
     path = tmp_path / "wan2.2_s2v_tiny.safetensors"
@@ -130,6 +153,7 @@ def test_single_file_layouts_give_the_same_output(tmp_path, official_model, gold
     assert error <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_file_written_by_us_carries_its_config(tmp_path, official_model, golden):
     path = tmp_path / "model.safetensors"
     save_dit(official_model, path, prefix="model.diffusion_model.")

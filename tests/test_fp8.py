@@ -11,8 +11,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from conftest import OFFICIAL_TINY, relative_error
-from liveavatar_core.dit import load_dit
-from liveavatar_core.dit.fp8 import FP8, SCALED_FP8_MARKER, Fp8Linear, dequantize_dit_, quantize_dit_
+from liveavatar_core.dit import fp8, load_dit
+from liveavatar_core.dit.fp8 import (
+    FP8,
+    SCALED_FP8_MARKER,
+    Fp8Linear,
+    dequantize_dit_,
+    quantize_dit_,
+    set_activation_scaling_,
+)
 from liveavatar_core.errors import CheckpointError
 from test_dit import predict
 
@@ -23,6 +30,7 @@ def fp8_model():
     return quantize_dit_(load_dit(TINY_DIR, dtype=torch.bfloat16))
 
 
+@pytest.mark.slow
 def test_block_linears_go_to_fp8_and_the_conditioning_layers_stay(golden):
     model = fp8_model()
     kinds = {name: type(m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, Fp8Linear))}
@@ -43,6 +51,7 @@ def test_block_linears_go_to_fp8_and_the_conditioning_layers_stay(golden):
     assert model.blocks[0].ffn[0].weight.nbytes * 2 == bf16.blocks[0].ffn[0].weight.nbytes
 
 
+@pytest.mark.slow
 def test_fp8_output_stays_close_to_bf16(golden):
     bf16 = predict(load_dit(TINY_DIR, dtype=torch.bfloat16), golden)
     error = relative_error(predict(fp8_model(), golden), bf16)
@@ -81,3 +90,67 @@ def test_fp8_weight_without_fp8_storage_is_refused(tmp_path):
     shutil.copy(TINY_DIR / "config.json", tmp_path / "config.json")
     with pytest.raises(CheckpointError, match="blocks.0.ffn.0.weight"):
         load_dit(path)
+
+
+# -- static activation scales ----------------------------------------------------------------------
+@pytest.fixture
+def fp8_units(monkeypatch):
+    """Runs the fp8 layers' real e4m3 path (torch._scaled_mm) on the CPU, as on a Hopper GPU."""
+    monkeypatch.setattr(fp8, "has_fp8_matmul", lambda device: True)
+
+
+def fp8_layer(seed: int = 0) -> Fp8Linear:
+    torch.manual_seed(seed)
+    return Fp8Linear.from_linear(nn.Linear(64, 32).to(torch.bfloat16))
+
+
+def test_static_scale_is_the_first_calls_and_then_frozen(fp8_units):
+    layer = fp8_layer()
+    x = torch.randn(5, 7, 64, dtype=torch.bfloat16)
+    dynamic = layer(x)
+    set_activation_scaling_(layer, "static", calibration_calls=2, headroom=1.0)
+    assert torch.equal(layer(x * 0.5), set_activation_scaling_(fp8_layer(), "tensor")(x * 0.5))  # calibrating = dynamic
+    assert fp8.static_scale(layer) is None
+    assert torch.equal(layer(x), dynamic)
+    frozen = fp8.static_scale(layer)
+    assert frozen is not None and frozen.item() == pytest.approx(x.abs().amax().item() / fp8.FP8_MAX, rel=1e-6)
+    # Larger inputs keep the frozen scale: they saturate (never NaN) instead of rescaling.
+    louder = layer(x * 3)
+    assert fp8.static_scale(layer) is frozen
+    assert torch.isfinite(louder).all()
+    assert relative_error(louder, dynamic * 3) > 0.01
+    # Choosing "static" again calibrates anew.
+    set_activation_scaling_(layer, "static", headroom=1.0)
+    layer(x * 3)
+    assert fp8.static_scale(layer).item() == pytest.approx(3 * frozen.item(), rel=1e-2)
+
+
+def test_a_pre_cast_input_gives_what_the_layer_computes_itself(fp8_units):
+    layer = set_activation_scaling_(fp8_layer(), "static")
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    layer(x)
+    assert isinstance(fp8.quantize_input(layer, x), fp8.Fp8Activation)
+    assert torch.equal(layer(fp8.quantize_input(layer, x)), layer(x))
+    assert fp8.quantize_input(set_activation_scaling_(fp8_layer(), "tensor"), x) is x
+
+
+def test_static_scales_stay_close_to_dynamic_ones_in_the_dit(fp8_units, golden):
+    model = fp8_model()
+    bf16 = predict(load_dit(TINY_DIR, dtype=torch.bfloat16), golden)
+    dynamic = predict(model, golden)
+    set_activation_scaling_(model, "static")
+    calibrating = predict(model, golden)
+    assert torch.equal(calibrating, dynamic)
+    assert fp8.static_scale(model.blocks[0].self_attn.q) is not None
+    static = predict(model, golden)  # now with the fused e4m3 producers and frozen scales
+    print(
+        f"\nstatic vs dynamic scales: {relative_error(static, dynamic):.3e}; "
+        f"vs bf16 {relative_error(static, bf16):.3e} (dynamic {relative_error(dynamic, bf16):.3e})"
+    )
+    assert 0 < relative_error(static, dynamic) < 0.05
+    assert relative_error(static, bf16) < 1.5 * relative_error(dynamic, bf16)
+
+
+def test_unknown_activation_scaling_is_refused():
+    with pytest.raises(ValueError, match="static"):
+        set_activation_scaling_(fp8_layer(), "delayed")

@@ -77,6 +77,7 @@ def test_exact_and_official_area_sizes(models):
     assert (area.width, area.height) == (448, 512)
 
 
+@pytest.mark.slow
 def test_render_writes_the_mp4_and_keeps_frames_with_the_matching_audio(models, tmp_path):
     settings = SamplerSettings(sample_steps=1, infer_frames=16)
     job = make_job(models, torch.rand(96, 128, 3), audio(40, rate=44100), PROMPT, "64*64", settings)

@@ -69,6 +69,7 @@ def test_the_tiny_model_loads_as_an_upscale_model(upscaler):
     assert upscaler(torch.rand(1, 3, 10, 12)).shape == (1, 3, 20, 24)
 
 
+@pytest.mark.slow
 def test_stream_upscale_gives_the_models_frames_and_the_new_size(models, upscaler, nodes, tmp_path):
     job = job_of(models, clips=2)
     (upscaled,) = nodes[0].wrap(job, upscaler, 1.0)
@@ -166,6 +167,7 @@ def test_bad_face_regions_are_refused(region, message):
         FaceRestore(lambda faces: faces, region)
 
 
+@pytest.mark.slow
 def test_a_transform_returning_the_wrong_size_is_named(models):
     class Broken(ModelUpscale):
         def apply(self, frames):
@@ -176,6 +178,7 @@ def test_a_transform_returning_the_wrong_size_is_named(models):
         render(job, None, keep_frames=True)
 
 
+@pytest.mark.slow
 def test_the_model_is_on_the_device_only_while_the_stream_runs(models):
     events = []
 

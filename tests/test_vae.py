@@ -161,7 +161,13 @@ def comfy_reference(comfyui, tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "layout", ["official .pth", "ComfyUI .safetensors", "whole-model file, vae. prefix", "diffusers names"]
+    "layout",
+    [
+        pytest.param("official .pth", marks=pytest.mark.slow),
+        "ComfyUI .safetensors",
+        "whole-model file, vae. prefix",
+        pytest.param("diffusers names", marks=pytest.mark.slow),
+    ],
 )
 def test_matches_comfyui_wan_vae(comfy_reference, layout):
     files, video, latents, expected_latents, expected_video = comfy_reference
@@ -176,6 +182,7 @@ def test_matches_comfyui_wan_vae(comfy_reference, layout):
     assert decode_error <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_loads_in_bfloat16_close_to_float32(comfy_reference):
     files, video, _, expected_latents, _ = comfy_reference
     vae = load_vae(files["ComfyUI .safetensors"], dtype=torch.bfloat16)

@@ -56,6 +56,7 @@ def test_three_clips_play_back_with_matching_audio(tmp_path):
 
 
 @pytest.mark.parametrize("with_audio", [True, False], ids=["audio", "no_audio"])
+@pytest.mark.slow
 def test_killed_run_keeps_every_finished_clip(tmp_path, with_audio):
     path = tmp_path / "killed.mp4"
     audio = f"audio=sine(8.0), sample_rate={SAMPLE_RATE}" if with_audio else "audio=None"
@@ -112,6 +113,48 @@ def test_audio_stays_in_sync_with_frames(tmp_path):
     played = decoded_audio(path)
     onset_s = np.argmax(np.abs(played) > 0.2) / 48_000
     assert onset_s == pytest.approx(1.0, abs=0.005)
+
+
+@pytest.mark.parametrize("past_the_audio", [False, True], ids=["in-audio", "in-silence"])
+def test_a_continued_file_equals_one_written_at_once(tmp_path, past_the_audio):
+    """A resumed run reopens the file at the last whole clip (cutting a half-written one) and
+    appends: the frames are the same, and the audio keeps its time across the seam."""
+    audio = sine(2.5 if past_the_audio else 8.0)  # 2.5 s: the seam after clip 2 (3.84 s) falls in silence
+    whole, resumed = tmp_path / "whole.mp4", tmp_path / "resumed.mp4"
+    with StreamingVideoWriter(whole, FPS, WIDTH, HEIGHT, audio=audio, sample_rate=SAMPLE_RATE) as writer:
+        for index in range(4):
+            writer.write_frames(clip_frames(index))
+    with StreamingVideoWriter(resumed, FPS, WIDTH, HEIGHT, audio=audio, sample_rate=SAMPLE_RATE) as writer:
+        for index in range(2):
+            writer.write_frames(clip_frames(index))
+        written = writer.written
+    with open(resumed, "ab") as file:
+        file.write(b"\0\0\1\0moof" + bytes(300))  # a fragment cut short by a kill
+    with StreamingVideoWriter(
+        resumed, FPS, WIDTH, HEIGHT, audio=audio, sample_rate=SAMPLE_RATE, append_to=written
+    ) as writer:
+        for index in range(2, 4):
+            writer.write_frames(clip_frames(index))
+        assert writer.frames_written == 4 * CLIP
+
+    def frames(path):
+        with av.open(str(path)) as container:
+            return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+    assert np.array_equal(frames(resumed), frames(whole))
+    played, reference = decoded_audio(resumed), decoded_audio(whole)
+    assert played.shape == reference.shape
+    seam = 2 * CLIP * 48_000 // FPS
+    assert np.array_equal(played[: seam - 1024], reference[: seam - 1024])  # untouched before the seam
+    # After it, a new AAC encoder's coding noise only, and no shift: the waveforms match best
+    # at lag 0.
+    assert np.abs(played - reference).max() < 0.02
+    after = slice(seam, len(played) - 4096)
+    if past_the_audio:
+        assert np.abs(played[after]).max() < 1e-3  # the silence after the track
+    else:
+        errors = {lag: np.abs(played[after] - np.roll(reference, lag)[after]).mean() for lag in range(-3, 4)}
+        assert min(errors, key=errors.get) == 0, errors
 
 
 def test_short_audio_is_padded_with_silence(tmp_path):
@@ -179,6 +222,7 @@ def test_more_than_two_audio_channels_are_rejected(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_memory_does_not_grow_with_clips_written(tmp_path):
     def resident_mb() -> float:
         with open("/proc/self/statm") as statm:

@@ -1,9 +1,11 @@
 """The one place where the DiT's attention runs, and the choice of kernel behind it.
 
-Backends (`set_backend`, or the environment variable LIVEAVATAR_ATTENTION):
-- "auto" (default): FlashAttention-3 when its package (`flash_attn_interface`) imports and the
-  device is a Hopper GPU, else PyTorch's `scaled_dot_product_attention` with its own pick
-  (cuDNN on Hopper with recent PyTorch; the fused CPU kernel on CPUs).
+Backends (the model's `Kernels.attention`, by default the environment variable
+LIVEAVATAR_ATTENTION):
+- "auto" (default): FlashAttention-3 when its package imports (`flash_attn_interface`, or the
+  forward-only `fa3_fwd_interface` of the `fa3-fwd` wheel) and the device is a Hopper GPU,
+  else PyTorch's `scaled_dot_product_attention` with its own pick (cuDNN on Hopper with
+  recent PyTorch; the fused CPU kernel on CPUs).
 - "sdpa": PyTorch's pick, never FlashAttention-3.
 - "cudnn", "flash", "efficient", "math": PyTorch's SDPA held to that one kernel (an error where
   it cannot run the inputs).
@@ -16,36 +18,40 @@ rounding. Masks (used by reference computations in tests) always go to PyTorch's
 from __future__ import annotations
 
 import functools
-import os
+import importlib
 
 import torch
 import torch.nn.functional as F
 
+from . import kernels
+
 BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "math", "fa3")
-_backend = os.environ.get("LIVEAVATAR_ATTENTION", "auto")
 
 
-def set_backend(name: str) -> None:
-    """Picks the attention kernel for every later call (see the module docstring)."""
-    global _backend
+def check_backend(name: str) -> None:
+    """ValueError unless `name` is a backend that can run here (see the module docstring)."""
     if name not in BACKENDS:
         raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}, got {name!r}")
     if name == "fa3" and _fa3() is None:
-        raise ValueError("attention backend 'fa3' needs FlashAttention-3 (the flash_attn_interface package)")
-    _backend = name
+        raise ValueError(
+            "attention backend 'fa3' needs FlashAttention-3 (the flash_attn_interface package, "
+            "or fa3_fwd_interface from the fa3-fwd wheel)"
+        )
 
 
-def backend() -> str:
-    return _backend
+# FlashAttention-3's Python module: the upstream build's name, then the forward-only wheel's.
+FA3_MODULES = ("flash_attn_interface", "fa3_fwd_interface")
 
 
 @functools.cache
 def _fa3():
-    try:
-        import flash_attn_interface
-    except ImportError:
-        return None
-    return flash_attn_interface.flash_attn_func
+    for name in FA3_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except (ImportError, OSError):  # OSError: a build whose CUDA or PyTorch libraries are missing
+            continue
+        return module.flash_attn_func
+    return None
 
 
 @functools.cache
@@ -60,27 +66,28 @@ def _sdpa_kernel(name: str):
     }[name]
 
 
-def _use_fa3(q: torch.Tensor, mask) -> bool:
+def _use_fa3(q: torch.Tensor, mask, backend: str) -> bool:
     if mask is not None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         return False
-    if _backend == "fa3":
+    if backend == "fa3":
         return True
-    return _backend == "auto" and _fa3() is not None and torch.cuda.get_device_capability(q.device)[0] == 9
+    return backend == "auto" and _fa3() is not None and torch.cuda.get_device_capability(q.device)[0] == 9
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention over [B, L, heads, head_dim] tensors; returns [B, Lq, heads * head_dim].
     `mask` [Lq, Lk] (True = may attend) is only used by reference computations in tests."""
-    if _use_fa3(q, mask):
+    backend = kernels.current().attention
+    if _use_fa3(q, mask, backend):
         out = _fa3()(q, k.to(q.dtype), v.to(q.dtype))
         out = out[0] if isinstance(out, tuple) else out  # some releases also return the log-sum-exp
         return out.flatten(2)
     args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    if _backend in ("auto", "sdpa", "fa3") or mask is not None:
+    if backend in ("auto", "sdpa", "fa3") or mask is not None:
         out = F.scaled_dot_product_attention(*args, attn_mask=mask)
     else:
         from torch.nn.attention import sdpa_kernel
 
-        with sdpa_kernel(_sdpa_kernel(_backend)):
+        with sdpa_kernel(_sdpa_kernel(backend)):
             out = F.scaled_dot_product_attention(*args)
     return out.transpose(1, 2).flatten(2)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import fused
+from . import fp8, fused
 from .layers import CrossAttention, LayerNorm32, SelfAttention
 
 
@@ -40,12 +40,35 @@ class S2VBlock(nn.Module):
         per-token segment ids from `segment_ids` (None: one segment)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float().unsqueeze(1) + modulation).unbind(2)
         dtype = self.modulation.dtype  # the linears' input dtype (their weights may be fp8)
-        y = self.self_attn(fused.norm_modulate(x, shift1, scale1, segments, self.norm1.eps, dtype), rope, kv)
+        # q, k and v see the same input: one cast serves the three (their static scales agree).
+        y = self.self_attn(self._modulated(x, shift1, scale1, segments, self.norm1, self.self_attn.q, dtype), rope, kv)
         x = fused.gated_residual(x, y, gate1, segments)
-        normed = fused.layer_norm_affine(x, self.norm3.weight, self.norm3.bias, self.norm3.eps, dtype)
-        x = fused.add_float(x, self.cross_attn(normed, context))
-        y = self.ffn(fused.norm_modulate(x, shift2, scale2, segments, self.norm2.eps, dtype))
+        x = fused.add_float(x, self.cross_attn(self._normed(x, dtype), context))
+        y = self._ffn(self._modulated(x, shift2, scale2, segments, self.norm2, self.ffn[0], dtype))
         return fused.gated_residual(x, y, gate2, segments)
+
+    # With static fp8 input scales (`fp8.static_scale`) the producers of the linears' inputs
+    # write e4m3 themselves; otherwise these are the plain bf16 chains.
+    @staticmethod
+    def _modulated(x, shift, scale, segments, norm, consumer, dtype):
+        input_scale = fp8.static_scale(consumer)
+        if input_scale is None:
+            return fused.norm_modulate(x, shift, scale, segments, norm.eps, dtype)
+        return fp8.Fp8Activation(fused.norm_modulate_fp8(x, shift, scale, segments, norm.eps, input_scale), input_scale)
+
+    def _normed(self, x, dtype):
+        norm, input_scale = self.norm3, fp8.static_scale(self.cross_attn.q)
+        if input_scale is None:
+            return fused.layer_norm_affine(x, norm.weight, norm.bias, norm.eps, dtype)
+        return fp8.Fp8Activation(
+            fused.layer_norm_affine_fp8(x, norm.weight, norm.bias, norm.eps, input_scale), input_scale
+        )
+
+    def _ffn(self, x):
+        input_scale = fp8.static_scale(self.ffn[2])
+        if input_scale is None:
+            return self.ffn(x)
+        return self.ffn[2](fp8.Fp8Activation(fused.gelu_tanh_fp8(self.ffn[0](x), input_scale), input_scale))
 
 
 class Head(nn.Module):

@@ -1,7 +1,8 @@
 """The element-wise work between the DiT's matrix products, one function per chain.
 
 Written as plain PyTorch, which is what runs on the CPU and what the equality tests check. On
-GPUs the same functions can run compiled (`torch.compile`), where each chain
+GPUs the same functions run compiled (`torch.compile`) unless the running model's
+`Kernels.compile_elementwise` is off (see `kernels`); compiled, each chain
 becomes one pass over memory instead of four to eight: at 14B size the float32 norm,
 modulation, RoPE and gating passes otherwise cost about a fifth of a DiT call.
 
@@ -13,19 +14,14 @@ which row each token takes (None when there is one segment).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 
-_compile_enabled = os.environ.get("LIVEAVATAR_COMPILE", "1") != "0"
+from . import kernels
 
-
-def set_compiled(enabled: bool) -> None:
-    """Run the fused chains compiled on GPUs (True, the default) or eagerly everywhere.
-    The environment variable LIVEAVATAR_COMPILE=0 sets the default to off."""
-    global _compile_enabled
-    _compile_enabled = enabled
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
 
 
 def _per_token(rows: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
@@ -35,6 +31,24 @@ def _per_token(rows: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Te
 def _norm_modulate(x, shift, scale, segment_ids, eps: float, dtype: torch.dtype):
     normed = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
     return (normed * (1 + _per_token(scale, segment_ids)) + _per_token(shift, segment_ids)).to(dtype)
+
+
+def _cast_fp8(x, scale):
+    # Saturating: e4m3fn has no infinity, and an unclamped overflow would become NaN.
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def _norm_modulate_fp8(x, shift, scale, segment_ids, eps: float, input_scale):
+    normed = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+    return _cast_fp8(normed * (1 + _per_token(scale, segment_ids)) + _per_token(shift, segment_ids), input_scale)
+
+
+def _layer_norm_affine_fp8(x, weight, bias, eps: float, input_scale):
+    return _cast_fp8(F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps), input_scale)
+
+
+def _gelu_tanh_fp8(x, input_scale):
+    return _cast_fp8(F.gelu(x.float(), approximate="tanh"), input_scale)
 
 
 def _gated_residual(x, y, gate, segment_ids):
@@ -76,8 +90,8 @@ def _compiled(fn):
 
 
 def run(fn, x: torch.Tensor, *args):
-    """fn(x, *args), compiled when x is on a GPU and compiling is on."""
-    if _compile_enabled and x.is_cuda:
+    """fn(x, *args), compiled when x is on a GPU and the running model compiles."""
+    if x.is_cuda and kernels.current().compile_elementwise:
         return _compiled(fn)(x, *args)
     return fn(x, *args)
 
@@ -85,6 +99,26 @@ def run(fn, x: torch.Tensor, *args):
 def norm_modulate(x, shift, scale, segment_ids=None, eps: float = 1e-6, dtype: torch.dtype = torch.float32):
     """layer_norm(x) * (1 + scale) + shift in float32, returned in `dtype` (the next linear's)."""
     return run(_norm_modulate, x, shift, scale, segment_ids, eps, dtype)
+
+
+def cast_fp8(x, scale):
+    """x / scale in e4m3, saturating at +-448 (scale: a float32 scalar tensor)."""
+    return run(_cast_fp8, x, scale)
+
+
+def norm_modulate_fp8(x, shift, scale, segment_ids=None, eps: float = 1e-6, input_scale=None):
+    """`norm_modulate` cast straight to e4m3 with a fixed input scale: one pass, no bf16 copy."""
+    return run(_norm_modulate_fp8, x, shift, scale, segment_ids, eps, input_scale)
+
+
+def layer_norm_affine_fp8(x, weight, bias, eps: float, input_scale):
+    """`layer_norm_affine` cast straight to e4m3 with a fixed input scale."""
+    return run(_layer_norm_affine_fp8, x, weight, bias, eps, input_scale)
+
+
+def gelu_tanh_fp8(x, input_scale):
+    """The FFN's tanh GELU cast straight to e4m3 with a fixed input scale."""
+    return run(_gelu_tanh_fp8, x, input_scale)
 
 
 def gated_residual(x, y, gate, segment_ids=None):

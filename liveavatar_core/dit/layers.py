@@ -8,6 +8,7 @@ from torch import nn
 
 from . import fused
 from .attention import attention
+from .fp8 import Fp8Activation
 
 
 class RMSNorm(nn.Module):
@@ -55,8 +56,11 @@ class QKVProjection(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, -1))
 
-    def project_q(self, x: torch.Tensor) -> torch.Tensor:
-        return self._heads(self.norm_q(self.q(x.to(self.dtype))))
+    def _input(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor | Fp8Activation:
+        return x if isinstance(x, Fp8Activation) else x.to(self.dtype)  # already cast for fp8 linears
+
+    def project_q(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
+        return self._heads(self.norm_q(self.q(self._input(x))))
 
     def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.to(self.dtype)
@@ -74,7 +78,7 @@ class SelfAttention(QKVProjection):
     """
 
     def forward(self, x, rope, kv=None):
-        x = x.to(self.dtype)
+        x = self._input(x)
         _, q = fused.rms_norm_rope(self.q(x), self.norm_q.weight, self.norm_q.eps, self.num_heads, *rope)
         raw_k, k = fused.rms_norm_rope(self.k(x), self.norm_k.weight, self.norm_k.eps, self.num_heads, *rope)
         v = self._heads(self.v(x))

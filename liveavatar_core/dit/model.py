@@ -13,10 +13,14 @@ is the one LiveAvatar was trained with, so it is what we follow):
   tokens with the sampling timestep;
 - text embeddings are zero-padded to `text_len` (512) tokens before the text projection, so
   the padding rows (projection biases) take part in cross-attention.
+
+How the model runs (compiled element-wise chains, attention kernel, ...) is its `kernels`,
+in force while it runs (`running`; see `kernels`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -26,6 +30,7 @@ from torch import nn
 from .audio import AudioInjector, CausalAudioEncoder
 from .blocks import Head, S2VBlock, segment_ids
 from .config import S2VConfig
+from .kernels import Kernels, use
 from .motion import FramePacker
 from .rope import grid_positions, rope_cos_sin, video_grid
 
@@ -60,6 +65,11 @@ class WanS2VTransformer(nn.Module):
         self.trainable_cond_mask = nn.Embedding(3, c.dim)
         self.frame_packer = FramePacker(c.dim, c.in_dim, c.framepack_buckets)
         self.injector_after = {layer: i for i, layer in enumerate(c.audio_inject_layers)}
+        self.kernels = Kernels()
+
+    def running(self) -> contextlib.AbstractContextManager[None]:
+        """This model's `kernels` in force for the block: wraps every call into the model."""
+        return use(self.kernels)
 
     # -- inputs -> tokens -----------------------------------------------------------------------
     @property
@@ -176,21 +186,31 @@ class WanS2VTransformer(nn.Module):
         [B, 25, audio_dim, 4F]. Returns the predicted flow [B, 16, F, H, W] in float32.
         `kv_hook`: see `run_blocks`.
         """
-        batch, _, frames, height, width = latents.shape
-        device = latents.device
-        video = self.embed_video(latents, cond) + self.trainable_cond_mask.weight[VIDEO]
-        sink, sink_positions = self.embed_sink(ref, motion)
-        x = torch.cat([video, sink], dim=1).float()
-        positions = torch.cat([self.video_positions(frames, height, width, device=device), sink_positions.to(device)])
-        rope = rope_cos_sin(positions, self.config.head_dim, device)
+        with self.running():
+            batch, _, frames, height, width = latents.shape
+            device = latents.device
+            video = self.embed_video(latents, cond) + self.trainable_cond_mask.weight[VIDEO]
+            sink, sink_positions = self.embed_sink(ref, motion)
+            x = torch.cat([video, sink], dim=1).float()
+            positions = torch.cat(
+                [self.video_positions(frames, height, width, device=device), sink_positions.to(device)]
+            )
+            rope = rope_cos_sin(positions, self.config.head_dim, device)
 
-        times = torch.cat([timestep.flatten().expand(batch), timestep.new_zeros(1)]).to(device)
-        head_emb, modulation = self.embed_time(times)
-        modulation = torch.stack([modulation[:batch], modulation[-1:].expand(batch, -1, -1)], dim=1)
-        segments = [video.shape[1], sink.shape[1]]
+            times = torch.cat([timestep.flatten().expand(batch), timestep.new_zeros(1)]).to(device)
+            head_emb, modulation = self.embed_time(times)
+            modulation = torch.stack([modulation[:batch], modulation[-1:].expand(batch, -1, -1)], dim=1)
+            segments = [video.shape[1], sink.shape[1]]
 
-        x = self.run_blocks(
-            x, modulation, segments, rope, self.embed_text(context), self.embed_audio(audio), video.shape[1], kv_hook
-        )
-        out = self.head(x[:, : video.shape[1]], head_emb[:batch, None], [video.shape[1]])
-        return self.unpatchify(out.float(), frames, height, width)
+            x = self.run_blocks(
+                x,
+                modulation,
+                segments,
+                rope,
+                self.embed_text(context),
+                self.embed_audio(audio),
+                video.shape[1],
+                kv_hook,
+            )
+            out = self.head(x[:, : video.shape[1]], head_emb[:batch, None], [video.shape[1]])
+            return self.unpatchify(out.float(), frames, height, width)

@@ -27,10 +27,12 @@ class ModelSource(Protocol):
 
 @dataclass(frozen=True)
 class FileModels:
-    """A `ModelSource` that loads the DiT (+ LoRA) and the VAE of `files` in `precision`."""
+    """A `ModelSource` that loads the DiT (+ LoRA) and the VAE of `files` in `precision`
+    (`compile_elementwise`: see `load_models`)."""
 
     files: ModelFiles
     precision: Precision = Precision()
+    compile_elementwise: bool | None = None
 
     def stamp(self) -> str:
         """A warm pool whose files changed on disk is replaced rather than reused."""
@@ -40,7 +42,7 @@ class FileModels:
         # Imported here: `..models` brings in the text and audio encoders, which ranks never run.
         from ..models import load_dit_as
 
-        return load_dit_as(self.files, device, self.precision)
+        return load_dit_as(self.files, device, self.precision, self.compile_elementwise)
 
     def load_vae(self, device: torch.device) -> WanVAE:
         return load_vae(self.files.vae, device=device, dtype=self.precision.small(device))

@@ -9,8 +9,10 @@ Two options make the calls cheaper without changing what they compute (each can 
 off): `sink_in_place` reads the sink and the cached frames as one slice of a [sink | ring]
 buffer instead of concatenating them (the same output up to rounding: the keys come in
 another order), and `cuda_graphs` replays each steady-state call as a captured CUDA graph
-(`graphs`). `set_defaults` (or LIVEAVATAR_SINK_IN_PLACE=0/1, LIVEAVATAR_CUDA_GRAPHS=0/1) sets
-what a CausalDiT made without them uses.
+(`graphs`). A third, `kv_fp8`, changes the numbers a little: the caches on the device keep
+their keys and values in e4m3 with a scale per token and head (`caches.Fp8BlockKVCache`), for
+half their memory. A CausalDiT made without them takes the model's (`model.kernels`, by default
+LIVEAVATAR_SINK_IN_PLACE=0/1, LIVEAVATAR_CUDA_GRAPHS=0/1, LIVEAVATAR_KV_FP8=0/1; see `dit.kernels`).
 
 Defaults, from one H200 at Standard 688*368 with the fp8 DiT: the sink in place took a block
 step from 196 to 191 ms, but gives every step cache room for a sink copy (+20%, 7.6 GiB), so
@@ -20,8 +22,6 @@ the GPU at this size, and capturing a run's 16 graphs costs ~4.4 s, so they are 
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -33,19 +33,6 @@ from .graphs import BlockGraphs
 SINK_IN_PLACE_MIN_GIB = 100  # GPUs with less keep concatenating (the caches' +20% may not fit)
 
 
-def _env_flag(name: str) -> bool | None:
-    value = os.environ.get(name)
-    return None if value is None else value != "0"
-
-
-_defaults = {"sink_in_place": _env_flag("LIVEAVATAR_SINK_IN_PLACE"), "cuda_graphs": _env_flag("LIVEAVATAR_CUDA_GRAPHS")}
-
-
-def set_defaults(sink_in_place: bool | None = None, cuda_graphs: bool | None = None) -> None:
-    """The options a `CausalDiT` made without them takes (None: back to the automatic choice)."""
-    _defaults["sink_in_place"], _defaults["cuda_graphs"] = sink_in_place, cuda_graphs
-
-
 def _sink_in_place_fits(device: torch.device) -> bool:
     if device.type != "cuda":
         return True
@@ -53,12 +40,19 @@ def _sink_in_place_fits(device: torch.device) -> bool:
 
 
 class CausalDiT:
-    def __init__(self, model: WanS2VTransformer, sink_in_place: bool | None = None, cuda_graphs: bool | None = None):
+    def __init__(
+        self,
+        model: WanS2VTransformer,
+        sink_in_place: bool | None = None,
+        cuda_graphs: bool | None = None,
+        kv_fp8: bool | None = None,
+    ):
         self.model = model
         self.config = model.config
         # None: decided at the first call, from its device.
-        self.sink_in_place = _defaults["sink_in_place"] if sink_in_place is None else sink_in_place
-        self.cuda_graphs = bool(_defaults["cuda_graphs"]) if cuda_graphs is None else cuda_graphs
+        self.sink_in_place = model.kernels.sink_in_place if sink_in_place is None else sink_in_place
+        self.cuda_graphs = model.kernels.cuda_graphs if cuda_graphs is None else cuda_graphs
+        self.kv_fp8 = model.kernels.kv_fp8 if kv_fp8 is None else kv_fp8  # read by the sampler's caches
         self.graphs = BlockGraphs(model)
 
     def tokens_per_frame(self, height: int, width: int) -> int:
@@ -85,7 +79,8 @@ class CausalDiT:
 
             return kv
 
-        model.run_blocks(tokens.float(), modulation, [tokens.shape[1]], rope, context, None, 0, capture)
+        with model.running():
+            model.run_blocks(tokens.float(), modulation, [tokens.shape[1]], rope, context, None, 0, capture)
         sink.positions = positions.to(tokens.device)
         sink.ref_tokens = self.tokens_per_frame(*ref.shape[-2:])
 
@@ -133,10 +128,11 @@ class CausalDiT:
         )
 
         def call(*tensors):
-            return self._denoise(*tensors[:6], first_frame, cache, sink, tensors[6] if len(tensors) > 6 else None)
+            with self.model.running():
+                return self._denoise(*tensors[:6], first_frame, cache, sink, tensors[6] if len(tensors) > 6 else None)
 
         ring = cache.frames * cache.tokens_per_frame
-        steady = min(cache.frames, first_frame + frames) * cache.tokens_per_frame == ring
+        steady = cache.held_frames(first_frame, frames) * cache.tokens_per_frame == ring
         if self.cuda_graphs and device.type == "cuda" and steady and cache.keys[-1] is not None:
             key = (first_frame % cache.frames, frames, tuple(t.shape for t in inputs), self.sink_in_place)
             return self.graphs.run(cache, key, call, inputs, keep=(sink,))

@@ -152,8 +152,8 @@ class HostKVCache(BlockKVCache):
         end = start + frames * self.tokens_per_frame
         if end > self.frames * self.tokens_per_frame:
             raise ValueError(f"a block of {frames} frames from frame {first_frame} wraps around the ring")
-        filled = min(self.frames, first_frame) * self.tokens_per_frame
-        used = min(self.frames, first_frame + frames) * self.tokens_per_frame
+        filled = min(self.frames, first_frame - self.origin) * self.tokens_per_frame
+        used = self.held_frames(first_frame, frames) * self.tokens_per_frame
         # What earlier blocks left, less the slots this block is about to overwrite.
         regions = [(a, b) for a, b in ((0, min(start, filled)), (end, filled)) if b > a]
         ring = self.stager.stage(self, layer, first_frame, regions)

@@ -22,7 +22,7 @@ import torch
 from ..errors import InputError
 from ..finite import require_finite
 from ..time_grid import BLOCK_FRAMES, TEMPORAL_STRIDE
-from .caches import BlockKVCache, SinkCache
+from .caches import BlockKVCache, Fp8BlockKVCache, Fp8SinkCache, SinkCache
 from .causal_dit import CausalDiT
 from .host_caches import HostKVCache, KVStager
 from .solvers import SOLVERS, FlowSolver, flow_sigmas
@@ -116,11 +116,16 @@ class _Branch:
         tokens_per_frame: int,
         silent: bool,
         stager: KVStager | None = None,
+        fp8: bool = False,
     ):
         self.context = context
         self.silent = silent
-        self.sink = SinkCache(num_layers)
-        make_cache = BlockKVCache if stager is None else functools.partial(HostKVCache, stager=stager)
+        fp8 = fp8 and stager is None  # e4m3 caches live on the device only
+        self.sink = (Fp8SinkCache if fp8 else SinkCache)(num_layers)
+        if stager is not None:
+            make_cache = functools.partial(HostKVCache, stager=stager)
+        else:
+            make_cache = Fp8BlockKVCache if fp8 else BlockKVCache
         self.caches = [make_cache(num_layers, frames, tokens_per_frame) for _ in range(steps)]
 
 
@@ -164,7 +169,16 @@ class CausalSampler:
         for text, silent in contexts:
             embedded = model.embed_text([text.to(self.device)])
             self._branches.append(
-                _Branch(embedded, model.config.num_layers, s.sample_steps, s.latent_frames, tokens, silent, stager)
+                _Branch(
+                    embedded,
+                    model.config.num_layers,
+                    s.sample_steps,
+                    s.latent_frames,
+                    tokens,
+                    silent,
+                    stager,
+                    fp8=getattr(self.dit, "kv_fp8", False),
+                )
             )
         self.replace_sink(ref, motion)
 
@@ -235,21 +249,45 @@ class CausalSampler:
         steps: range,
         clip_features: torch.Tensor,
         after_step: Callable[[int], None] | None = None,
+        on_input: Callable[[int, torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """Runs `steps` (consecutive step indices) of block `block` of clip `clip` on its
-        latents `x`; `clip_features`: the clip's audio features [1, 25, audio_dim, infer_frames]."""
-        start, frames = self.settings.blocks()[block]
-        first_frame = clip * self.settings.latent_frames + start
-        block_features = clip_features[..., start * TEMPORAL_STRIDE : (start + frames) * TEMPORAL_STRIDE]
-        block_features = block_features.to(self.device)
+        latents `x`; `clip_features`: the clip's audio features [1, 25, audio_dim, infer_frames].
+        `on_input(step, x)` sees each DiT call's latents (what `replay_block` takes)."""
+        first_frame, block_features = self._block_inputs(clip, block, clip_features)
         x = x.to(self.device)
         for step in steps:
+            if on_input is not None:
+                on_input(step, x)
             distance = sink_distance(self.settings.seed, clip, block, step, self.settings.sink_distance)
             velocity = self._velocity(x, solver.timestep(step), step, first_frame, block_features, distance)
             x = solver.step(step, x, velocity)
             if after_step is not None:
                 after_step(step)
         return x
+
+    def replay_block(self, clip: int, block: int, inputs: list[torch.Tensor], clip_features: torch.Tensor) -> None:
+        """Repeats a block's DiT calls on the latents each step was given (`inputs`, one per
+        step, as `denoise`'s `on_input` saw them) only to refill the caches: a resumed run
+        rebuilds the caches of the clips before it this way."""
+        first_frame, block_features = self._block_inputs(clip, block, clip_features)
+        solver = self.new_solver()
+        for step, x in enumerate(inputs):
+            distance = sink_distance(self.settings.seed, clip, block, step, self.settings.sink_distance)
+            self._velocity(x.to(self.device), solver.timestep(step), step, first_frame, block_features, distance)
+
+    def start_caches_at(self, clip: int) -> None:
+        """The caches begin at clip `clip` (a resumed run replays from there): what they would
+        hold from before it is not read."""
+        for branch in self._branches:
+            for cache in branch.caches:
+                cache.origin = clip * self.settings.latent_frames
+
+    def _block_inputs(self, clip: int, block: int, clip_features: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """The block's first latent frame in the run and its audio features on the device."""
+        start, frames = self.settings.blocks()[block]
+        block_features = clip_features[..., start * TEMPORAL_STRIDE : (start + frames) * TEMPORAL_STRIDE]
+        return clip * self.settings.latent_frames + start, block_features.to(self.device)
 
     def _velocity(self, x, timestep, step, first_frame, block_features, distance):
         outputs = []

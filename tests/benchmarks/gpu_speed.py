@@ -65,9 +65,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from liveavatar_core.dit import S2VConfig, WanS2VTransformer, fused, load_dit, save_dit  # noqa: E402
+from liveavatar_core.dit import S2VConfig, WanS2VTransformer, load_dit, save_dit  # noqa: E402
 from liveavatar_core.dit import attention as attention_dispatch  # noqa: E402
 from liveavatar_core.dit.fp8 import quantize_dit_, set_activation_scaling_  # noqa: E402
+from liveavatar_core.dit.kernels import Kernels  # noqa: E402
+from liveavatar_core.dit.kernels import use as use_kernels  # noqa: E402
 from liveavatar_core.pipeline import StreamingPipeline, write_video  # noqa: E402
 from liveavatar_core.run_spec import RunSpec  # noqa: E402
 from liveavatar_core.semantics import MOTION_FRAMES, REFERENCE_COPIES  # noqa: E402
@@ -75,8 +77,7 @@ from liveavatar_core.sizing import parse_size  # noqa: E402
 from liveavatar_core.streaming import (  # noqa: E402
     CausalDiT,
     CausalSampler,
-    SamplerSettings,
-    causal_dit,  # noqa: E402
+    SamplerSettings,  # noqa: E402
 )
 from liveavatar_core.streaming.sampler import BLOCK_FRAMES  # noqa: E402
 from liveavatar_core.time_grid import FPS  # noqa: E402
@@ -89,15 +90,20 @@ PARTS = ("attention", "dit", "stream", "vae", "e2e", "load")
 # How our DiT runs: "eager" = every element-wise op on its own (the state before fusion),
 # "compiled" = the fused element-wise chains of liveavatar_core/dit/fused.py compiled.
 # "fp8" = compiled, with the DiT's linear layers in fp8 (liveavatar_core/dit/fp8.py), inputs
-# scaled per token; "fp8-tensor" the same with one input scale per call.
+# scaled per token; "fp8-tensor" the same with one input scale per call; "fp8-static" the same
+# with each layer's input scale fixed after its first call (cast inside the producing kernels).
 # A variant may add options after "+" (e.g. "fp8-tensor+inplace+graphs"); without them it runs
 # as the pack did before they existed:
 #   inplace  the KV ring and the sink read from one [sink | ring] buffer (no concatenation)
 #   graphs   steady-state streaming DiT calls replayed as CUDA graphs
 #   vae      the VAE's cuDNN autotuning and channels-last convolutions (e2e part)
+#   kvfp8    the streaming KV caches and sink in e4m3 (a scale per token and head)
+#   calclip  fp8-static calibrated over the sink prefill and a whole Standard clip (17 calls), not 1
 #   cudnn, flash, efficient, fa3: the attention kernel (default: SDPA's own pick)
-VARIANTS = ("eager", "compiled", "fp8", "fp8-tensor")
-OPTIONS = ("inplace", "graphs", "vae", "cudnn", "flash", "efficient", "fa3")
+VARIANTS = ("eager", "compiled", "fp8", "fp8-tensor", "fp8-static")
+OPTIONS = ("inplace", "graphs", "vae", "kvfp8", "calclip", "cudnn", "flash", "efficient", "fa3")
+CLIP_CALIBRATION_CALLS = 1 + 4 * 4  # the sink prefill, then Standard's 4 blocks x 4 steps
+ACTIVATION_SCALING = {"fp8": "row", "fp8-tensor": "tensor", "fp8-static": "static"}
 ATTENTION_OPTIONS = ("cudnn", "flash", "efficient", "fa3")
 # The VAE part's variants: "plain" (cuDNN's default kernels), "autotune" (cudnn.benchmark),
 # "channels-last" (NDHWC activations and weights), "autotune+channels-last" (WanVAE's default on CUDA).
@@ -260,12 +266,22 @@ def split_variant(variant: str) -> tuple[str, set[str]]:
     return base, set(options)
 
 
-def use_variant(variant: str) -> None:
+def variant_kernels(variant: str) -> Kernels:
     base, options = split_variant(variant)
-    fused.set_compiled(base != "eager")
     chosen = [o for o in ATTENTION_OPTIONS if o in options]
-    attention_dispatch.set_backend(chosen[0] if chosen else "sdpa")
-    causal_dit.set_defaults(sink_in_place="inplace" in options, cuda_graphs="graphs" in options)
+    return Kernels(
+        compile_elementwise=base != "eager",
+        attention=chosen[0] if chosen else "sdpa",
+        sink_in_place="inplace" in options,
+        cuda_graphs="graphs" in options,
+        kv_fp8="kvfp8" in options,
+    )
+
+
+def use_variant(model: WanS2VTransformer, variant: str) -> WanS2VTransformer:
+    """`model` set to run as `variant` says (its `kernels`)."""
+    model.kernels = variant_kernels(variant)
+    return model
 
 
 class VariantModels:
@@ -277,15 +293,19 @@ class VariantModels:
         self._fp8: WanS2VTransformer | None = None
 
     def __call__(self, variant: str) -> WanS2VTransformer:
-        use_variant(variant)
-        if not split_variant(variant)[0].startswith("fp8"):
-            return self.model
+        base, options = split_variant(variant)
+        if not base.startswith("fp8"):
+            return use_variant(self.model, variant)
         if self._fp8 is None:
             with torch.device("meta"):
                 twin = WanS2VTransformer(self.model.config)
             twin.load_state_dict(self.model.state_dict(), assign=True)
             self._fp8 = quantize_dit_(twin).eval().requires_grad_(False)
-        return set_activation_scaling_(self._fp8, "tensor" if variant == "fp8-tensor" else "row")
+        # "static" starts a new calibration: the variant's first DiT call (the sink prefill) sets the scales.
+        calls = CLIP_CALIBRATION_CALLS if "calclip" in options else 1
+        return use_variant(
+            set_activation_scaling_(self._fp8, ACTIVATION_SCALING[base], calibration_calls=calls), variant
+        )
 
     def release(self) -> None:
         self._fp8 = None
@@ -336,11 +356,15 @@ def dit_flops(config: S2VConfig, q: int, k: int, video: int, frames: int, audio:
     return float(config.num_layers * block + (len(config.audio_inject_layers) * injector if audio else 0))
 
 
-def stream_cache_gib(bench: Bench, preset: Preset) -> float:
-    """Device memory of the streaming caches: per branch, one clip of keys/values per step + the sink."""
+def stream_cache_gib(bench: Bench, preset: Preset, fp8: bool = False) -> float:
+    """Device memory of the streaming caches: per branch, one clip of keys/values per step + the
+    sink (with `fp8`: e4m3 values and a float32 scale per token and head)."""
     c = bench.config
     h, w = bench.latent_hw(preset)
-    per_token = c.num_layers * c.dim * 2 * torch.finfo(bench.dtype).bits // 8
+    if fp8:
+        per_token = c.num_layers * 2 * (c.dim + 4 * c.num_heads)
+    else:
+        per_token = c.num_layers * c.dim * 2 * torch.finfo(bench.dtype).bits // 8
     frames = preset.infer_frames // 4
     tokens = preset.steps * frames * tokens_per_frame(c, h, w) + sink_tokens(c, h, w)
     return preset.branches * tokens * per_token / GIB
@@ -487,16 +511,16 @@ def part_attention(bench: Bench) -> list[dict]:
     q, k, v = (
         bench.randn(1, n, heads, head_dim, seed=s).to(bench.dtype) for n, s in ((q_len, 1), (k_len, 2), (k_len, 3))
     )
-    attention_dispatch.set_backend("math")
-    reference = attention_dispatch.attention(q.float(), k.float(), v.float())
+    with use_kernels(Kernels(attention="math")):
+        reference = attention_dispatch.attention(q.float(), k.float(), v.float())
     flops = 4 * q_len * k_len * heads * head_dim
     rows = []
     for backend in ("sdpa", "cudnn", "flash", "efficient", "fa3"):
         row = {"part": "attention", "preset": "standard", "variant": backend, "q tokens": q_len, "k tokens": k_len}
         try:
-            attention_dispatch.set_backend(backend)
-            out = attention_dispatch.attention(q, k, v)
-            ms = statistics.median(bench.measure(partial(attention_dispatch.attention, q, k, v), iters=20))
+            with use_kernels(Kernels(attention=backend)):
+                out = attention_dispatch.attention(q, k, v)
+                ms = statistics.median(bench.measure(partial(attention_dispatch.attention, q, k, v), iters=20))
         except (RuntimeError, ValueError) as error:
             rows.append({**row, "note": f"not run: {str(error).splitlines()[0][:120]}"})
             print(f"attention [{backend}]: not run ({str(error).splitlines()[0][:120]})", flush=True)
@@ -508,7 +532,6 @@ def part_attention(bench: Bench) -> list[dict]:
             f"rel error {row['rel error vs float32']:.2e}",
             flush=True,
         )
-    attention_dispatch.set_backend("auto")
     del q, k, v, reference
     bench.release()
     return rows
@@ -552,7 +575,7 @@ def part_dit(bench: Bench, presets: list[str]) -> list[dict]:
                 profile(bench, f"dit-{name}-{variant}", partial(run_ours, ours, x))
         variant_models.release()
         bench.release()
-        use_variant("compiled")
+        use_variant(model, "compiled")
     comfy, info = import_comfy(bench)
     if comfy is None:
         print(f"dit: {info}; ComfyUI columns left empty", flush=True)
@@ -637,7 +660,12 @@ def part_stream(bench: Bench, presets: list[str]) -> list[dict]:
         model = variant_models(variant)
         base, options = split_variant(variant)
         p = PRESETS[name]
-        row = {"part": "stream", "preset": name, "variant": variant, "KV caches GiB": stream_cache_gib(bench, p)}
+        row = {
+            "part": "stream",
+            "preset": name,
+            "variant": variant,
+            "KV caches GiB": stream_cache_gib(bench, p, fp8="kvfp8" in options),
+        }
         note = check_room(bench, p)
         if note:
             rows.append({**row, "note": note})
@@ -701,11 +729,26 @@ def part_stream(bench: Bench, presets: list[str]) -> list[dict]:
         if dit.graphs.failed:
             row["note"] = f"graph capture failed: {dit.graphs.failed[:200]}"
         bf16 = first_clips.get((name, "compiled"), first_clips.get((name, "eager")))
-        if base.startswith("fp8") and bf16 is not None:
-            # The issue's quality proxy: same seed and weights, latents after one clip.
+        bf16_last = last_clips.get((name, "compiled"), last_clips.get((name, "eager")))
+        if (base.startswith("fp8") or "kvfp8" in options) and bf16 is not None:
+            # The quality proxy: same seed and weights, latents after one clip (and after the last).
             row["clip 0 latents rel diff vs bf16"] = relative_error(first_clips[name, variant], bf16)
-        elif base.startswith("fp8"):
+            row["last clip latents rel diff vs bf16"] = relative_error(last_clips[name, variant], bf16_last)
+        elif base.startswith("fp8") or "kvfp8" in options:
             print(f"stream {name} [{variant}]: no bf16 variant in this run to compare the latents with", flush=True)
+        # One change at a time against the same run's variant without it: static vs dynamic
+        # fp8 input scales, e4m3 vs bf16 caches.
+        for label, twin in (
+            ("fp8-tensor", variant.replace("fp8-static", "fp8-tensor", 1)),
+            ("no kvfp8", "+".join([base, *[o for o in variant.split("+")[1:] if o != "kvfp8"]])),
+        ):
+            if twin != variant and (name, twin) in last_clips:
+                row[f"rel diff vs {label}, clip 0"] = relative_error(
+                    first_clips[name, variant], first_clips[name, twin]
+                )
+                row[f"rel diff vs {label}, last clip"] = relative_error(
+                    last_clips[name, variant], last_clips[name, twin]
+                )
         if options and (name, base) in last_clips:
             # Each option's own error: the same run without the options, clip 0 and the last clip.
             row["rel diff vs no options, clip 0"] = relative_error(first_clips[name, variant], first_clips[name, base])
@@ -1105,6 +1148,23 @@ def rows_to_runs(rows: list[dict], env: dict, tiny: bool) -> dict:
     return runs
 
 
+def drop_fa3(variants: str | None) -> str | None:
+    """The variants less those that need FlashAttention-3, saying why they go (it does not import)."""
+    if variants is None:
+        return None
+    kept = [v for v in variants.split(",") if "fa3" not in split_variant(v)[1]]
+    dropped = sorted(set(variants.split(",")) - set(kept) - {""})
+    if dropped:
+        reasons = []
+        for module in attention_dispatch.FA3_MODULES:
+            try:
+                __import__(module)
+            except Exception as error:  # noqa: BLE001 - shown, not handled
+                reasons.append(f"{module}: {type(error).__name__}: {str(error).splitlines()[0][:160]}")
+        print(f"FlashAttention-3 does not import ({'; '.join(reasons)}): not running {', '.join(dropped)}", flush=True)
+    return ",".join(kept)
+
+
 # -- main ------------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1167,6 +1227,8 @@ def main() -> None:
     unknown += [v for v in args.vae_variants.split(",") if v not in VAE_VARIANTS]
     if unknown:
         parser.error(f"unknown part or preset: {', '.join(unknown)}")
+    if attention_dispatch._fa3() is None:
+        args.variants, args.e2e_variants = (drop_fa3(v) for v in (args.variants, args.e2e_variants))
     bench = Bench(args)
     torch.set_grad_enabled(False)
     env = environment(bench)
