@@ -27,7 +27,22 @@ the batch could grow at almost no cost). One run of the stages above without
 `train_decoder` (VAE 769 steps on 5-frame clips, then 361 on 9-frame ones; DiT 215 steps,
 loss 3.2 -> 0.15) gave latents the
 DiT reproduced, but the decoder drifted to a dark screen a few latents into the stream;
-`train_decoder` is the stage that addresses it, not yet run at full length. The shipped
+`train_decoder` is the stage that addresses it. Two later runs on one H200, measured through
+the streaming decoder on the VAE's own latents of an unheard utterance (7 priming latents,
+then 24 talking ones, 128*128):
+
+- that VAE with `train_decoder` on 24-latent streams (96 steps, 170 s) then the DiT continued
+  from its checkpoint (203 steps, loss 0.15 -> 0.14): the stream no longer goes dark (frame
+  correlation 0.42-0.67 all the way, was 0.05-0.10 after frame 20), but the VAE itself is the
+  limit: a still portrait comes back blurred with wrong colours (correlation 0.59-0.83), its
+  mouth barely (mouth darkness vs truth -0.04..0.33); through the pipeline another portrait's
+  video correlated 0.13 with that portrait;
+- from scratch with `--vae-batch 256` (197 steps in 200 s: the VAE is not launch-bound at that
+  batch, 1 step/s), 45 decoder steps and 166 DiT steps (loss 0.28): worse on every figure.
+
+So the VAE needs far more training than a few minutes (its loss plateaus at 0.22-0.35 after
+~1000 steps of 32 clips) or more width (base 8: 3.8x the parameters, 1.6x the CPU time per
+decode); neither is done yet. The shipped
 files predate this recipe: they were made by the unrolled-sampler version of this script
 (its history), 589 VAE and 168 DiT steps, and show a blurred silhouette without a moving
 mouth (see `default_models`).
@@ -175,7 +190,7 @@ def _lr(peak: float, progress: float) -> float:
     return peak * min(1.0, progress / 0.05) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train_vae(batches: Batches, steps: int, seconds: float, seed: int, device, log, init=None):
+def train_vae(batches: Batches, steps: int, seconds: float, seed: int, device, log, init=None, batch: int = 32):
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(seed)
@@ -186,7 +201,7 @@ def train_vae(batches: Batches, steps: int, seconds: float, seed: int, device, l
     while (progress := max(step / steps, (time.monotonic() - began) / seconds)) < 1:
         for group in opt.param_groups:
             group["lr"] = _lr(2e-3, progress)
-        face, ref_level, level, _ = batches.clip(32, 8)
+        face, ref_level, level, _ = batches.clip(batch, 8)
         # A still first frame, then eight talking frames. Short clips teach the picture; the
         # decoder's behaviour deep into a stream is `train_decoder`'s job.
         levels = torch.cat([ref_level[:, None], level], dim=1)
@@ -207,7 +222,7 @@ def train_vae(batches: Batches, steps: int, seconds: float, seed: int, device, l
     return model.eval().requires_grad_(False)
 
 
-def train_decoder(vae, batches: Batches, steps: int, seconds: float, device, log, latents: int = 8, batch: int = 8):
+def train_decoder(vae, batches: Batches, steps: int, seconds: float, device, log, latents: int = 24, batch: int = 8):
     """Trains the decoder (encoder frozen, so its latents and a DiT trained on them stay
     valid) on what the streaming decoder decodes at inference: the 7 priming latents of the
     still portrait, then `latents` talking latents. Clips of 9 frames alone leave it untrained
@@ -498,6 +513,11 @@ def main(argv=None):
         "--vae-from", type=Path, default=None, help="take this trained VAE file instead of training one"
     )
     parser.add_argument("--decoder-steps", type=int, default=400)
+    parser.add_argument("--vae-batch", type=int, default=32, help="clips per VAE step (the tiny VAE is launch-bound)")
+    parser.add_argument("--decoder-batch", type=int, default=8)
+    parser.add_argument(
+        "--decoder-latents", type=int, default=24, help="talking latents after the priming ones per decoder clip"
+    )
     parser.add_argument(
         "--decoder-seconds", type=float, default=1e9, help="also stop the decoder's training after this long"
     )
@@ -544,10 +564,19 @@ def main(argv=None):
         log(f"VAE from {args.vae_from}")
     else:
         init = load_vae(args.vae_init, device).model if args.vae_init is not None else None
-        vae = train_vae(batches, args.vae_steps, args.vae_seconds, args.seed, device, log, init)
+        vae = train_vae(batches, args.vae_steps, args.vae_seconds, args.seed, device, log, init, batch=args.vae_batch)
         vae = normalise_vae(vae, batches, device)
     if args.decoder_steps > 0:
-        vae = train_decoder(vae, batches, args.decoder_steps, args.decoder_seconds, device, log)
+        vae = train_decoder(
+            vae,
+            batches,
+            args.decoder_steps,
+            args.decoder_seconds,
+            device,
+            log,
+            latents=args.decoder_latents,
+            batch=args.decoder_batch,
+        )
     write_vae(args.out, vae, args.seed)
     log("VAE written")
     cache = None
