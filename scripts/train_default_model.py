@@ -190,11 +190,29 @@ def _lr(peak: float, progress: float) -> float:
     return peak * min(1.0, progress / 0.05) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train_vae(batches: Batches, steps: int, seconds: float, seed: int, device, log, init=None, batch: int = 32):
+def decode_unclamped(vae, latents):
+    """`AutoencoderKLWan.decode` without its final clamp to [-1, 1]: the clamp has no gradient
+    outside that range, so a pixel the decoder pushes past it (wrong colour, saturated) would
+    never be pulled back. The same causal frame-by-frame loop as diffusers' `_decode`."""
+    vae.clear_cache()
+    x = vae.post_quant_conv(latents)
+    frames = []
+    for i in range(x.shape[2]):
+        vae._conv_idx = [0]
+        frames.append(
+            vae.decoder(x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=i == 0)
+        )
+    vae.clear_cache()
+    return torch.cat(frames, dim=2)
+
+
+def train_vae(
+    batches: Batches, steps: int, seconds: float, seed: int, device, log, init=None, batch: int = 32, base_dim: int = 4
+):
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(seed)
-    model = AutoencoderKLWan(base_dim=dm.VAE_BASE_DIM, z_dim=16).to(device).train() if init is None else init.train()
+    model = AutoencoderKLWan(base_dim=base_dim, z_dim=16).to(device).train() if init is None else init.train()
     model.requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     began, step = time.monotonic(), 0
@@ -208,7 +226,7 @@ def train_vae(batches: Batches, steps: int, seconds: float, seed: int, device, l
         video = batches.pixels(face, levels)
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             mu = model.encode(video).latent_dist.mode()
-            out = model.decode(mu).sample.float()
+            out = decode_unclamped(model, mu).float()
         weight = batches.mouth_weight(face, 1, 10.0)
         loss = (weight * (out - video).abs()).mean() + 1e-4 * mu.float().pow(2).mean()
         opt.zero_grad(set_to_none=True)
@@ -250,7 +268,7 @@ def train_decoder(vae, batches: Batches, steps: int, seconds: float, device, log
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             with torch.no_grad():
                 mu = vae.encode(video).latent_dist.mode()
-            out = vae.decode(mu).sample.float()
+            out = decode_unclamped(vae, mu).float()
         weight = batches.mouth_weight(face, 1, 10.0)
         loss = (weight * (out - video).abs())[:, :, still_frames:].mean() + 0.1 * (out - video)[
             :, :, :still_frames
@@ -513,6 +531,7 @@ def main(argv=None):
         "--vae-from", type=Path, default=None, help="take this trained VAE file instead of training one"
     )
     parser.add_argument("--decoder-steps", type=int, default=400)
+    parser.add_argument("--vae-dim", type=int, default=dm.VAE_BASE_DIM, help="the VAE's base width")
     parser.add_argument("--vae-batch", type=int, default=32, help="clips per VAE step (the tiny VAE is launch-bound)")
     parser.add_argument("--decoder-batch", type=int, default=8)
     parser.add_argument(
@@ -564,7 +583,17 @@ def main(argv=None):
         log(f"VAE from {args.vae_from}")
     else:
         init = load_vae(args.vae_init, device).model if args.vae_init is not None else None
-        vae = train_vae(batches, args.vae_steps, args.vae_seconds, args.seed, device, log, init, batch=args.vae_batch)
+        vae = train_vae(
+            batches,
+            args.vae_steps,
+            args.vae_seconds,
+            args.seed,
+            device,
+            log,
+            init,
+            batch=args.vae_batch,
+            base_dim=args.vae_dim,
+        )
         vae = normalise_vae(vae, batches, device)
     if args.decoder_steps > 0:
         vae = train_decoder(
