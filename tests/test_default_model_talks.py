@@ -9,11 +9,14 @@ roll after clip 0 and the caches across clip boundaries are part of every check.
   training's range), in every clip;
 - silence keeps it closed.
 
-The shipped weights (168 DiT training steps) pass only the first check: their frames are a
-blurred silhouette common to every portrait (measured: 0.43..0.56 correlation with the example
-portrait; another portrait's video correlates 0.25 with that portrait and 0.32 with the
-example; mouth darkness vs loudness -0.12). The other checks are expected failures, strict, so a
-better-trained model turns them into passes that must then be un-marked.
+The shipped weights (base-8 VAE, 608 + 619 VAE steps; DiT 185 steps from an earlier DiT)
+pass the first two (correlation with the example portrait 0.73..0.77; another portrait's video
+0.40 with that portrait against 0.17 with the example). Their mouth follows the loudness 4
+frames late (the tiny VAE's temporal blur across latents): Pearson 0.59 overall but 0.19 in
+clip 0 (0.84 and 0.61 in clips 1 and 2), 0.88 overall with the shift; and in silence the mouth
+is nearly still (std 0.012 against 0.035 talking) but not closed enough (its darkest frame 0.279
+against 0.249, the talking mouth's 25th percentile). Those two checks are expected failures,
+strict, so a better-trained model turns them into passes that must then be un-marked.
 """
 
 from __future__ import annotations
@@ -133,7 +136,6 @@ def test_frames_show_the_given_portrait(example):
     assert min(scores) > 0.3, f"correlation with the portrait {min(scores):.2f}..{max(scores):.2f}"
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped weights draw the same silhouette for every portrait (undertrained)")
 def test_another_portrait_gives_another_face(example):
     image, wave, frames = example
     other = np.asarray(faces.draw_face(OTHER_STYLE, 0.3, 512, 640))
@@ -142,7 +144,7 @@ def test_another_portrait_gives_another_face(example):
     assert own > 0.3 and own > cross + 0.1, f"own portrait {own:.2f}, the example's {cross:.2f}"
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped weights do not move the mouth yet (undertrained)")
+@pytest.mark.xfail(strict=True, reason="the shipped weights move the mouth 4 frames late (the tiny VAE)")
 def test_mouth_follows_the_speech_in_every_clip(example):
     _, wave, frames = example
     darkness = mouth_darkness(frames, faces.mouth_box(faces.FaceStyle(), SIZE, SIZE))
@@ -155,7 +157,7 @@ def test_mouth_follows_the_speech_in_every_clip(example):
         assert r >= 0.4, f"clip {clip}: Pearson {r:.2f}"
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped weights do not move the mouth yet (undertrained)")
+@pytest.mark.xfail(strict=True, reason="the shipped weights do not close the mouth enough in silence")
 def test_silence_keeps_the_mouth_closed(example):
     image, wave, frames = example
     quiet = np.zeros(CLIPS * INFER_FRAMES * 640 + 3200, dtype=np.float32)
@@ -167,16 +169,3 @@ def test_silence_keeps_the_mouth_closed(example):
     level = loudness(wave, len(frames))[: len(frames)]
     assert closed.max() < np.percentile(talking[level > 0.5], 25), (closed.max(), talking.max())
     assert closed.std() < 0.5 * talking.std()
-
-
-if __name__ == "__main__":  # prints the figures the tests assert on
-    image = np.asarray(Image.open(PORTRAIT).convert("RGB"))
-    wave = speech(CLIPS * INFER_FRAMES)
-    frames = run(image, wave)
-    scores = [correlation(f, fitted(image)) for f in frames]
-    darkness = mouth_darkness(frames, faces.mouth_box(faces.FaceStyle(), SIZE, SIZE))
-    level = loudness(wave, len(frames))[: len(frames)]
-    print(f"frames {len(frames)}; correlation with the portrait {min(scores):.3f}..{max(scores):.3f}")
-    print(f"Pearson mouth darkness vs loudness {np.corrcoef(darkness, level)[0, 1]:.3f}")
-    np.save("/tmp/frames.npy", frames)
-    np.save("/tmp/level.npy", level)
