@@ -40,6 +40,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .atomic_files import write_atomically
 from .dit import S2VConfig, WanS2VTransformer, save_dit
 from .dit.loading import CONFIG_METADATA_KEY
 
@@ -124,14 +125,7 @@ def randomize(module: nn.Module, generator: torch.Generator) -> nn.Module:
 
 def _save(tensors: dict[str, torch.Tensor], path: Path, seed: int) -> None:
     metadata = {MARKER_KEY: json.dumps({"version": FORMAT_VERSION, "seed": seed})}
-    _write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-
-
-def _write_atomically(path: Path, write) -> None:
-    # A half-written file must never pass for a finished one.
-    tmp = path.with_name(path.name + ".partial")
-    write(tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def _state(module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -296,7 +290,7 @@ def write_default_models(models_dir: str | os.PathLike, seed: int = 0) -> dict[s
         path.parent.mkdir(parents=True, exist_ok=True)
     dit = tiny_dit(seed)
     _save(lora_state(dit, seed), paths["loras"], seed)
-    _write_atomically(paths["diffusion_models"], lambda tmp: save_dit(dit.to(torch.bfloat16), tmp))
+    write_atomically(paths["diffusion_models"], lambda tmp: save_dit(dit.to(torch.bfloat16), tmp))
     _save(text_encoder_state(seed), paths["text_encoders"], seed)
     _save(vae_state(seed), paths["vae"], seed)
     _save(audio_encoder_state(seed), paths["audio_encoders"], seed)

@@ -43,6 +43,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .atomic_files import write_atomically
 from .errors import InputError
 from .file_stamps import file_stamp
 from .run_spec import RunSpec, WorkItem
@@ -182,16 +183,8 @@ def remove_sidecar(mp4: str | os.PathLike) -> None:
         path.unlink(missing_ok=True)
 
 
-def _write_atomically(path: Path, write) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    write(partial)
-    with open(partial, "rb+") as file:
-        os.fsync(file.fileno())
-    os.replace(partial, path)
-
-
 def _save(path: Path, tensors: dict[str, torch.Tensor], stamp: str) -> None:
-    _write_atomically(path, lambda partial: save_file(tensors, str(partial), metadata={"stamp": stamp}))
+    write_atomically(path, lambda partial: save_file(tensors, str(partial), metadata={"stamp": stamp}))
 
 
 def write_sidecar(
@@ -223,7 +216,7 @@ def write_sidecar(
         "replayed": [replayed.start, replayed.stop],
         "inputs": inputs,
     }
-    _write_atomically(sidecar_path(mp4), lambda partial: partial.write_text(json.dumps(record, indent=1)))
+    write_atomically(sidecar_path(mp4), lambda partial: partial.write_text(json.dumps(record, indent=1)))
     for old in _state_files(mp4):
         if old.name not in names:
             old.unlink(missing_ok=True)
