@@ -89,6 +89,7 @@ from liveavatar_core.streaming import (  # noqa: E402
 from liveavatar_core.streaming.sampler import BLOCK_FRAMES  # noqa: E402
 from liveavatar_core.time_grid import FPS  # noqa: E402
 from liveavatar_core.vae import WanVAE, latent_frame_count  # noqa: E402
+from liveavatar_core.vae_kernels import VAEKernels  # noqa: E402
 
 GIB = 2**30
 TEXT_TOKENS = 64  # prompt length before padding to text_len; the DiT always sees 512 rows
@@ -104,6 +105,8 @@ PARTS = ("attention", "dit", "stream", "vae", "e2e", "load")
 #   inplace  the KV ring and the sink read from one [sink | ring] buffer (no concatenation)
 #   graphs   steady-state streaming DiT calls replayed as CUDA graphs
 #   vae      the VAE's cuDNN autotuning and channels-last convolutions (e2e part)
+#   vaeautocast  the VAE under bf16 autocast, as the official code runs it (e2e part)
+#   vaecompile   the VAE's per-frame decoder and per-chunk encoder compiled (e2e part)
 #   kvfp8    the streaming KV caches and sink in e4m3 (a scale per token and head)
 #   calclip  fp8-static calibrated over the sink prefill and a whole Standard clip (17 calls), not 1
 #   cudnn, flash, efficient, fa3: the attention kernel (default: SDPA's own pick)
@@ -111,7 +114,21 @@ PARTS = ("attention", "dit", "stream", "vae", "e2e", "load")
 #            e4m3 with one scale per head, read by it as they lie (no dequantised copy)
 #   fp8emu   the same e4m3 inputs through float32 SDPA (what fa3fp8 computes, on any device)
 VARIANTS = ("eager", "compiled", "fp8", "fp8-tensor", "fp8-static")
-OPTIONS = ("inplace", "graphs", "vae", "kvfp8", "calclip", "cudnn", "flash", "efficient", "fa3", "fa3fp8", "fp8emu")
+OPTIONS = (
+    "inplace",
+    "graphs",
+    "vae",
+    "vaeautocast",
+    "vaecompile",
+    "kvfp8",
+    "calclip",
+    "cudnn",
+    "flash",
+    "efficient",
+    "fa3",
+    "fa3fp8",
+    "fp8emu",
+)
 CLIP_CALIBRATION_CALLS = 1 + 4 * 4  # the sink prefill, then Standard's 4 blocks x 4 steps
 ACTIVATION_SCALING = {"fp8": "row", "fp8-tensor": "tensor", "fp8-static": "static"}
 # A variant's option -> the attention backend it picks.
@@ -124,9 +141,14 @@ ATTENTION_OPTIONS = {
     "fp8emu": "fp8-emulated",
 }
 FA3_OPTIONS = ("fa3", "fa3fp8")
-# The VAE part's variants: "plain" (cuDNN's default kernels), "autotune" (cudnn.benchmark),
-# "channels-last" (NDHWC activations and weights), "autotune+channels-last" (WanVAE's default on CUDA).
-VAE_VARIANTS = ("plain", "autotune", "channels-last", "autotune+channels-last")
+# The VAE part's variants: "plain" (bf16 weights, every op in bf16, cuDNN's default kernels) or
+# options joined by "+" (see liveavatar_core/vae_kernels.py): "autotune" (cudnn.benchmark),
+# "channels-last" (NDHWC activations and weights), "autocast" (bf16 autocast: norms in float32,
+# as the official code), "compile" (torch.compile of the per-frame decoder / per-chunk encoder),
+# "fp32" (float32 weights: the reference the others' pixel errors are measured against when the
+# variant "fp32" runs first). "autotune+channels-last" was WanVAE's default on CUDA before
+# autocast; with autocast it is "autotune+channels-last+autocast".
+VAE_OPTIONS = ("autotune", "channels-last", "autocast", "compile", "fp32")
 TINY_DIT = S2VConfig(
     dim=256, ffn_dim=512, num_heads=4, num_layers=4, text_dim=64, audio_dim=32, audio_inject_layers=(0, 2), freq_dim=256
 )
@@ -269,7 +291,7 @@ def build_dit(bench: Bench, seed: int = 0) -> WanS2VTransformer:
     return model.eval().requires_grad_(False)
 
 
-def build_vae(bench: Bench, seed: int = 1) -> WanVAE:
+def build_vae(bench: Bench, seed: int = 1, dtype: torch.dtype | None = None) -> WanVAE:
     from diffusers import AutoencoderKLWan
     from diffusers.utils import logging as diffusers_logging
 
@@ -277,7 +299,21 @@ def build_vae(bench: Bench, seed: int = 1) -> WanVAE:
     torch.manual_seed(seed)
     with torch.device(bench.device):
         net = AutoencoderKLWan(base_dim=16) if bench.tiny else AutoencoderKLWan()
-    return WanVAE(net.to(bench.dtype).eval().requires_grad_(False))
+    return WanVAE(net.to(dtype or bench.dtype).eval().requires_grad_(False))
+
+
+def vae_options(variant: str) -> set[str]:
+    """The options of a VAE variant ("plain" has none)."""
+    return set() if variant == "plain" else set(variant.split("+"))
+
+
+def vae_kernels(options: set[str]) -> VAEKernels:
+    return VAEKernels(
+        autotune="autotune" in options,
+        channels_last="channels-last" in options,
+        autocast="autocast" in options,
+        compile="compile" in options,
+    )
 
 
 def split_variant(variant: str) -> tuple[str, set[str]]:
@@ -892,9 +928,9 @@ def part_vae(bench: Bench, presets: list[str]) -> list[dict]:
     rows = []
     decoded = {}
     for variant in bench.args.vae_variants.split(","):
-        vae = build_vae(bench)
-        vae.autotune = "autotune" in variant
-        vae.channels_last = "channels-last" in variant
+        options = vae_options(variant)
+        vae = build_vae(bench, dtype=torch.float32 if "fp32" in options else None)
+        vae.kernels = vae_kernels(options)
         with torch.inference_mode():
             for name in presets:
                 rows.append(vae_row(bench, vae, name, variant, decoded))
@@ -938,9 +974,14 @@ def vae_row(bench: Bench, vae: WanVAE, name: str, variant: str, decoded: dict) -
         f"encode motion ({MOTION_FRAMES} frames) ms": motion_ms,
         "encode reference (5 frames) ms": ref_ms,
     }
-    plain = decoded.get((name, "plain"))
-    if plain is not None and variant != "plain":
-        row["last clip frames rel diff vs plain"] = relative_error(decoded[name, variant], plain)
+    for reference in ("plain", "fp32"):
+        expected = decoded.get((name, reference))
+        if expected is not None and variant != reference:
+            error = (decoded[name, variant] - expected).abs()
+            row[f"last clip frames rel diff vs {reference}"] = relative_error(decoded[name, variant], expected)
+            # Pixels in [-1, 1]: 0.0078 is one level of 8-bit video.
+            row[f"last clip pixels max abs diff vs {reference}"] = error.max().item()
+            row[f"last clip pixels mean abs diff vs {reference}"] = error.mean().item()
     if bench.args.vae_windows:
         # official-single-gpu's extra work per clip: the 365-frame window re-encoded, and the
         # clip decoded behind its 92 motion latents.
@@ -984,7 +1025,13 @@ def part_e2e(bench: Bench, presets: list[str]) -> list[dict]:
     semantics_list = bench.args.semantics.split(",")
     e2e_variants = [v for v in (bench.args.e2e_variants or ",".join(bench.variants)).split(",") if v]
     for name, variant, semantics in [(n, v, s) for n in presets for v in e2e_variants for s in semantics_list]:
-        vae.autotune = vae.channels_last = "vae" in split_variant(variant)[1]
+        options = split_variant(variant)[1]
+        vae.kernels = VAEKernels(
+            autotune="vae" in options,
+            channels_last="vae" in options,
+            autocast="vaeautocast" in options,
+            compile="vaecompile" in options,
+        )
         pipeline = StreamingPipeline(variant_models(variant), vae, bench.device)
         p = PRESETS[name]
         row = {
@@ -1309,7 +1356,11 @@ def main() -> None:
         help=f"comma list of {', '.join(VARIANTS)}: how our DiT runs in the dit and stream parts",
     )
     parser.add_argument("--e2e-variants", help="comma list of the e2e part's variants (default: --variants)")
-    parser.add_argument("--vae-variants", default="plain", help=f"comma list of {', '.join(VAE_VARIANTS)}")
+    parser.add_argument(
+        "--vae-variants",
+        default="plain",
+        help=f"comma list of plain or of {', '.join(VAE_OPTIONS)} joined by '+' (e.g. autotune+channels-last+compile)",
+    )
     parser.add_argument(
         "--vae-windows",
         action=argparse.BooleanOptionalAction,
@@ -1338,13 +1389,16 @@ def main() -> None:
         base, options = split_variant(variant)
         unknown += [base] if base not in VARIANTS else []
         unknown += sorted(options - set(OPTIONS))
-    unknown += [v for v in args.vae_variants.split(",") if v not in VAE_VARIANTS]
+    unknown += [v for v in args.vae_variants.split(",") if not vae_options(v) <= set(VAE_OPTIONS)]
     if unknown:
         parser.error(f"unknown part or preset: {', '.join(unknown)}")
     if attention_dispatch._fa3() is None:
         args.variants, args.e2e_variants = (drop_fa3(v) for v in (args.variants, args.e2e_variants))
     bench = Bench(args)
     torch.set_grad_enabled(False)
+    # Each compiled VAE variant adds its own graphs (3 per frame size, per autocast and layout)
+    # to the same decoder code: past Dynamo's default limit of 8 it would silently run eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     env = environment(bench)
     print(
         f"{env['device']}, torch {env['torch']}, {'tiny' if bench.tiny else '14B'} DiT, {bench.dtype}, "
