@@ -38,6 +38,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -48,7 +49,9 @@ from .errors import InputError
 from .file_stamps import file_stamp
 from .run_spec import RunSpec, WorkItem
 from .time_grid import clip_features
-from .video_writer import WrittenPart
+
+if TYPE_CHECKING:  # the writer needs PyAV; the pipeline (and a benchmark without PyAV) imports this module
+    from .video_writer import WrittenPart
 
 FORMAT_VERSION = 1
 SIDECAR_SUFFIX = ".resume.json"
@@ -257,6 +260,8 @@ def _load(sidecar: Path, path: Path, stamp: str) -> dict[str, torch.Tensor]:
 def read_sidecar(sidecar: Path) -> ResumePoint:
     record = read_inputs(sidecar)
     mp4 = sidecar.with_name(record["mp4"])
+    from .video_writer import WrittenPart
+
     written = WrittenPart(int(record["frames"]), int(record["fragments"]), int(record["bytes"]))
     clips_done = int(record["clips_done"])
     if not mp4.is_file():
