@@ -93,7 +93,7 @@ def test_flash_attention_3_gets_e4m3_inputs_and_their_per_head_descales(monkeypa
         return emulated_attention(*inputs).to(torch.bfloat16), None
 
     monkeypatch.setattr(dispatch, "_fa3", lambda: fake_fa3)
-    monkeypatch.setattr(dispatch, "_fp8_kernel_runs", lambda q: True)
+    monkeypatch.setattr(dispatch, "_fa3_runs_on", lambda q: True)
     q, k, v = spread_heads(3)
     k8 = quantize_per_head(k)
     with use(Kernels(attention="fa3-fp8")):

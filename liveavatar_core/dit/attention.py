@@ -75,27 +75,22 @@ def _sdpa_kernel(name: str):
     }[name]
 
 
+def _fa3_runs_on(q: torch.Tensor) -> bool:
+    """FlashAttention-3 imports and q lies on a Hopper GPU (the only one it is built for)."""
+    return q.is_cuda and _fa3() is not None and torch.cuda.get_device_capability(q.device)[0] == 9
+
+
 def _use_fa3(q: torch.Tensor, mask, backend: str) -> bool:
     if mask is not None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         return False
     if backend == "fa3":
         return True
-    return backend == "auto" and _fa3() is not None and torch.cuda.get_device_capability(q.device)[0] == 9
-
-
-def reads_fp8() -> bool:
-    """Whether the running model's attention takes e4m3 keys and values (`Fp8Heads`) as they
-    are, so that fp8 caches should hand theirs over without dequantising them."""
-    return kernels.current().attention in FP8_BACKENDS
-
-
-def _fp8_kernel_runs(q: torch.Tensor) -> bool:
-    return q.is_cuda and _fa3() is not None and torch.cuda.get_device_capability(q.device)[0] == 9
+    return backend == "auto" and _fa3_runs_on(q)
 
 
 def _fp8_attention(q, k, v, backend: str) -> torch.Tensor:
     q8, k8, v8 = (quantize_per_head(x) for x in (q, k, v))
-    if backend == "fa3-fp8" and _fp8_kernel_runs(q):
+    if backend == "fa3-fp8" and _fa3_runs_on(q):
         out = kernel_attention(_fa3(), q8, k8, v8)
     else:
         out = emulated_attention(q8, k8, v8)

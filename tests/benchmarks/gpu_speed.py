@@ -663,7 +663,7 @@ def part_attention(bench: Bench) -> list[dict]:
             )
             if backend == "fa3-fp8" or name.startswith("fa3-fp8"):
                 row["rel diff vs its emulation"] = relative_error(out, emulated)
-                if name == backend and bench.cuda and dispatch._fp8_kernel_runs(q):
+                if name == backend and bench.cuda and dispatch._fa3_runs_on(q):
                     unit_out = kernel_attention(dispatch._fa3(), *unit).flatten(2)
                     row["rel error vs float32, unit descales"] = relative_error(unit_out, reference)
             rows.append(row)
