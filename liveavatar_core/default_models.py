@@ -52,6 +52,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .atomic_files import write_atomically
 from .dit import S2VConfig, WanS2VTransformer
 
 DEFAULT_FILES = {
@@ -133,18 +134,6 @@ def randomize(module: nn.Module, generator: torch.Generator) -> nn.Module:
         else:
             param.copy_(noise / math.sqrt(param[0].numel()))
     return module.eval().requires_grad_(False)
-
-
-def _save(tensors: dict[str, torch.Tensor], path: Path, seed: int) -> None:
-    metadata = {MARKER_KEY: json.dumps({"version": FORMAT_VERSION, "seed": seed})}
-    _write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-
-
-def _write_atomically(path: Path, write) -> None:
-    # A half-written file must never pass for a finished one.
-    tmp = path.with_name(path.name + ".partial")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _state(module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -307,7 +296,7 @@ def write_default_models(models_dir: str | os.PathLike) -> dict[str, Path]:
     paths = default_model_paths(models_dir)
     for folder, path in paths.items():
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomically(path, lambda tmp, folder=folder: shutil.copyfile(SHIPPED_DIR / DEFAULT_FILES[folder], tmp))
+        write_atomically(path, lambda tmp, folder=folder: shutil.copyfile(SHIPPED_DIR / DEFAULT_FILES[folder], tmp))
     return paths
 
 

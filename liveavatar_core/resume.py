@@ -38,16 +38,20 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .atomic_files import write_atomically
 from .errors import InputError
 from .file_stamps import file_stamp
 from .run_spec import RunSpec, WorkItem
 from .time_grid import clip_features
-from .video_writer import WrittenPart
+
+if TYPE_CHECKING:  # the writer needs PyAV; the pipeline (and a benchmark without PyAV) imports this module
+    from .video_writer import WrittenPart
 
 FORMAT_VERSION = 1
 SIDECAR_SUFFIX = ".resume.json"
@@ -182,16 +186,8 @@ def remove_sidecar(mp4: str | os.PathLike) -> None:
         path.unlink(missing_ok=True)
 
 
-def _write_atomically(path: Path, write) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    write(partial)
-    with open(partial, "rb+") as file:
-        os.fsync(file.fileno())
-    os.replace(partial, path)
-
-
 def _save(path: Path, tensors: dict[str, torch.Tensor], stamp: str) -> None:
-    _write_atomically(path, lambda partial: save_file(tensors, str(partial), metadata={"stamp": stamp}))
+    write_atomically(path, lambda partial: save_file(tensors, str(partial), metadata={"stamp": stamp}))
 
 
 def write_sidecar(
@@ -223,7 +219,7 @@ def write_sidecar(
         "replayed": [replayed.start, replayed.stop],
         "inputs": inputs,
     }
-    _write_atomically(sidecar_path(mp4), lambda partial: partial.write_text(json.dumps(record, indent=1)))
+    write_atomically(sidecar_path(mp4), lambda partial: partial.write_text(json.dumps(record, indent=1)))
     for old in _state_files(mp4):
         if old.name not in names:
             old.unlink(missing_ok=True)
@@ -264,6 +260,8 @@ def _load(sidecar: Path, path: Path, stamp: str) -> dict[str, torch.Tensor]:
 def read_sidecar(sidecar: Path) -> ResumePoint:
     record = read_inputs(sidecar)
     mp4 = sidecar.with_name(record["mp4"])
+    from .video_writer import WrittenPart
+
     written = WrittenPart(int(record["frames"]), int(record["fragments"]), int(record["bytes"]))
     clips_done = int(record["clips_done"])
     if not mp4.is_file():

@@ -3,12 +3,14 @@
 The network is diffusers' `AutoencoderKLWan`. This module adds what LiveAvatar needs around it:
 loading any release of the weights strictly, the official per-channel latent normalisation, and a
 decoder that keeps its causal-convolution caches between chunks so a long video can be decoded
-as it is generated.
+as it is generated. How the network runs (kernels, precision, compiling) is each VAE's own
+choice, `WanVAE.kernels` (see `vae_kernels`).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -18,6 +20,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 from .errors import InputError
 from .tensor_files import TensorFile, open_tensor_file
 from .time_grid import TEMPORAL_STRIDE
+from .vae_kernels import VAEKernels
 from .vae_keys import LATENT_CHANNELS, RIGHT_FILE, vae_shape, vae_tensors_in_diffusers_names
 from .weights import build_empty, load_weights
 
@@ -41,26 +44,23 @@ class WanVAE:
     Latents given out and taken in are normalised per channel as the official Wan code does:
     `(mu - mean) * (1 / std)`, with the mean/std of the model's config (the official values).
 
-    On CUDA devices two options (on by default; neither changes what is computed, only which
-    convolution kernels compute it) speed the 3-D convolutions up: `autotune` lets cuDNN time
-    its kernels for each new shape (cudnn.benchmark, only around our own calls), and
-    `channels_last` stores activations channels-last (NDHWC), the layout cuDNN's fastest
-    Hopper kernels take.
+    How the network runs (convolution kernels, bf16 autocast as the official code, compiling)
+    are this VAE's options, `kernels` (see `vae_kernels.VAEKernels`); change them with
+    `dataclasses.replace(vae.kernels, ...)`.
 
     Args:
         model (`AutoencoderKLWan`): the loaded network, in eval mode.
         label (`str`): where its weights came from, for messages.
-        autotune (`bool`): cuDNN autotuning of the convolutions on CUDA devices.
-        channels_last (`bool`): channels-last 3-D weights and activations on CUDA devices.
+        kernels (`VAEKernels`, *optional*): how it runs; the defaults (from the environment) if None.
     """
 
-    def __init__(self, model: AutoencoderKLWan, label: str = "VAE", autotune: bool = True, channels_last: bool = True):
+    def __init__(self, model: AutoencoderKLWan, label: str = "VAE", kernels: VAEKernels | None = None):
         self.model = model
         self.label = label
-        self.autotune = autotune
-        self.channels_last = channels_last
+        self.kernels = VAEKernels() if kernels is None else kernels
         self.latents_mean = torch.tensor(model.config.latents_mean, dtype=torch.float32)
         self.latents_std = torch.tensor(model.config.latents_std, dtype=torch.float32)
+        self._compiled: dict = {}  # (network, backend) -> the compiled per-frame / per-chunk call
 
     @property
     def device(self) -> torch.device:
@@ -88,16 +88,46 @@ class WanVAE:
         inv_std = (1.0 / self.latents_std).to(device).view(shape)
         return mean, inv_std
 
-    # -- convolution settings ---------------------------------------------------------------
-    def conv_settings(self, x: torch.Tensor):
-        """A context for running the network on `x`: cuDNN autotuning on, and `x` returned
-        channels-last (the weights turned too) when those options apply."""
-        if not x.is_cuda:
-            return contextlib.nullcontext(x)
-        if self.channels_last and x.ndim == 5:
-            _weights_channels_last_(self.model)
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        return _ConvFlags(x, self.autotune)
+    # -- how the network runs --------------------------------------------------------------
+    @contextlib.contextmanager
+    def conv_settings(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        """A context for running the network on `x` with this VAE's `kernels`: cuDNN
+        autotuning, bf16 autocast, and `x` given back channels-last (the weights turned too),
+        where those options apply."""
+        kernels = self.kernels
+        with contextlib.ExitStack() as stack:
+            if x.is_cuda:
+                if kernels.channels_last and x.ndim == 5:
+                    _weights_channels_last_(self.model)
+                    x = x.contiguous(memory_format=torch.channels_last_3d)
+                stack.enter_context(_cudnn_benchmark(kernels.autotune))
+            dtype = kernels.autocast_dtype(x.device, self.dtype)
+            if dtype is not None:
+                stack.enter_context(torch.autocast(x.device.type, dtype=dtype))
+            yield x
+
+    def network_call(self, name: str):
+        """`model.decoder` or `model.encoder`, compiled if this VAE compiles (one compiled
+        callable per network and backend, kept for the VAE's life)."""
+        network = getattr(self.model, name)
+        if not self.kernels.compile:
+            return network
+        key = (name, self.kernels.compile_backend)
+        if key not in self._compiled:
+            # Static shapes: a video's frames all have one size, and the caches' shapes settle
+            # after the second frame, so each size compiles three times (first, second, steady).
+            self._compiled[key] = torch.compile(network, dynamic=False, backend=self.kernels.compile_backend)
+        return self._compiled[key]
+
+    def network_input(self, x: torch.Tensor) -> torch.Tensor:
+        """A slice of a longer video or latent chunk as a tensor of its own layout when this
+        VAE compiles: a slice's strides depend on the length it was cut from, and compiled
+        code is specialised on strides, so every new chunk length would compile again."""
+        if not self.kernels.compile:
+            return x
+        layout = torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d) else None
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=layout or torch.contiguous_format)
+        return out.copy_(x)
 
     # -- encode / decode --------------------------------------------------------------------
     @torch.no_grad()
@@ -114,8 +144,21 @@ class WanVAE:
         """
         _check_video(video)
         with self.conv_settings(video.to(self.device, self.dtype)) as x:
-            posterior = self.model.encode(x).latent_dist
-        return self.normalize_latents(posterior.mode())
+            if self.kernels.compile:
+                moments = self._encode_chunks(x)
+            else:
+                moments = self.model.encode(x).latent_dist.parameters
+        mu = moments[:, : self.model.config.z_dim]  # the posterior's mean (its mode); then its log-variance
+        return self.normalize_latents(mu)
+
+    def _encode_chunks(self, x: torch.Tensor) -> torch.Tensor:
+        # AutoencoderKLWan._encode with our (compiled) encoder: the first frame alone, then
+        # chunks of 4, one cache list for the whole video.
+        encoder = self.network_call("encoder")
+        cache = [None] * sum(isinstance(m, WanCausalConv3d) for m in self.model.encoder.modules())
+        chunks = [x[:, :, :1]] + list(x[:, :, 1:].split(TEMPORAL_STRIDE, dim=2))
+        out = torch.cat([encoder(self.network_input(c), feat_cache=cache, feat_idx=[0]) for c in chunks], dim=2)
+        return self.model.quant_conv(out)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -129,6 +172,9 @@ class WanVAE:
             `torch.Tensor`: float32 video [B, 3, 1 + 4 (t - 1), 8 h, 8 w] clamped to [-1, 1].
         """
         _check_latents(latents)
+        if self.kernels.compile:  # the compiled per-frame decoder; the same frames as below
+            with self.streaming_decoder() as decoder:
+                return decoder.decode_next(latents)
         z = self.denormalize_latents(latents).to(self.device, self.dtype)
         with self.conv_settings(z) as z:
             return self.model.decode(z).sample.float().clamp_(-1.0, 1.0)
@@ -208,12 +254,13 @@ class StreamingDecoder:
     def _decode(self, model, z: torch.Tensor, frames: int) -> torch.Tensor:
         # A 1x1x1 convolution: frames are independent, so it may run on each chunk alone.
         x = model.post_quant_conv(z)
+        decoder = self._vae.network_call("decoder")
         outputs = []
         for i in range(frames):
             # Same per-frame call as AutoencoderKLWan._decode, with our cache instead of the model's.
             outputs.append(
-                model.decoder(
-                    x[:, :, i : i + 1],
+                decoder(
+                    self._vae.network_input(x[:, :, i : i + 1]),
                     feat_cache=self._cache,
                     feat_idx=[0],
                     first_chunk=self._latent_frames == 0,
@@ -242,19 +289,15 @@ def _weights_channels_last_(model: torch.nn.Module) -> None:
             p.data = p.data.contiguous(memory_format=layout)
 
 
-class _ConvFlags:
-    """cudnn.benchmark set for the duration of a call, then put back as it was."""
-
-    def __init__(self, x: torch.Tensor, autotune: bool):
-        self._x, self._autotune, self._before = x, autotune, None
-
-    def __enter__(self) -> torch.Tensor:
-        self._before = torch.backends.cudnn.benchmark
-        torch.backends.cudnn.benchmark = self._autotune or self._before
-        return self._x
-
-    def __exit__(self, *exc_info) -> None:
-        torch.backends.cudnn.benchmark = self._before
+@contextlib.contextmanager
+def _cudnn_benchmark(on: bool) -> Iterator[None]:
+    """cudnn.benchmark set for the duration of a call (kept if it was on), then put back."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on or before
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def load_vae(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> WanVAE:

@@ -146,8 +146,8 @@ COMMON_NOTE = (
     "\n\nPut the model files in ComfyUI's models folders (see the pack's README): diffusion_models, loras, "
     "text_encoders, vae, audio_encoders. Load your own portrait and speech in the two loaders. The video "
     "follows the audio: shorter speech gives a shorter video (num_clip is the upper limit; set "
-    "trim_to_audio off to render every clip). 25 fps: a clip of 48 frames is 1.92 s. The sampler's semantics "
-    "input picks the official pipeline the video reproduces exactly (official-multi-gpu here; "
+    "trim_to_audio off to render every clip). 25 fps: a clip of {frames} frames is {seconds:g} s. The sampler's "
+    "semantics input picks the official pipeline the video reproduces exactly (official-multi-gpu here; "
     "official-single-gpu is slower)."
 )
 
@@ -456,7 +456,10 @@ def ui_workflow(p: Preset) -> dict:
             "inputs": [],
             "outputs": [],
             "properties": {"text": ""},
-            "widgets_values": [f"LiveAvatar {p.title} preset\n\n{p.note}{COMMON_NOTE}"],
+            "widgets_values": [
+                f"LiveAvatar {p.title} preset\n\n{p.note}"
+                + COMMON_NOTE.format(frames=p.infer_frames, seconds=p.infer_frames / 25)
+            ],
             "color": "#432",
             "bgcolor": "#653",
         }

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from conftest import OFFICIAL_TINY, relative_error
+from liveavatar_core.dit import attention as dispatch
 from liveavatar_core.dit import load_dit
 from liveavatar_core.dit.rope import rope_cos_sin
 from liveavatar_core.errors import InputError
 from liveavatar_core.streaming import CausalDiT, CausalSampler, GenerationCancelled, SamplerSettings
+from liveavatar_core.streaming.caches import Fp8HeadKVCache
 
 TOLERANCE = 1e-5
 
@@ -231,6 +235,34 @@ def test_fp8_caches_stay_close_and_take_half_the_bytes(model, golden):
     cached = [t for ring in (cache.keys, cache.values, cache.key_scales, cache.value_scales) for t in ring]
     bf16_bytes = 2 * sum(k.numel() for k in cache.keys + cache.values)
     assert sum(t.nbytes for t in cached) <= 0.55 * bf16_bytes
+
+
+@pytest.mark.slow
+def test_fp8_caches_read_by_fp8_attention_stay_close_to_full_precision(model, golden, monkeypatch):
+    """Three clips of the tiny DiT through the streaming sampler (the ring wraps), e4m3 caches
+    read by fp8 attention: within 1% of full-precision caches and attention, and the attention
+    reads the caches' own e4m3 buffers (no dequantised copy)."""
+    overrides = dict(infer_frames=32, sample_steps=3)
+    full = run_clips(model, golden, clips=3, **overrides)
+    read = []
+    emulated = dispatch.emulated_attention
+
+    def recording(q, k, v):
+        read.append(k.data.untyped_storage().data_ptr())
+        return emulated(q, k, v)
+
+    monkeypatch.setattr(dispatch, "emulated_attention", recording)
+    monkeypatch.setattr(model, "kernels", dataclasses.replace(model.kernels, attention="fp8-emulated"))
+    samplers = []
+    fp8 = run_clips(model, golden, clips=3, kv_fp8=True, sampler_out=samplers, **overrides)
+    error = relative_error(fp8, full)
+    print(f"\nfp8 caches + fp8 attention vs full precision after 3 clips: relative difference {error:.2e}")
+    assert 0 < error < 0.01
+
+    caches = samplers[0]._branches[0].caches
+    assert all(isinstance(cache, Fp8HeadKVCache) for cache in caches)
+    buffers = {joint[0].untyped_storage().data_ptr() for cache in caches for joint in cache._joint}
+    assert buffers <= set(read)
 
 
 def test_fp8_caches_are_off_by_default(model, golden):

@@ -163,6 +163,9 @@ def test_each_workflow_note_states_its_own_settings():
             assert size == widgets["size"], f"{preset.name}: the note says {size}"
         for frames in re.findall(r"clips of (\d+) frames", note):
             assert int(frames) == widgets["infer_frames"], preset.name
+        for frames, secs in re.findall(r"a clip of (\d+) frames is (\d+(?:\.\d+)?) s", note):
+            assert int(frames) == widgets["infer_frames"], f"{preset.name}: the note says a clip of {frames} frames"
+            assert abs(float(secs) - int(frames) / 25) < 0.005, preset.name
         for steps in re.findall(r"(\d+) steps", note):
             assert int(steps) == widgets["sample_steps"], preset.name
         for guidance in re.findall(r"guidance (\d+(?:\.\d+)?)", note):

@@ -10,9 +10,16 @@ LIVEAVATAR_ATTENTION):
 - "cudnn", "flash", "efficient", "math": PyTorch's SDPA held to that one kernel (an error where
   it cannot run the inputs).
 - "fa3": FlashAttention-3, an error when it does not import.
+- "fa3-fp8" (an option, never picked by "auto"): FlashAttention-3's fp8 forward, queries,
+  keys and values in e4m3 with a scale per head (`fp8_attention`); keys and values that come
+  in e4m3 (`Fp8Heads`, from the fp8 KV caches) are read as they are. An error when
+  FlashAttention-3 does not import; tensors it cannot take (CPU) get its emulation.
+- "fp8-emulated": the same e4m3 inputs dequantised and run through SDPA in float32: what
+  "fa3-fp8" computes up to the kernel's rounding, on any device (slow: to check it).
 
-Every backend computes softmax(q k^T / sqrt(d)) v over the same tokens; they differ only in
-rounding. Masks (used by reference computations in tests) always go to PyTorch's SDPA.
+Every backend computes softmax(q k^T / sqrt(d)) v over the same tokens; the others differ
+only in rounding, the fp8 ones also by their e4m3 inputs. Masks (used by reference
+computations in tests) always go to PyTorch's SDPA.
 """
 
 from __future__ import annotations
@@ -24,17 +31,19 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
+from .fp8_attention import Fp8Heads, emulated_attention, kernel_attention, quantize_per_head
 
-BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "math", "fa3")
+BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "math", "fa3", "fa3-fp8", "fp8-emulated")
+FP8_BACKENDS = ("fa3-fp8", "fp8-emulated")  # those that take e4m3 keys/values as they are
 
 
 def check_backend(name: str) -> None:
     """ValueError unless `name` is a backend that can run here (see the module docstring)."""
     if name not in BACKENDS:
         raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}, got {name!r}")
-    if name == "fa3" and _fa3() is None:
+    if name in ("fa3", "fa3-fp8") and _fa3() is None:
         raise ValueError(
-            "attention backend 'fa3' needs FlashAttention-3 (the flash_attn_interface package, "
+            f"attention backend {name!r} needs FlashAttention-3 (the flash_attn_interface package, "
             "or fa3_fwd_interface from the fa3-fwd wheel)"
         )
 
@@ -66,24 +75,42 @@ def _sdpa_kernel(name: str):
     }[name]
 
 
+def _fa3_runs_on(q: torch.Tensor) -> bool:
+    """FlashAttention-3 imports and q lies on a Hopper GPU (the only one it is built for)."""
+    return q.is_cuda and _fa3() is not None and torch.cuda.get_device_capability(q.device)[0] == 9
+
+
 def _use_fa3(q: torch.Tensor, mask, backend: str) -> bool:
     if mask is not None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         return False
     if backend == "fa3":
         return True
-    return backend == "auto" and _fa3() is not None and torch.cuda.get_device_capability(q.device)[0] == 9
+    return backend == "auto" and _fa3_runs_on(q)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention over [B, L, heads, head_dim] tensors; returns [B, Lq, heads * head_dim].
+def _fp8_attention(q, k, v, backend: str) -> torch.Tensor:
+    q8, k8, v8 = (quantize_per_head(x) for x in (q, k, v))
+    if backend == "fa3-fp8" and _fa3_runs_on(q):
+        out = kernel_attention(_fa3(), q8, k8, v8)
+    else:
+        out = emulated_attention(q8, k8, v8)
+    return out.to(q.dtype).flatten(2)
+
+
+def attention(q: torch.Tensor, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention over [B, L, heads, head_dim] tensors; returns [B, Lq, heads * head_dim] in q's
+    dtype. k and v may be `Fp8Heads` (dequantised for the backends that do not read e4m3).
     `mask` [Lq, Lk] (True = may attend) is only used by reference computations in tests."""
     backend = kernels.current().attention
+    if backend in FP8_BACKENDS and mask is None:
+        return _fp8_attention(q, k, v, backend)
+    k, v = (x.dequantize(q.dtype) if isinstance(x, Fp8Heads) else x for x in (k, v))
     if _use_fa3(q, mask, backend):
         out = _fa3()(q, k.to(q.dtype), v.to(q.dtype))
         out = out[0] if isinstance(out, tuple) else out  # some releases also return the log-sum-exp
         return out.flatten(2)
     args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    if backend in ("auto", "sdpa", "fa3") or mask is not None:
+    if backend in ("auto", "sdpa", "fa3", *FP8_BACKENDS) or mask is not None:
         out = F.scaled_dot_product_attention(*args, attn_mask=mask)
     else:
         from torch.nn.attention import sdpa_kernel

@@ -9,6 +9,7 @@ from torch import nn
 from . import fused
 from .attention import attention
 from .fp8 import Fp8Activation
+from .fp8_attention import Fp8Heads
 
 
 class RMSNorm(nn.Module):
@@ -74,7 +75,8 @@ class SelfAttention(QKVProjection):
     """Self-attention with 3-D RoPE.
 
     `kv(raw_keys, roped_keys, values)` lets a caller swap in the keys/values to attend to
-    (streaming caches); it returns (keys, values) or (keys, values, mask).
+    (streaming caches); it returns (keys, values) or (keys, values, mask), tensors or, from
+    e4m3 caches read by fp8 attention, `Fp8Heads`.
     """
 
     def forward(self, x, rope, kv=None):
@@ -86,7 +88,8 @@ class SelfAttention(QKVProjection):
         if kv is not None:
             k, v, *rest = kv(raw_k, k, v)
             mask = rest[0] if rest else None
-        return self.output(attention(q, k.to(q.dtype), v.to(q.dtype), mask))
+        k, v = (x if isinstance(x, Fp8Heads) else x.to(q.dtype) for x in (k, v))
+        return self.output(attention(q, k, v, mask))
 
 
 class CrossAttention(QKVProjection):

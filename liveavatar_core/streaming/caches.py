@@ -14,7 +14,9 @@ Attention does not depend on the order of the keys, so both give the same output
 rounding.
 
 `Fp8BlockKVCache` and `Fp8SinkCache` keep the same keys and values in e4m3 with a scale per
-token and head: half the memory, read back dequantised (an option, off by default).
+token and head: half the memory, read back dequantised (an option, off by default). With fp8
+attention (`dit.attention`'s "fa3-fp8"), `Fp8HeadKVCache` takes the ring's place: e4m3 with
+one fixed scale per layer and head, read by the attention as it lies (no dequantised copy).
 
 Tensors here keep their storage from call to call (slots are remembered per ring position,
 a refilled sink is copied into the old one): a captured CUDA graph of a DiT call reads them
@@ -26,11 +28,13 @@ from __future__ import annotations
 import torch
 
 from ..dit import fused
+from ..dit.fp8_attention import Fp8Heads, head_scales, quantize_with
 from ..dit.rope import apply_rope
 
 
 class BlockKVCache:
     reads_sink_in_place = True  # has `write_and_read_with_sink`
+    keeps_sink_slot = False  # True: read only with `write_and_read_with_sink`, whatever `sink_in_place` says
 
     def __init__(self, num_layers: int, frames: int, tokens_per_frame: int):
         self.frames = frames
@@ -239,3 +243,73 @@ class Fp8SinkCache(SinkCache):
         keys = fused.run(_dequantize, self.raw_keys[layer], self.key_scales[layer], self.dtype)
         values = fused.run(_dequantize, self.values[layer], self.value_scales[layer], self.dtype)
         return apply_rope(keys, rope), values
+
+
+# -- e4m3 caches read by fp8 attention --------------------------------------------------------------
+# FlashAttention-3 descales a whole key sequence with one scale per head, so the ring and the
+# sink slot behind which it sits share one scale per layer and head. It is fixed at a layer's
+# first write, from the amax of that block's and the sink's keys (values) times a headroom,
+# and later blocks are quantised into it, saturating. Why fixed: a scale that grew with the
+# data would mean requantising the whole ring (a pass over it, the copy this cache exists to
+# avoid); each step has its own cache, so the timestep and with it the keys' and values'
+# sizes are the same from block to block. Why the headroom costs nothing: e4m3 rounds to the
+# same relative precision from 2^-6 to 448, so mapping the amax to 448 / 16 only sends values
+# 1/1800 of the amax and smaller to the subnormals (on Gaussian test data the attention error
+# is the same, to three digits, for headrooms 1 to 64). A resumed run's replay sets the scales
+# from its first replayed block, not the run's first: it then matches the uninterrupted run to
+# e4m3 rounding, not bit for bit.
+HEADROOM = 16.0
+
+
+class Fp8HeadKVCache(BlockKVCache):
+    """`BlockKVCache` for fp8 attention: per layer one e4m3 [sink | ring] buffer with one
+    float32 scale per head (fixed at the first write, see above), read as `Fp8Heads` views of
+    that buffer. The sink's keys are rotated at each call, so its slot is rewritten at each
+    call (in this cache's scales); the ring only takes the new block. The sink slot is always
+    kept (it costs 1 byte per value, where concatenating would copy the ring at every call)."""
+
+    keeps_sink_slot = True
+
+    def __init__(self, num_layers: int, frames: int, tokens_per_frame: int):
+        super().__init__(num_layers, frames, tokens_per_frame)
+        self.key_scales: list[torch.Tensor | None] = [None] * num_layers  # [B, heads]
+        self.value_scales: list[torch.Tensor | None] = [None] * num_layers
+
+    def write_and_read(self, layer, first_frame, frames, keys, values):
+        raise RuntimeError("an Fp8HeadKVCache is read with its sink: write_and_read_with_sink")
+
+    def write_and_read_with_sink(
+        self,
+        layer: int,
+        first_frame: int,
+        frames: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        sink_keys: torch.Tensor,
+        sink_values: torch.Tensor,
+    ) -> tuple[Fp8Heads, Fp8Heads]:
+        sink = sink_keys.shape[1]
+        if self.key_scales[layer] is None:
+            self.key_scales[layer] = torch.maximum(head_scales(keys), head_scales(sink_keys)) * HEADROOM
+            self.value_scales[layer] = torch.maximum(head_scales(values), head_scales(sink_values)) * HEADROOM
+        joint = self._joint[layer]
+        if joint is None or joint[0].shape[1] != sink + self.frames * self.tokens_per_frame:
+            shape = list(self._ring_shape(keys))
+            shape[1] += sink
+            joint = keys.new_zeros(shape, dtype=fused.FP8), values.new_zeros(shape, dtype=fused.FP8)
+            if self.keys[layer] is not None:  # the sink changed size: keep the ring
+                joint[0][:, sink:].view(torch.uint8).copy_(self.keys[layer].view(torch.uint8))
+                joint[1][:, sink:].view(torch.uint8).copy_(self.values[layer].view(torch.uint8))
+            self._joint[layer] = joint
+            self.keys[layer], self.values[layer] = joint[0][:, sink:], joint[1][:, sink:]
+        slots = self.token_slots(first_frame, frames, keys.device)
+        used = sink + self.held_frames(first_frame, frames) * self.tokens_per_frame
+        read = []
+        for buffer, scale, new, sunk in (
+            (joint[0], self.key_scales[layer], keys, sink_keys),
+            (joint[1], self.value_scales[layer], values, sink_values),
+        ):
+            buffer[:, sink:].view(torch.uint8).index_copy_(1, slots, quantize_with(new, scale).view(torch.uint8))
+            buffer[:, :sink].view(torch.uint8).copy_(quantize_with(sunk, scale).view(torch.uint8))
+            read.append(Fp8Heads(buffer[:, :used], scale))
+        return read[0], read[1]

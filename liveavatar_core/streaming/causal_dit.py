@@ -11,7 +11,8 @@ buffer instead of concatenating them (the same output up to rounding: the keys c
 another order), and `cuda_graphs` replays each steady-state call as a captured CUDA graph
 (`graphs`). A third, `kv_fp8`, changes the numbers a little: the caches on the device keep
 their keys and values in e4m3 with a scale per token and head (`caches.Fp8BlockKVCache`), for
-half their memory. A CausalDiT made without them takes the model's (`model.kernels`, by default
+half their memory; with fp8 attention ("fa3-fp8") one fixed scale per head instead, which the
+attention reads as it lies (`caches.Fp8HeadKVCache`). A CausalDiT made without them takes the model's (`model.kernels`, by default
 LIVEAVATAR_SINK_IN_PLACE=0/1, LIVEAVATAR_CUDA_GRAPHS=0/1, LIVEAVATAR_KV_FP8=0/1; see `dit.kernels`).
 
 Defaults, from one H200 at Standard 688*368 with the fp8 DiT: the sink in place took a block
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from ..dit.attention import FP8_BACKENDS
 from ..dit.model import VIDEO, WanS2VTransformer
 from ..dit.rope import rope_cos_sin
 from .caches import BlockKVCache, SinkCache
@@ -54,6 +56,12 @@ class CausalDiT:
         self.cuda_graphs = model.kernels.cuda_graphs if cuda_graphs is None else cuda_graphs
         self.kv_fp8 = model.kernels.kv_fp8 if kv_fp8 is None else kv_fp8  # read by the sampler's caches
         self.graphs = BlockGraphs(model)
+
+    @property
+    def fp8_attention(self) -> bool:
+        """Whether the model's attention reads e4m3 keys and values as they are: e4m3 caches
+        are then `caches.Fp8HeadKVCache`s (read by the sampler)."""
+        return self.model.kernels.attention in FP8_BACKENDS
 
     def tokens_per_frame(self, height: int, width: int) -> int:
         _, ph, pw = self.config.patch_size
@@ -147,7 +155,7 @@ class CausalDiT:
         rope = rope_cos_sin(video_positions, self.config.head_dim)
         sink_rope = rope_cos_sin(sink_positions, self.config.head_dim)
         head_emb, modulation = model.embed_time(timesteps)
-        in_place = self.sink_in_place and cache.reads_sink_in_place
+        in_place = cache.keeps_sink_slot or (self.sink_in_place and cache.reads_sink_in_place)
 
         def cached(layer):
             def kv(raw_k, k, v):

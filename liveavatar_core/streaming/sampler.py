@@ -22,7 +22,7 @@ import torch
 from ..errors import InputError
 from ..finite import require_finite
 from ..time_grid import BLOCK_FRAMES, TEMPORAL_STRIDE
-from .caches import BlockKVCache, Fp8BlockKVCache, Fp8SinkCache, SinkCache
+from .caches import BlockKVCache, Fp8BlockKVCache, Fp8HeadKVCache, Fp8SinkCache, SinkCache
 from .causal_dit import CausalDiT
 from .host_caches import HostKVCache, KVStager
 from .solvers import SOLVERS, FlowSolver, flow_sigmas
@@ -117,6 +117,7 @@ class _Branch:
         silent: bool,
         stager: KVStager | None = None,
         fp8: bool = False,
+        fp8_attention: bool = False,
     ):
         self.context = context
         self.silent = silent
@@ -125,7 +126,8 @@ class _Branch:
         if stager is not None:
             make_cache = functools.partial(HostKVCache, stager=stager)
         else:
-            make_cache = Fp8BlockKVCache if fp8 else BlockKVCache
+            # fp8 attention reads e4m3 rings with one scale per head as they lie.
+            make_cache = (Fp8HeadKVCache if fp8_attention else Fp8BlockKVCache) if fp8 else BlockKVCache
         self.caches = [make_cache(num_layers, frames, tokens_per_frame) for _ in range(steps)]
 
 
@@ -178,6 +180,7 @@ class CausalSampler:
                     silent,
                     stager,
                     fp8=getattr(self.dit, "kv_fp8", False),
+                    fp8_attention=getattr(self.dit, "fp8_attention", False),
                 )
             )
         self.replace_sink(ref, motion)

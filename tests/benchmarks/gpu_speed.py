@@ -68,6 +68,13 @@ sys.path.insert(0, str(ROOT))
 from liveavatar_core.dit import S2VConfig, WanS2VTransformer, load_dit, save_dit  # noqa: E402
 from liveavatar_core.dit import attention as attention_dispatch  # noqa: E402
 from liveavatar_core.dit.fp8 import quantize_dit_, set_activation_scaling_  # noqa: E402
+from liveavatar_core.dit.fp8_attention import (  # noqa: E402
+    FP8,
+    Fp8Heads,
+    emulated_attention,
+    kernel_attention,
+    quantize_per_head,
+)
 from liveavatar_core.dit.kernels import Kernels  # noqa: E402
 from liveavatar_core.dit.kernels import use as use_kernels  # noqa: E402
 from liveavatar_core.pipeline import StreamingPipeline, write_video  # noqa: E402
@@ -82,6 +89,7 @@ from liveavatar_core.streaming import (  # noqa: E402
 from liveavatar_core.streaming.sampler import BLOCK_FRAMES  # noqa: E402
 from liveavatar_core.time_grid import FPS  # noqa: E402
 from liveavatar_core.vae import WanVAE, latent_frame_count  # noqa: E402
+from liveavatar_core.vae_kernels import VAEKernels  # noqa: E402
 
 GIB = 2**30
 TEXT_TOKENS = 64  # prompt length before padding to text_len; the DiT always sees 512 rows
@@ -97,17 +105,50 @@ PARTS = ("attention", "dit", "stream", "vae", "e2e", "load")
 #   inplace  the KV ring and the sink read from one [sink | ring] buffer (no concatenation)
 #   graphs   steady-state streaming DiT calls replayed as CUDA graphs
 #   vae      the VAE's cuDNN autotuning and channels-last convolutions (e2e part)
+#   vaeautocast  the VAE under bf16 autocast, as the official code runs it (e2e part)
+#   vaecompile   the VAE's per-frame decoder and per-chunk encoder compiled (e2e part)
 #   kvfp8    the streaming KV caches and sink in e4m3 (a scale per token and head)
 #   calclip  fp8-static calibrated over the sink prefill and a whole Standard clip (17 calls), not 1
 #   cudnn, flash, efficient, fa3: the attention kernel (default: SDPA's own pick)
+#   fa3fp8   FlashAttention-3's fp8 forward, a scale per head; with kvfp8 the caches become
+#            e4m3 with one scale per head, read by it as they lie (no dequantised copy)
+#   fp8emu   the same e4m3 inputs through float32 SDPA (what fa3fp8 computes, on any device)
 VARIANTS = ("eager", "compiled", "fp8", "fp8-tensor", "fp8-static")
-OPTIONS = ("inplace", "graphs", "vae", "kvfp8", "calclip", "cudnn", "flash", "efficient", "fa3")
+OPTIONS = (
+    "inplace",
+    "graphs",
+    "vae",
+    "vaeautocast",
+    "vaecompile",
+    "kvfp8",
+    "calclip",
+    "cudnn",
+    "flash",
+    "efficient",
+    "fa3",
+    "fa3fp8",
+    "fp8emu",
+)
 CLIP_CALIBRATION_CALLS = 1 + 4 * 4  # the sink prefill, then Standard's 4 blocks x 4 steps
 ACTIVATION_SCALING = {"fp8": "row", "fp8-tensor": "tensor", "fp8-static": "static"}
-ATTENTION_OPTIONS = ("cudnn", "flash", "efficient", "fa3")
-# The VAE part's variants: "plain" (cuDNN's default kernels), "autotune" (cudnn.benchmark),
-# "channels-last" (NDHWC activations and weights), "autotune+channels-last" (WanVAE's default on CUDA).
-VAE_VARIANTS = ("plain", "autotune", "channels-last", "autotune+channels-last")
+# A variant's option -> the attention backend it picks.
+ATTENTION_OPTIONS = {
+    "cudnn": "cudnn",
+    "flash": "flash",
+    "efficient": "efficient",
+    "fa3": "fa3",
+    "fa3fp8": "fa3-fp8",
+    "fp8emu": "fp8-emulated",
+}
+FA3_OPTIONS = ("fa3", "fa3fp8")
+# The VAE part's variants: "plain" (bf16 weights, every op in bf16, cuDNN's default kernels) or
+# options joined by "+" (see liveavatar_core/vae_kernels.py): "autotune" (cudnn.benchmark),
+# "channels-last" (NDHWC activations and weights), "autocast" (bf16 autocast: norms in float32,
+# as the official code), "compile" (torch.compile of the per-frame decoder / per-chunk encoder),
+# "fp32" (float32 weights: the reference the others' pixel errors are measured against when the
+# variant "fp32" runs first). "autotune+channels-last" was WanVAE's default on CUDA before
+# autocast; with autocast it is "autotune+channels-last+autocast".
+VAE_OPTIONS = ("autotune", "channels-last", "autocast", "compile", "fp32")
 TINY_DIT = S2VConfig(
     dim=256, ffn_dim=512, num_heads=4, num_layers=4, text_dim=64, audio_dim=32, audio_inject_layers=(0, 2), freq_dim=256
 )
@@ -250,7 +291,7 @@ def build_dit(bench: Bench, seed: int = 0) -> WanS2VTransformer:
     return model.eval().requires_grad_(False)
 
 
-def build_vae(bench: Bench, seed: int = 1) -> WanVAE:
+def build_vae(bench: Bench, seed: int = 1, dtype: torch.dtype | None = None) -> WanVAE:
     from diffusers import AutoencoderKLWan
     from diffusers.utils import logging as diffusers_logging
 
@@ -258,7 +299,21 @@ def build_vae(bench: Bench, seed: int = 1) -> WanVAE:
     torch.manual_seed(seed)
     with torch.device(bench.device):
         net = AutoencoderKLWan(base_dim=16) if bench.tiny else AutoencoderKLWan()
-    return WanVAE(net.to(bench.dtype).eval().requires_grad_(False))
+    return WanVAE(net.to(dtype or bench.dtype).eval().requires_grad_(False))
+
+
+def vae_options(variant: str) -> set[str]:
+    """The options of a VAE variant ("plain" has none)."""
+    return set() if variant == "plain" else set(variant.split("+"))
+
+
+def vae_kernels(options: set[str]) -> VAEKernels:
+    return VAEKernels(
+        autotune="autotune" in options,
+        channels_last="channels-last" in options,
+        autocast="autocast" in options,
+        compile="compile" in options,
+    )
 
 
 def split_variant(variant: str) -> tuple[str, set[str]]:
@@ -268,7 +323,9 @@ def split_variant(variant: str) -> tuple[str, set[str]]:
 
 def variant_kernels(variant: str) -> Kernels:
     base, options = split_variant(variant)
-    chosen = [o for o in ATTENTION_OPTIONS if o in options]
+    chosen = [backend for option, backend in ATTENTION_OPTIONS.items() if option in options]
+    if len(chosen) > 1:
+        raise ValueError(f"variant {variant!r} names more than one attention kernel")
     return Kernels(
         compile_elementwise=base != "eager",
         attention=chosen[0] if chosen else "sdpa",
@@ -356,9 +413,10 @@ def dit_flops(config: S2VConfig, q: int, k: int, video: int, frames: int, audio:
     return float(config.num_layers * block + (len(config.audio_inject_layers) * injector if audio else 0))
 
 
-def stream_cache_gib(bench: Bench, preset: Preset, fp8: bool = False) -> float:
+def stream_cache_gib(bench: Bench, preset: Preset, fp8: bool = False, fp8_heads: bool = False) -> float:
     """Device memory of the streaming caches: per branch, one clip of keys/values per step + the
-    sink (with `fp8`: e4m3 values and a float32 scale per token and head)."""
+    sink (with `fp8`: e4m3 values and a float32 scale per token and head; with `fp8_heads` too,
+    the rings e4m3 with a scale per head, each behind a slot for the sink)."""
     c = bench.config
     h, w = bench.latent_hw(preset)
     if fp8:
@@ -366,8 +424,11 @@ def stream_cache_gib(bench: Bench, preset: Preset, fp8: bool = False) -> float:
     else:
         per_token = c.num_layers * c.dim * 2 * torch.finfo(bench.dtype).bits // 8
     frames = preset.infer_frames // 4
-    tokens = preset.steps * frames * tokens_per_frame(c, h, w) + sink_tokens(c, h, w)
-    return preset.branches * tokens * per_token / GIB
+    ring, sink = preset.steps * frames * tokens_per_frame(c, h, w), sink_tokens(c, h, w)
+    if fp8 and fp8_heads:
+        rings = preset.steps * (frames * tokens_per_frame(c, h, w) + sink) * c.num_layers * 2 * c.dim
+        return preset.branches * (rings + sink * per_token) / GIB
+    return preset.branches * (ring + sink) * per_token / GIB
 
 
 def check_room(bench: Bench, preset: Preset, extra_gib: float = 0.0) -> str | None:
@@ -498,42 +559,126 @@ def comfy_twin(comfy, ours: WanS2VTransformer):
 
 
 # -- parts ----------------------------------------------------------------------------------------
+ATTENTION_BACKENDS = ("sdpa", "cudnn", "flash", "efficient", "fa3", "fa3-fp8", "fp8-emulated")
+# The attention part's inputs: unit Gaussian heads, and heads 10^-3..10^3 apart in size (the
+# values; queries and keys 10^-1.5..10^1.5, their logits keeping a spread of 1), where e4m3
+# without per-head scales loses the small heads to its subnormals and clips the large ones.
+ATTENTION_INPUTS = {"gaussian": "", "spread": ", heads apart"}
+
+
+def attention_inputs(bench: Bench, kind: str, q_len: int, k_len: int) -> tuple[torch.Tensor, ...]:
+    c = bench.config
+    q, k, v = (bench.randn(1, n, c.num_heads, c.head_dim, seed=s) for n, s in ((q_len, 1), (k_len, 2), (k_len, 3)))
+    if kind == "spread":
+        size = torch.logspace(-3, 3, c.num_heads, device=bench.device)[None, None, :, None]
+        q, k, v = q / size.sqrt(), k * size.sqrt(), v * size
+    return tuple(x.to(bench.dtype) for x in (q, k, v))
+
+
+def host_us_per_call(fn, calls: int = 20) -> float:
+    """Host time to issue one call (no synchronisation inside): the launch cost a block step
+    pays per attention call when the GPU is not the bottleneck."""
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - start) / calls * 1e6
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return host
+
+
+def fa3_op_attention(q, k, v) -> torch.Tensor:
+    """FlashAttention-3's forward as its registered op (`torch.ops.fa3_fwd.fwd`, the fa3-fwd
+    wheel's), skipping the autograd Function and the Python custom op that `flash_attn_func`
+    goes through; q/k/v tensors, or `Fp8Heads` (their scales as descales)."""
+    descales = [x.scale if isinstance(x, Fp8Heads) else None for x in (q, k, v)]
+    q, k, v = (x.data if isinstance(x, Fp8Heads) else x for x in (q, k, v))
+    unused = [None] * 17  # k_new ... seqlens_rotary
+    # descales, softmax scale, causal, window left/right, attention chunk, softcap,
+    # interleaved rotary, scheduler metadata, splits, pack GQA, SM margin
+    out = torch.ops.fa3_fwd.fwd(
+        q, k, v, *unused, *descales, q.shape[-1] ** -0.5, False, -1, -1, 0, 0.0, True, None, 1, None, 0
+    )
+    return out[0].flatten(2)
+
+
 def part_attention(bench: Bench) -> list[dict]:
     """Each attention kernel at the streaming block's shape (Standard: a block's queries against
-    the full ring and the sink), timed, and its error against float32 SDPA (math kernel)."""
+    the full ring and the sink), timed, and its error against float32 SDPA (math kernel); the
+    fp8 ones also against their emulation (the same e4m3 inputs in float32: the kernel's own
+    rounding), with e4m3 keys/values handed in as the fp8 caches do, and with unit descales."""
     c = bench.config
     p = PRESETS["standard"]
     h, w = bench.latent_hw(p)
     tpf = tokens_per_frame(c, h, w)
     q_len = BLOCK_FRAMES * tpf
     k_len = p.infer_frames // 4 * tpf + sink_tokens(c, h, w)
-    heads, head_dim = c.num_heads, c.head_dim
-    q, k, v = (
-        bench.randn(1, n, heads, head_dim, seed=s).to(bench.dtype) for n, s in ((q_len, 1), (k_len, 2), (k_len, 3))
-    )
-    with use_kernels(Kernels(attention="math")):
-        reference = attention_dispatch.attention(q.float(), k.float(), v.float())
-    flops = 4 * q_len * k_len * heads * head_dim
+    flops = 4 * q_len * k_len * c.num_heads * c.head_dim
+    dispatch = attention_dispatch
     rows = []
-    for backend in ("sdpa", "cudnn", "flash", "efficient", "fa3"):
-        row = {"part": "attention", "preset": "standard", "variant": backend, "q tokens": q_len, "k tokens": k_len}
-        try:
-            with use_kernels(Kernels(attention=backend)):
-                out = attention_dispatch.attention(q, k, v)
-                ms = statistics.median(bench.measure(partial(attention_dispatch.attention, q, k, v), iters=20))
-        except (RuntimeError, ValueError) as error:
-            rows.append({**row, "note": f"not run: {str(error).splitlines()[0][:120]}"})
-            print(f"attention [{backend}]: not run ({str(error).splitlines()[0][:120]})", flush=True)
-            continue
-        row.update({"ms": ms, "TFLOP/s": flops / ms / 1e9, "rel error vs float32": relative_error(out, reference)})
-        rows.append(row)
-        print(
-            f"attention [{backend}]: {ms:.2f} ms, {row['TFLOP/s']:.0f} TFLOP/s, "
-            f"rel error {row['rel error vs float32']:.2e}",
-            flush=True,
-        )
-    del q, k, v, reference
-    bench.release()
+    for kind, label in ATTENTION_INPUTS.items():
+        q, k, v = attention_inputs(bench, kind, q_len, k_len)
+        with use_kernels(Kernels(attention="math")):
+            reference = dispatch.attention(q.float(), k.float(), v.float())
+        q8, k8, v8 = (quantize_per_head(x) for x in (q, k, v))
+        emulated = emulated_attention(q8, k8, v8).flatten(2)
+        unit = [
+            Fp8Heads(x.float().clamp(-448, 448).to(FP8), torch.ones_like(s.scale))
+            for x, s in ((q, q8), (k, k8), (v, v8))
+        ]
+        cases = [(backend, backend, dispatch.attention, (q, k, v)) for backend in ATTENTION_BACKENDS]
+        # What the e4m3 caches cost the fp8 kernel: their keys and values come quantised.
+        cases.append(("fa3-fp8 (e4m3 k/v in)", "fa3-fp8", dispatch.attention, (q, k8, v8)))
+        # The host cost of FlashAttention-3's Python wrappers: its registered op called directly.
+        cases.append(("fa3 (op, no Python wrappers)", "sdpa", fa3_op_attention, (q, k, v)))
+        cases.append(("fa3-fp8 (op, no Python wrappers, e4m3 k/v in)", "sdpa", fa3_op_attention, (q8, k8, v8)))
+        for name, backend, fn, args in cases:
+            row = {
+                "part": "attention",
+                "preset": "standard",
+                "variant": name + label,
+                "q tokens": q_len,
+                "k tokens": k_len,
+            }
+            try:
+                with use_kernels(Kernels(attention=backend)):
+                    call = partial(fn, *args)
+                    out = call()
+                    ms = statistics.median(bench.measure(call, iters=20))
+                    host_us = host_us_per_call(call)
+            except Exception as error:  # a kernel that cannot run here is a row's note, not the run's end
+                rows.append({**row, "note": f"not run: {str(error).splitlines()[0][:120]}"})
+                print(f"attention [{name}{label}]: not run ({str(error).splitlines()[0][:120]})", flush=True)
+                continue
+            row.update(
+                {
+                    "ms": ms,
+                    "TFLOP/s": flops / ms / 1e9,
+                    "host us/call": host_us,
+                    "rel error vs float32": relative_error(out, reference),
+                }
+            )
+            if backend == "fa3-fp8" or name.startswith("fa3-fp8"):
+                row["rel diff vs its emulation"] = relative_error(out, emulated)
+                if name == backend and bench.cuda and dispatch._fa3_runs_on(q):
+                    unit_out = kernel_attention(dispatch._fa3(), *unit).flatten(2)
+                    row["rel error vs float32, unit descales"] = relative_error(unit_out, reference)
+            rows.append(row)
+            print(
+                f"attention [{name}{label}]: {ms:.2f} ms, {row['TFLOP/s']:.0f} TFLOP/s, host {host_us:.0f} us/call, "
+                f"rel error {row['rel error vs float32']:.2e}"
+                + "".join(
+                    f", {key} {row[key]:.2e}"
+                    for key in ("rel diff vs its emulation", "rel error vs float32, unit descales")
+                    if key in row
+                ),
+                flush=True,
+            )
+        del q, k, v, q8, k8, v8, unit, reference, emulated
+        bench.release()
     return rows
 
 
@@ -664,7 +809,9 @@ def part_stream(bench: Bench, presets: list[str]) -> list[dict]:
             "part": "stream",
             "preset": name,
             "variant": variant,
-            "KV caches GiB": stream_cache_gib(bench, p, fp8="kvfp8" in options),
+            "KV caches GiB": stream_cache_gib(
+                bench, p, fp8="kvfp8" in options, fp8_heads=bool(options & {"fa3fp8", "fp8emu"})
+            ),
         }
         note = check_room(bench, p)
         if note:
@@ -730,17 +877,20 @@ def part_stream(bench: Bench, presets: list[str]) -> list[dict]:
             row["note"] = f"graph capture failed: {dit.graphs.failed[:200]}"
         bf16 = first_clips.get((name, "compiled"), first_clips.get((name, "eager")))
         bf16_last = last_clips.get((name, "compiled"), last_clips.get((name, "eager")))
-        if (base.startswith("fp8") or "kvfp8" in options) and bf16 is not None:
+        changes_numbers = base.startswith("fp8") or options & {"kvfp8", "fa3fp8", "fp8emu"}
+        if changes_numbers and bf16 is not None:
             # The quality proxy: same seed and weights, latents after one clip (and after the last).
             row["clip 0 latents rel diff vs bf16"] = relative_error(first_clips[name, variant], bf16)
             row["last clip latents rel diff vs bf16"] = relative_error(last_clips[name, variant], bf16_last)
-        elif base.startswith("fp8") or "kvfp8" in options:
+        elif changes_numbers:
             print(f"stream {name} [{variant}]: no bf16 variant in this run to compare the latents with", flush=True)
         # One change at a time against the same run's variant without it: static vs dynamic
         # fp8 input scales, e4m3 vs bf16 caches.
         for label, twin in (
             ("fp8-tensor", variant.replace("fp8-static", "fp8-tensor", 1)),
             ("no kvfp8", "+".join([base, *[o for o in variant.split("+")[1:] if o != "kvfp8"]])),
+            ("no fa3fp8", "+".join([base, *[o for o in variant.split("+")[1:] if o != "fa3fp8"]])),
+            ("fa3 for fa3fp8", variant.replace("+fa3fp8", "+fa3")),
         ):
             if twin != variant and (name, twin) in last_clips:
                 row[f"rel diff vs {label}, clip 0"] = relative_error(
@@ -778,9 +928,9 @@ def part_vae(bench: Bench, presets: list[str]) -> list[dict]:
     rows = []
     decoded = {}
     for variant in bench.args.vae_variants.split(","):
-        vae = build_vae(bench)
-        vae.autotune = "autotune" in variant
-        vae.channels_last = "channels-last" in variant
+        options = vae_options(variant)
+        vae = build_vae(bench, dtype=torch.float32 if "fp32" in options else None)
+        vae.kernels = vae_kernels(options)
         with torch.inference_mode():
             for name in presets:
                 rows.append(vae_row(bench, vae, name, variant, decoded))
@@ -824,9 +974,14 @@ def vae_row(bench: Bench, vae: WanVAE, name: str, variant: str, decoded: dict) -
         f"encode motion ({MOTION_FRAMES} frames) ms": motion_ms,
         "encode reference (5 frames) ms": ref_ms,
     }
-    plain = decoded.get((name, "plain"))
-    if plain is not None and variant != "plain":
-        row["last clip frames rel diff vs plain"] = relative_error(decoded[name, variant], plain)
+    for reference in ("plain", "fp32"):
+        expected = decoded.get((name, reference))
+        if expected is not None and variant != reference:
+            error = (decoded[name, variant] - expected).abs()
+            row[f"last clip frames rel diff vs {reference}"] = relative_error(decoded[name, variant], expected)
+            # Pixels in [-1, 1]: 0.0078 is one level of 8-bit video.
+            row[f"last clip pixels max abs diff vs {reference}"] = error.max().item()
+            row[f"last clip pixels mean abs diff vs {reference}"] = error.mean().item()
     if bench.args.vae_windows:
         # official-single-gpu's extra work per clip: the 365-frame window re-encoded, and the
         # clip decoded behind its 92 motion latents.
@@ -870,7 +1025,13 @@ def part_e2e(bench: Bench, presets: list[str]) -> list[dict]:
     semantics_list = bench.args.semantics.split(",")
     e2e_variants = [v for v in (bench.args.e2e_variants or ",".join(bench.variants)).split(",") if v]
     for name, variant, semantics in [(n, v, s) for n in presets for v in e2e_variants for s in semantics_list]:
-        vae.autotune = vae.channels_last = "vae" in split_variant(variant)[1]
+        options = split_variant(variant)[1]
+        vae.kernels = VAEKernels(
+            autotune="vae" in options,
+            channels_last="vae" in options,
+            autocast="vaeautocast" in options,
+            compile="vaecompile" in options,
+        )
         pipeline = StreamingPipeline(variant_models(variant), vae, bench.device)
         p = PRESETS[name]
         row = {
@@ -1152,7 +1313,7 @@ def drop_fa3(variants: str | None) -> str | None:
     """The variants less those that need FlashAttention-3, saying why they go (it does not import)."""
     if variants is None:
         return None
-    kept = [v for v in variants.split(",") if "fa3" not in split_variant(v)[1]]
+    kept = [v for v in variants.split(",") if not split_variant(v)[1] & set(FA3_OPTIONS)]
     dropped = sorted(set(variants.split(",")) - set(kept) - {""})
     if dropped:
         reasons = []
@@ -1195,7 +1356,11 @@ def main() -> None:
         help=f"comma list of {', '.join(VARIANTS)}: how our DiT runs in the dit and stream parts",
     )
     parser.add_argument("--e2e-variants", help="comma list of the e2e part's variants (default: --variants)")
-    parser.add_argument("--vae-variants", default="plain", help=f"comma list of {', '.join(VAE_VARIANTS)}")
+    parser.add_argument(
+        "--vae-variants",
+        default="plain",
+        help=f"comma list of plain or of {', '.join(VAE_OPTIONS)} joined by '+' (e.g. autotune+channels-last+compile)",
+    )
     parser.add_argument(
         "--vae-windows",
         action=argparse.BooleanOptionalAction,
@@ -1224,13 +1389,16 @@ def main() -> None:
         base, options = split_variant(variant)
         unknown += [base] if base not in VARIANTS else []
         unknown += sorted(options - set(OPTIONS))
-    unknown += [v for v in args.vae_variants.split(",") if v not in VAE_VARIANTS]
+    unknown += [v for v in args.vae_variants.split(",") if not vae_options(v) <= set(VAE_OPTIONS)]
     if unknown:
         parser.error(f"unknown part or preset: {', '.join(unknown)}")
     if attention_dispatch._fa3() is None:
         args.variants, args.e2e_variants = (drop_fa3(v) for v in (args.variants, args.e2e_variants))
     bench = Bench(args)
     torch.set_grad_enabled(False)
+    # Each compiled VAE variant adds its own graphs (3 per frame size, per autocast and layout)
+    # to the same decoder code: past Dynamo's default limit of 8 it would silently run eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     env = environment(bench)
     print(
         f"{env['device']}, torch {env['torch']}, {'tiny' if bench.tiny else '14B'} DiT, {bench.dtype}, "
