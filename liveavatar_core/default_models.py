@@ -42,14 +42,12 @@ from __future__ import annotations
 import argparse
 import filecmp
 import io
-import json
 import math
 import os
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from .atomic_files import write_atomically

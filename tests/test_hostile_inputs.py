@@ -703,15 +703,22 @@ def test_a_tensor_that_ends_past_the_file_is_named_at_open(tmp_path, tiny_files)
         open_tensor_file(path)
 
 
+# As many injection layers as the tiny DiT has injectors, one of them listed twice.
+INJECT_TWICE = [*TINY_DIT.audio_inject_layers[:-1], TINY_DIT.audio_inject_layers[0]]
+
+
 @pytest.mark.parametrize(
     "hints, words",
     [
-        ({"num_heads": 3}, ("num_heads = 3", "divisor of 32")),
+        ({"num_heads": 3}, ("num_heads = 3", f"divisor of {TINY_DIT.dim}")),
         ({"num_heads": 0}, ("num_heads = 0", "positive whole number")),
-        ({"num_heads": 32}, ("num_heads = 32", "even size")),  # heads of one channel: RoPE needs pairs
+        (
+            {"num_heads": TINY_DIT.dim},
+            (f"num_heads = {TINY_DIT.dim}", "even size"),
+        ),  # heads of one channel: RoPE needs pairs
         ({"num_heads": True}, ("num_heads = True",)),
         ({"audio_inject_layers": "0,1"}, ("audio_inject_layers = '0,1'", "list of block numbers")),
-        ({"audio_inject_layers": [1, 1]}, ("audio_inject_layers = [1, 1]", "twice")),
+        ({"audio_inject_layers": INJECT_TWICE}, (f"audio_inject_layers = {INJECT_TWICE}", "twice")),
         ({"motion_frames": -73}, ("motion_frames = -73", "73")),
         ({"eps": "tiny"}, ("eps = 'tiny'", "1e-6")),
         ({"eps": 5.0}, ("eps = 5.0", "small positive")),
