@@ -63,7 +63,7 @@ tests/test_default_model_talks.py. What is left: the VAE blends the frames of ea
 the previous latent's (a mouth opening at frame 5 reaches its full darkness at frame 9), so
 the mouth moves about 4 frames late; either a VAE trained to sharper time (longer, or with
 the decoder stage weighted on frame-to-frame change) or DiT targets encoded from frames that
-lead the audio by that lag would fix it.
+lead the audio by that lag (`--target-lead 4`, not yet tried) would fix it.
 
 Data recipe (all seeded from `--seed`): faces from `talking_faces.random_style` (colours,
 place, size; one in four the example's own style), each drawn at zoom 1 (three in four) or
@@ -354,11 +354,13 @@ def grad_sampler_classes():
 
 
 @torch.no_grad()
-def cache_latents(vae, batches: Batches, count: int, frames: int, device, log, chunk: int = 256):
+def cache_latents(vae, batches: Batches, count: int, frames: int, device, log, chunk: int = 256, lead: int = 0):
     """`count` random clips of `frames` frames encoded once, as the pipeline encodes them: the
     reference alone, the motion context (MOTION_FRAMES copies of it) and the talking frames
-    behind the 25 still frames the streaming decoder is primed with. Returns a dict of
-    tensors on `device` (latents bfloat16)."""
+    behind the 25 still frames the streaming decoder is primed with. `lead` frames: the target
+    frames show the mouth that far ahead of the audio, for a VAE whose decoder shows each
+    frame's mouth that late (see the module's docstring). Returns a dict of tensors on
+    `device` (latents bfloat16)."""
     from liveavatar_core.semantics import MOTION_FRAMES, PRIMING_LATENTS
     from liveavatar_core.vae import WanVAE
 
@@ -366,7 +368,8 @@ def cache_latents(vae, batches: Batches, count: int, frames: int, device, log, c
     parts = {"ref": [], "motion": [], "target": [], "features": [], "weight": [], "track": []}
     for first in range(0, count, chunk):
         n = min(chunk, count - first)
-        face, ref_level, level, feats = batches.clip(n, frames)
+        face, ref_level, level, feats = batches.clip(n, frames + lead)
+        level, feats = level[:, lead:], feats[..., :frames]
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             ref_pixels = batches.pixels(face, ref_level[:, None])
             ref = wan.encode(ref_pixels)
@@ -560,6 +563,12 @@ def main(argv=None):
     )
     parser.add_argument("--vae-init", type=Path, default=None, help="continue training the VAE of this file")
     parser.add_argument("--dit-from", type=Path, default=None, help="start the DiT from this checkpoint")
+    parser.add_argument(
+        "--target-lead",
+        type=int,
+        default=0,
+        help="frames the DiT's targets show the mouth ahead of the audio (the VAE's measured lag, e.g. 4)",
+    )
     parser.add_argument("--faces", type=int, default=800)
     parser.add_argument("--utterances", type=int, default=160)
     parser.add_argument("--cached-clips", type=int, default=6144, help="clips whose latents are cached for the DiT")
@@ -628,7 +637,7 @@ def main(argv=None):
     log("VAE written")
     cache = None
     if args.dit_steps > 0:
-        cache = cache_latents(vae, batches, args.cached_clips, 3 * INFER_FRAMES, device, log)
+        cache = cache_latents(vae, batches, args.cached_clips, 3 * INFER_FRAMES, device, log, lead=args.target_lead)
         log(f"cached latents {tuple(cache['target'].shape)}")
 
     def checkpoint(model, step):
