@@ -35,6 +35,9 @@ through the same loaders as the full-size release:
 Run `python -m liveavatar_core.default_models --models-dir ComfyUI/models` to copy them.
 The builders below (`tiny_dit`, `lora_state`, `text_encoder_state`, `vae_state`,
 `audio_encoder_state`) give the seeded random networks the training starts from.
+`write_random_models` writes seeded random stand-ins under the same names at the smallest
+widths (`RANDOM_DIT`, a VAE of base width 1): the tests of the plumbing run on those, in
+seconds, where the trained files take minutes per video on a CPU.
 """
 
 from __future__ import annotations
@@ -42,16 +45,18 @@ from __future__ import annotations
 import argparse
 import filecmp
 import io
+import json
 import math
 import os
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from .atomic_files import write_atomically
-from .dit import S2VConfig, WanS2VTransformer
+from .dit import S2VConfig, WanS2VTransformer, save_dit
 
 DEFAULT_FILES = {
     "diffusion_models": "liveavatar_tiny_s2v.safetensors",
@@ -81,6 +86,21 @@ TINY_DIT = S2VConfig(
 )
 UMT5_HEADS, UMT5_FF, UMT5_LAYERS, UMT5_BUCKETS = 2, 96, 2, 32
 VAE_BASE_DIM = 8
+# The seeded random stand-ins `write_random_models` writes: the same architectures at the
+# smallest widths (the VAE's full-resolution stages dominate a CPU run), for tests of the
+# plumbing (loading, streaming, the server, bad input) that must run in seconds, not of the
+# pictures. umT5 and wav2vec2 are the shipped ones' builders.
+RANDOM_DIT = S2VConfig(
+    dim=32,
+    ffn_dim=64,
+    num_heads=1,
+    num_layers=2,
+    text_dim=TEXT_DIM,
+    audio_dim=AUDIO_DIM,
+    num_audio_layers=AUDIO_LAYERS + 1,
+    audio_inject_layers=(0, 1),
+)
+RANDOM_VAE_BASE_DIM = 1
 LORA_RANK = 4
 LORA_TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
 SPIECE_VOCAB = 320  # an upper bound: the trainer stops where the text runs out of pieces
@@ -142,8 +162,8 @@ def _state(module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 
 # -- the networks -----------------------------------------------------------------------------
-def tiny_dit(seed: int = 0) -> WanS2VTransformer:
-    return randomize(WanS2VTransformer(TINY_DIT), _generator(seed, "dit"))
+def tiny_dit(seed: int = 0, config: S2VConfig = TINY_DIT) -> WanS2VTransformer:
+    return randomize(WanS2VTransformer(config), _generator(seed, "dit"))
 
 
 def lora_state(model: WanS2VTransformer, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -240,12 +260,12 @@ def wan_vae_names() -> list[str]:
     return names
 
 
-def vae_state(seed: int = 0) -> dict[str, torch.Tensor]:
+def vae_state(seed: int = 0, base_dim: int = VAE_BASE_DIM) -> dict[str, torch.Tensor]:
     from diffusers import AutoencoderKLWan
 
     from .vae_keys import wan_to_diffusers_names
 
-    model = randomize(AutoencoderKLWan(base_dim=VAE_BASE_DIM, z_dim=16), _generator(seed, "vae"))
+    model = randomize(AutoencoderKLWan(base_dim=base_dim, z_dim=16), _generator(seed, "vae"))
     ours = _state(model, torch.bfloat16)
     mapping = wan_to_diffusers_names(wan_vae_names())
     if sorted(mapping.values()) != sorted(ours):
@@ -298,6 +318,28 @@ def write_default_models(models_dir: str | os.PathLike) -> dict[str, Path]:
     return paths
 
 
+def write_random_models(models_dir: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
+    """Writes seeded random stand-ins for the five files (`RANDOM_DIT`, a VAE of base width
+    `RANDOM_VAE_BASE_DIM`) under `models_dir`, in the same layout and names as
+    `write_default_models`, and returns {folder: path}. The same seed gives byte-identical
+    files. Their videos are coloured noise: they exercise the pipeline, not the pictures."""
+    paths = default_model_paths(models_dir)
+    for path in paths.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    dit = tiny_dit(seed, RANDOM_DIT)
+    _save(lora_state(dit, seed), paths["loras"], seed)
+    write_atomically(paths["diffusion_models"], lambda tmp: save_dit(dit.to(torch.bfloat16), tmp))
+    _save(text_encoder_state(seed), paths["text_encoders"], seed)
+    _save(vae_state(seed, RANDOM_VAE_BASE_DIM), paths["vae"], seed)
+    _save(audio_encoder_state(seed), paths["audio_encoders"], seed)
+    return paths
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path, seed: int) -> None:
+    metadata = {MARKER_KEY: json.dumps({"version": FORMAT_VERSION, "seed": seed})}
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
 def has_default_models(models_dir: str | os.PathLike) -> bool:
     """Whether `models_dir` already holds all five shipped files, byte for byte."""
     for folder, path in default_model_paths(models_dir).items():
@@ -319,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     for path in write_default_models(args.models_dir).values():
         print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
-    print("A tiny model for trying the pack: a blurred silhouette of the portrait, not a real avatar.")
+    print("A tiny model for trying the pack: a blurred portrait whose mouth moves with the speech, not a real avatar.")
 
 
 if __name__ == "__main__":

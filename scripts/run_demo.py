@@ -2,7 +2,7 @@
 Preview workflow through the HTTP API and prints where the mp4 is.
 
 The default model is tiny and trained by the pack (copied by `liveavatar_core.default_models`):
-the video shows a blurred silhouette of the portrait, not a real avatar. Put the real weights in the models folders
+the video shows the portrait blurred, its mouth moving with the speech, not a real avatar. Put the real weights in the models folders
 (README) and pick them in the workflow's loader for real videos.
 
     python scripts/run_demo.py [--base out/demo] [--preset liveavatar_preview] [--num-clip N]

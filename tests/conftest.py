@@ -63,10 +63,12 @@ def golden() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="session")
 def default_model_files(tmp_path_factory) -> dict[str, Path]:
-    """The embedded default models written once (read-only for the tests): {ComfyUI folder: file}."""
-    from liveavatar_core.default_models import write_default_models
+    """Seeded random stand-ins for the default models, written once (read-only for the tests):
+    {ComfyUI folder: file}. The plumbing's tests run on these, the smallest widths; the shipped
+    trained files have their own tests (test_default_models, test_default_model_talks)."""
+    from liveavatar_core.default_models import write_random_models
 
-    return write_default_models(tmp_path_factory.mktemp("default_models"))
+    return write_random_models(tmp_path_factory.mktemp("default_models"))
 
 
 @pytest.fixture(scope="session")
@@ -97,15 +99,16 @@ TINY_UPSCALER = "tiny_2x.safetensors"  # a 2x ESRGAN with random weights, for th
 
 
 def serve_small_models(base: Path):
-    """A real ComfyUI server in `base` with the small default models, the tiny upscaler and the
+    """A real ComfyUI server in `base` with the small random stand-ins of the default models
+    (under the default models' names), the tiny upscaler and the
     example media in place (a generator for module-scoped fixtures)."""
     from comfyui_client import ComfyUIServer, copy_example_media
     from tiny_upscaler import write_tiny_esrgan
 
-    from liveavatar_core.default_models import write_default_models
+    from liveavatar_core.default_models import write_random_models
 
     with ComfyUIServer(base) as running:
-        write_default_models(base / "models")
+        write_random_models(base / "models")
         write_tiny_esrgan(base / "models" / "upscale_models" / TINY_UPSCALER)
         copy_example_media(base)
         yield running

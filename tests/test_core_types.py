@@ -26,7 +26,7 @@ from liveavatar_core.default_models import (
     UMT5_FF,
     UMT5_HEADS,
     UMT5_LAYERS,
-    write_default_models,
+    write_random_models,
 )
 from liveavatar_core.errors import InputError
 from nodes.encode import EncodeAudio, EncodePrompt, LiveAvatarPromptFromConditioning
@@ -43,7 +43,7 @@ def core(comfyui, tmp_path_factory):
     import folder_paths
 
     models = tmp_path_factory.mktemp("models")
-    paths = write_default_models(models)
+    paths = write_random_models(models)
     for folder in DEFAULT_FILES:
         folder_paths.add_model_folder_path(folder, str(models / folder), is_default=True)
     spec = importlib.util.spec_from_file_location("comfy_core_nodes", COMFYUI_DIR / "nodes.py")

@@ -16,6 +16,8 @@ from liveavatar_core.audio_encoder import load_audio_encoder
 from liveavatar_core.audio_io import SAMPLE_RATE, load_audio
 from liveavatar_core.default_models import (
     DEFAULT_FILES,
+    RANDOM_DIT,
+    RANDOM_VAE_BASE_DIM,
     TINY_DIT,
     audio_encoder_state,
     has_default_models,
@@ -24,6 +26,7 @@ from liveavatar_core.default_models import (
     text_encoder_state,
     tiny_dit,
     write_default_models,
+    write_random_models,
 )
 from liveavatar_core.dit import load_dit
 from liveavatar_core.lora import merge_lora
@@ -161,3 +164,15 @@ def test_example_media_command_fills_an_input_folder(tmp_path, capsys):
                 assert (input_dir / name).is_file(), f"{workflow.name} loads {name}"
     copy_media(["--input-dir", str(input_dir)])  # a second run leaves the folder as it is
     assert {path.name for path in input_dir.iterdir()} == names
+
+
+def test_random_stand_ins_are_reproducible_small_and_load(tmp_path, models_dir):
+    first, again, other = (write_random_models(tmp_path / name, seed) for name, seed in (("a", 0), ("b", 0), ("c", 1)))
+    for folder in DEFAULT_FILES:
+        assert first[folder].read_bytes() == again[folder].read_bytes(), folder
+    assert first["vae"].read_bytes() != other["vae"].read_bytes()
+    assert load_dit(first["diffusion_models"], dtype=torch.float32).config == RANDOM_DIT
+    assert load_vae(first["vae"]).model.config.base_dim == RANDOM_VAE_BASE_DIM
+    # Far smaller than the shipped trained files, which is what keeps the plumbing's tests fast.
+    for folder in ("diffusion_models", "vae"):
+        assert first[folder].stat().st_size * 3 < (models_dir / folder / DEFAULT_FILES[folder]).stat().st_size, folder

@@ -32,7 +32,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import write_wav
-from liveavatar_core.default_models import DEFAULT_FILES, TINY_DIT, write_default_models
+from liveavatar_core.default_models import DEFAULT_FILES, RANDOM_DIT, write_random_models
 from liveavatar_core.dit.config import config_from_shapes
 from liveavatar_core.dit.loading import CONFIG_METADATA_KEY, load_dit
 from liveavatar_core.errors import CheckpointError, InputError
@@ -142,7 +142,7 @@ def write_hostile_media(inputs: Path) -> None:
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("hostile")
     with ComfyUIServer(base) as running:
-        write_default_models(base / "models")
+        write_random_models(base / "models")
         copy_example_media(base)
         write_hostile_models(base / "models", base / SENTINEL)
         write_hostile_media(base / "input")
@@ -704,17 +704,17 @@ def test_a_tensor_that_ends_past_the_file_is_named_at_open(tmp_path, tiny_files)
 
 
 # As many injection layers as the tiny DiT has injectors, one of them listed twice.
-INJECT_TWICE = [*TINY_DIT.audio_inject_layers[:-1], TINY_DIT.audio_inject_layers[0]]
+INJECT_TWICE = [*RANDOM_DIT.audio_inject_layers[:-1], RANDOM_DIT.audio_inject_layers[0]]
 
 
 @pytest.mark.parametrize(
     "hints, words",
     [
-        ({"num_heads": 3}, ("num_heads = 3", f"divisor of {TINY_DIT.dim}")),
+        ({"num_heads": 3}, ("num_heads = 3", f"divisor of {RANDOM_DIT.dim}")),
         ({"num_heads": 0}, ("num_heads = 0", "positive whole number")),
         (
-            {"num_heads": TINY_DIT.dim},
-            (f"num_heads = {TINY_DIT.dim}", "even size"),
+            {"num_heads": RANDOM_DIT.dim},
+            (f"num_heads = {RANDOM_DIT.dim}", "even size"),
         ),  # heads of one channel: RoPE needs pairs
         ({"num_heads": True}, ("num_heads = True",)),
         ({"audio_inject_layers": "0,1"}, ("audio_inject_layers = '0,1'", "list of block numbers")),
@@ -737,7 +737,7 @@ INJECT_TWICE = [*TINY_DIT.audio_inject_layers[:-1], TINY_DIT.audio_inject_layers
 )
 def test_bad_config_values_are_named_with_their_source_and_fix(tiny_files, hints, words):
     shapes = open_tensor_file(tiny_files["diffusion_models"]).shapes()
-    config = json.loads(TINY_DIT.to_json())
+    config = json.loads(RANDOM_DIT.to_json())
     with pytest.raises(CheckpointError) as info:
         config_from_shapes(shapes, "tiny.safetensors", {**config, **hints}, "config.json beside tiny.safetensors")
     message = str(info.value)

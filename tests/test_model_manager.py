@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from liveavatar_core.default_models import DEFAULT_FILES, write_default_models
+from liveavatar_core.default_models import DEFAULT_FILES, write_random_models
 from liveavatar_core.generation import render
 from nodes import comfy_bridge
 from nodes.encode import EncodeAudio, EncodePrompt
@@ -25,7 +25,7 @@ def manager(comfyui, tmp_path_factory):
     import folder_paths
 
     models = tmp_path_factory.mktemp("models")
-    write_default_models(models)
+    write_random_models(models)
     for folder in DEFAULT_FILES:
         folder_paths.add_model_folder_path(folder, str(models / folder), is_default=True)
     return comfy.model_management

@@ -12,7 +12,7 @@ import torch
 from tiny_upscaler import load_upscaler, write_tiny_esrgan
 
 from conftest import ROOT
-from liveavatar_core.default_models import default_model_paths, write_default_models
+from liveavatar_core.default_models import default_model_paths, write_random_models
 from liveavatar_core.errors import InputError
 from liveavatar_core.face_restore import FaceRegion, FaceRestore
 from liveavatar_core.generation import EncodedAudio, PromptEmbeddings, make_job, render
@@ -29,7 +29,7 @@ QUICK = SamplerSettings(sample_steps=1, infer_frames=8)
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models")
-    write_default_models(folder)
+    write_random_models(folder)
     paths = default_model_paths(folder)
     files = ModelFiles(
         dit=paths["diffusion_models"],
