@@ -43,6 +43,7 @@ seconds, where the trained files take minutes per video on a CPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import filecmp
 import io
 import json
@@ -90,16 +91,7 @@ VAE_BASE_DIM = 8
 # smallest widths (the VAE's full-resolution stages dominate a CPU run), for tests of the
 # plumbing (loading, streaming, the server, bad input) that must run in seconds, not of the
 # pictures. umT5 and wav2vec2 are the shipped ones' builders.
-RANDOM_DIT = S2VConfig(
-    dim=32,
-    ffn_dim=64,
-    num_heads=1,
-    num_layers=2,
-    text_dim=TEXT_DIM,
-    audio_dim=AUDIO_DIM,
-    num_audio_layers=AUDIO_LAYERS + 1,
-    audio_inject_layers=(0, 1),
-)
+RANDOM_DIT = dataclasses.replace(TINY_DIT, dim=32, ffn_dim=64, num_heads=1, num_layers=2, audio_inject_layers=(0, 1))
 RANDOM_VAE_BASE_DIM = 1
 LORA_RANK = 4
 LORA_TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")

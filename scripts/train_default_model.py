@@ -208,6 +208,33 @@ def _lr(peak: float, progress: float) -> float:
     return peak * min(1.0, progress / 0.05) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+class Schedule:
+    """A stage's step numbers, until `steps` or `seconds` run out, whichever comes first; the
+    learning rate (`_lr`) follows whichever is further along. `done` counts the steps taken."""
+
+    def __init__(self, opt, peak_lr: float, steps: int, seconds: float):
+        self.opt, self.peak_lr, self.steps, self.seconds = opt, peak_lr, max(steps, 1), seconds
+        self.began, self.done = time.monotonic(), 0
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.began
+
+    def __iter__(self):
+        while (progress := max(self.done / self.steps, self.elapsed() / self.seconds)) < 1:
+            for group in self.opt.param_groups:
+                group["lr"] = _lr(self.peak_lr, progress)
+            yield self.done
+            self.done += 1
+
+
+def descend(opt, loss, params) -> None:
+    """One optimiser step on `loss`, gradients clipped to norm 1."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 def decode_unclamped(vae, latents):
     """`AutoencoderKLWan.decode` without its final clamp to [-1, 1]: the clamp has no gradient
     outside that range, so a pixel the decoder pushes past it (wrong colour, saturated) would
@@ -225,7 +252,15 @@ def decode_unclamped(vae, latents):
 
 
 def train_vae(
-    batches: Batches, steps: int, seconds: float, seed: int, device, log, init=None, batch: int = 32, base_dim: int = 4
+    batches: Batches,
+    steps: int,
+    seconds: float,
+    seed: int,
+    device,
+    log,
+    init=None,
+    batch: int = 32,
+    base_dim: int = dm.VAE_BASE_DIM,
 ):
     from diffusers import AutoencoderKLWan
 
@@ -233,10 +268,8 @@ def train_vae(
     model = AutoencoderKLWan(base_dim=base_dim, z_dim=16).to(device).train() if init is None else init.train()
     model.requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-    began, step = time.monotonic(), 0
-    while (progress := max(step / steps, (time.monotonic() - began) / seconds)) < 1:
-        for group in opt.param_groups:
-            group["lr"] = _lr(2e-3, progress)
+    schedule = Schedule(opt, 2e-3, steps, seconds)
+    for step in schedule:
         face, ref_level, level, _ = batches.clip(batch, 8)
         # A still first frame, then eight talking frames. Short clips teach the picture; the
         # decoder's behaviour deep into a stream is `train_decoder`'s job.
@@ -247,14 +280,10 @@ def train_vae(
             out = decode_unclamped(model, mu).float()
         weight = batches.mouth_weight(face, 1, 10.0)
         loss = (weight * (out - video).abs()).mean() + 1e-4 * mu.float().pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        descend(opt, loss, model.parameters())
         if step % 100 == 0:
             log(f"vae step {step} loss {loss.item():.4f}")
-        step += 1
-    log(f"vae: {step} steps, last loss {loss.item():.4f}")
+    log(f"vae: {schedule.done} steps, last loss {loss.item():.4f}")
     return model.eval().requires_grad_(False)
 
 
@@ -274,10 +303,8 @@ def train_decoder(vae, batches: Batches, steps: int, seconds: float, device, log
     vae.decoder.train()
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     still_frames = 1 + 4 * (PRIMING_LATENTS - 1)
-    began, step = time.monotonic(), 0
-    while (progress := max(step / max(steps, 1), (time.monotonic() - began) / seconds)) < 1:
-        for group in opt.param_groups:
-            group["lr"] = _lr(1e-3, progress)
+    schedule = Schedule(opt, 1e-3, steps, seconds)
+    for step in schedule:
         face, ref_level, level, _ = batches.clip(batch, 4 * latents)
         video = torch.cat(
             [batches.pixels(face, ref_level[:, None]).repeat(1, 1, still_frames, 1, 1), batches.pixels(face, level)],
@@ -291,14 +318,10 @@ def train_decoder(vae, batches: Batches, steps: int, seconds: float, device, log
         loss = (weight * (out - video).abs())[:, :, still_frames:].mean() + 0.1 * (out - video)[
             :, :, :still_frames
         ].abs().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        descend(opt, loss, params)
         if step % 25 == 0:
             log(f"decoder step {step} loss {loss.item():.4f}")
-        step += 1
-    log(f"decoder: {step} steps, last loss {loss.item():.4f}")
+    log(f"decoder: {schedule.done} steps, last loss {loss.item():.4f}")
     return vae.eval().requires_grad_(False)
 
 
@@ -430,10 +453,9 @@ def train_dit(
     count = cache["target"].shape[0]
     total_frames = cache["target"].shape[2]
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
-    began, step, last_save, average = time.monotonic(), 0, time.monotonic(), None
-    while (progress := max(step / steps, (time.monotonic() - began) / seconds)) < 1:
-        for group in opt.param_groups:
-            group["lr"] = _lr(peak_lr, progress)
+    schedule = Schedule(opt, peak_lr, steps, seconds)
+    last_save, average = time.monotonic(), None
+    for step in schedule:
         settings = SamplerSettings(sample_steps=STEPS, infer_frames=INFER_FRAMES, seed=pick.randrange(1 << 30))
         per_clip = settings.latent_frames
         clips = min(pick.choice([2, 2, 3]), total_frames // per_clip)
@@ -485,24 +507,20 @@ def train_dit(
                     sink = SinkCache(model.config.num_layers)
                     dit.prefill_sink(sink, first, motion, context)  # the sink roll, as the pipeline does
         loss = loss / terms
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        descend(opt, loss, model.parameters())
         value = loss.item() if step % 10 == 0 else None
         if value is not None:
             average = value if average is None else 0.9 * average + 0.1 * value
         if step % 50 == 0:
-            rate = step / max(1e-6, time.monotonic() - began)
+            rate = step / max(1e-6, schedule.elapsed())
             log(
                 f"dit step {step} clips {clips} loss {value:.4f} (avg {average:.4f}) lr {opt.param_groups[0]['lr']:.2e} {rate:.2f} steps/s"
             )
         if checkpoint is not None and time.monotonic() - last_save > 60:
             checkpoint(model, step)
             last_save = time.monotonic()
-        step += 1
-    log(f"dit: {step} steps, last loss {loss.item():.4f}")
-    return model.eval().requires_grad_(False), step
+    log(f"dit: {schedule.done} steps, last loss {loss.item():.4f}")
+    return model.eval().requires_grad_(False), schedule.done
 
 
 # -- files ----------------------------------------------------------------------------------------
