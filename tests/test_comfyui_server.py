@@ -7,6 +7,7 @@ import copy
 import io
 import json
 import re
+import shutil
 import threading
 import time
 import urllib.request
@@ -14,12 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from build_workflows import API_DIR, PRESETS, UI_DIR, WIDGET_NAMES, render_all
 from comfyui_client import PACK_NAME, PromptRejected
 from PIL import Image
 
-from conftest import TINY_UPSCALER, WIDGET_FOR_FOLDER, serve_small_models, write_wav
-from liveavatar_core.default_models import DEFAULT_FILES
+from conftest import ROOT, TINY_UPSCALER, WIDGET_FOR_FOLDER, serve_small_models, write_wav
+from liveavatar_core.default_models import DEFAULT_FILES, SHIPPED_DIR
+from liveavatar_core.sizing import fit_reference
 from liveavatar_core.video_writer import read_video_info
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -229,6 +232,35 @@ def test_preset_workflow_makes_an_mp4_with_audio(server, preset):
     assert info["fps"] == 25
     assert abs(info["audio_duration_s"] - frames / 25) <= 1 / 25
     assert "7" in execution.progress_nodes(), "no progress from Online VAE Decode"
+
+
+def test_the_shipped_default_model_shows_the_portrait(server):
+    """What a user who installed the trained default model gets from the Preview workflow:
+    frames that resemble the portrait (random weights give about 0). The other tests run the
+    random stand-ins under the default names; the shipped files sit in a subfolder here."""
+    import av
+
+    for folder, name in DEFAULT_FILES.items():
+        (server.base / "models" / folder / "shipped").mkdir(exist_ok=True)
+        shutil.copyfile(SHIPPED_DIR / name, server.base / "models" / folder / "shipped" / name)
+    prompt = api_workflow("liveavatar_preview", num_clip=1)
+    loader = node_of(prompt, "LoadLiveAvatarModel")["inputs"]
+    for folder, widget in WIDGET_FOR_FOLDER.items():
+        loader[widget] = f"shipped/{DEFAULT_FILES[folder]}"
+    node_of(prompt, "LiveAvatarSampler")["inputs"]["size"] = "128*128"  # the size it was trained at
+    node_of(prompt, "OnlineVAEDecode")["inputs"]["filename_prefix"] = "shipped/avatar"
+    execution = server.run(prompt)
+    assert execution.ok, execution.error()
+    with av.open(str(output_file(server, execution, "7"))) as video:
+        frames = [frame.to_ndarray(format="rgb24") / 255 for frame in video.decode(video=0)]
+    image = np.asarray(Image.open(ROOT / "workflows" / "media" / "liveavatar_example_portrait.png").convert("RGB"))
+    portrait = (
+        (fit_reference(torch.from_numpy(image).float() / 255, 128, 128)[0, :, 0].permute(1, 2, 0) + 1) / 2
+    ).numpy()
+    scores = [np.corrcoef(frame.ravel(), portrait.ravel())[0, 1] for frame in frames]
+    assert len(frames) == 32 - 3 and min(scores) > 0.3, (
+        f"correlation with the portrait {min(scores):.2f}..{max(scores):.2f}"
+    )
 
 
 def test_gpus_2_runs_in_worker_processes_and_makes_the_same_video(server):
