@@ -89,7 +89,7 @@ def text(server, path: str) -> str:
 
 
 def test_long_upscale_workflow_writes_the_upscaled_mp4_with_flat_memory(server):
-    clips = 12
+    clips = 20
     rss_after_clip: dict[int, float] = {}
 
     def on_message(message):
@@ -103,14 +103,17 @@ def test_long_upscale_workflow_writes_the_upscaled_mp4_with_flat_memory(server):
     frames = clips * CLIP_FRAMES - 3
     assert (info["width"], info["height"], info["frames"]) == (512, 512, frames)  # 64 * 2x model * 4
     assert abs(info["audio_duration_s"] - frames / 25) <= 1 / 25
-    # Two blocks are in flight at a time (one encoding, one made), so RSS alternates between two
-    # levels; flat means the peaks of the later clips are those of the earlier ones.
-    rss = [rss_after_clip[done] for done in range(1, clips + 1)]  # after 1, 2, ... clips
-    earlier, later = max(rss[4:8]), max(rss[8:])
+    # RSS rises over the first clips (allocator warm-up, caches filling) and then wobbles by tens of
+    # MB as blocks are made and freed, so a peak-to-peak comparison is noise. The trend after the
+    # warm-up is not: keeping each clip's upscaled frames would add per_clip MB a clip.
+    warm_up = 6
+    done = range(warm_up + 1, clips + 1)
+    rss = [rss_after_clip[clip] for clip in done]
+    growth_per_clip = statistics.linear_regression(list(done), rss).slope
     per_clip = CLIP_FRAMES * 512 * 512 * 3 * 4 / 2**20  # what keeping one clip's frames would take
-    print(f"server RSS: peak {earlier:.0f} MB over clips 5-8, {later:.0f} MB over clips 9-{clips}")
-    assert later - earlier < per_clip, (
-        f"the server grew by {later - earlier:.0f} MB in {clips - 8} clips of {per_clip:.0f} MB"
+    print(f"server RSS after clips {done.start}-{clips}: {[round(r) for r in rss]} MB")
+    assert growth_per_clip < per_clip / 3, (
+        f"the server grows by {growth_per_clip:.1f} MB a clip (one clip's frames are {per_clip:.0f} MB)"
     )
 
 
