@@ -603,6 +603,9 @@ def main(argv=None):
     parser.add_argument("--faces", type=int, default=800)
     parser.add_argument("--utterances", type=int, default=160)
     parser.add_argument("--cached-clips", type=int, default=6144, help="clips whose latents are cached for the DiT")
+    parser.add_argument(
+        "--cache-chunk", type=int, default=256, help="clips encoded at once for the cache (a CPU wants few)"
+    )
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
@@ -669,7 +672,16 @@ def main(argv=None):
     log("VAE written")
     cache = None
     if args.dit_steps > 0:
-        cache = cache_latents(vae, batches, args.cached_clips, 3 * INFER_FRAMES, device, log, lead=args.target_lead)
+        cache = cache_latents(
+            vae,
+            batches,
+            args.cached_clips,
+            3 * INFER_FRAMES,
+            device,
+            log,
+            chunk=args.cache_chunk,
+            lead=args.target_lead,
+        )
         log(f"cached latents {tuple(cache['target'].shape)}")
 
     def checkpoint(model, step):
