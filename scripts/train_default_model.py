@@ -63,7 +63,7 @@ tests/test_default_model_talks.py. What is left: the VAE blends the frames of ea
 the previous latent's (a mouth opening at frame 5 reaches its full darkness at frame 9), so
 the mouth moves about 4 frames late; either a VAE trained to sharper time (longer, or with
 the decoder stage weighted on frame-to-frame change) or DiT targets encoded from frames that
-lead the audio by that lag (`--target-lead 4`, not yet tried) would fix it. Through the
+lead the audio by that lag (`--target-lead 4`) would fix it. Through the
 pipeline, shifting the loudness by 4 frames lifts the mouth's Pearson per clip from 0.19 / 0.84 /
 0.61 to 0.71 / 0.98 / 0.79. To train the shipped DiT on with the shipped VAE (its latents stay):
 
@@ -73,7 +73,9 @@ pipeline, shifting the loudness by 4 frames lifts the mouth's Pearson per clip f
         --dit-steps 100000 --dit-seconds 400 --cached-clips 2048 --workers 15
 
 (`--dit-from` reads a shipped DiT file or a `dit_checkpoint.safetensors`.) On a 2-core CPU the
-latent cache alone takes 5.4 s a clip, so that stage wants a GPU.
+latent cache alone takes 5.4 s a clip, so that stage wants a GPU: a CPU try (160 clips,
+`--cache-chunk 8`, 76 DiT steps of batch 16 in 840 s) left the loss flat (0.65 -> 0.69) and
+was not shipped.
 
 Data recipe (all seeded from `--seed`): faces from `talking_faces.random_style` (colours,
 place, size; one in four the example's own style), each drawn at zoom 1 (three in four) or
@@ -620,7 +622,7 @@ def main(argv=None):
     from safetensors.torch import save_file
 
     from liveavatar_core.audio_encoder import load_audio_encoder
-    from liveavatar_core.dit import WanS2VTransformer, load_dit, save_dit
+    from liveavatar_core.dit import load_dit, save_dit
     from liveavatar_core.text_encoder import load_text_encoder
     from liveavatar_core.vae import load_vae
 
@@ -689,13 +691,11 @@ def main(argv=None):
         save_dit(copy.deepcopy(model).float().cpu(), args.out / "dit_checkpoint.safetensors")
         log(f"checkpoint at step {step}")
 
-    init = load_dit(args.dit_from, dtype=torch.float32).state_dict() if args.dit_from is not None else None
+    init = load_dit(args.dit_from, dtype=torch.float32) if args.dit_from is not None else None
     if args.dit_steps == 0:  # a finished DiT with a new decoder: the encoder, so its latents, are unchanged
         if init is None:
             parser.error("--dit-steps 0 needs --dit-from")
-        dit = WanS2VTransformer(dm.TINY_DIT)
-        dit.load_state_dict(init)
-        write_files(args.out, dit.eval(), vae, text_state, audio_state, args.seed)
+        write_files(args.out, init, vae, text_state, audio_state, args.seed)
         shutil.rmtree(tmp)
         log(f"wrote {args.out}")
         return
@@ -710,7 +710,7 @@ def main(argv=None):
         batch=args.batch,
         peak_lr=args.lr,
         checkpoint=checkpoint,
-        init_state=init,
+        init_state=init.state_dict() if init is not None else None,
     )
     checkpoint(dit, steps)
     write_files(args.out, dit, vae, text_state, audio_state, args.seed)
