@@ -156,7 +156,9 @@ class WanVAE:
         # chunks of 4, one cache list for the whole video.
         encoder = self.network_call("encoder")
         cache = [None] * sum(isinstance(m, WanCausalConv3d) for m in self.model.encoder.modules())
-        chunks = [x[:, :, :1]] + list(x[:, :, 1:].split(TEMPORAL_STRIDE, dim=2))
+        # (a one-frame video, the reference image, is the first chunk alone: splitting its empty
+        # rest would give one more, empty chunk, which the causal padding cannot take)
+        chunks = [x[:, :, :1]] + list(x[:, :, 1:].split(TEMPORAL_STRIDE, dim=2) if x.shape[2] > 1 else [])
         out = torch.cat([encoder(self.network_input(c), feat_cache=cache, feat_idx=[0]) for c in chunks], dim=2)
         return self.model.quant_conv(out)
 
